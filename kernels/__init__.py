@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `fasttrain.kernels`. Imports only torch and triton."""

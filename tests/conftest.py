@@ -1,0 +1,29 @@
+"""Shared test set-up.
+
+TRITON_INTERPRET must be set before any @triton.jit decorator runs, i.e. before a kernel
+module is imported, so it is set here, first. Tests that need the real (compiling) Triton
+run in a subprocess with the variable removed.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # Two cores on CI: pin intra-op threads so timing-free tests are also reproducible.
+    prev = torch.get_num_threads()
+    yield
+    torch.set_num_threads(prev)
