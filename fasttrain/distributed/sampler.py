@@ -1,0 +1,82 @@
+"""A sharded, resumable sampler: each rank reads a disjoint slice of every epoch.
+
+Layout (the one `gather_eval_predictions` assumes): the epoch's index list (shuffled by
+`seed + epoch` when `shuffle`) is padded to a multiple of `world_size` by repeating its
+first indices, and rank r takes positions r, r + world, r + 2 * world, ...; with
+`drop_last` the tail is cut instead of padded. Resuming: `set_epoch(epoch, skip=k)` makes
+the next iteration start after the k samples this rank already consumed in that epoch,
+so a run restored from a checkpoint sees exactly the samples it would have seen.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ShardedSampler(Sampler[int]):
+    def __init__(
+        self,
+        num_samples: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if drop_last and num_samples < world_size:
+            raise ValueError(
+                f"drop_last with {num_samples} samples and {world_size} ranks leaves every rank empty"
+            )
+        self.total = num_samples
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch, self.skip = 0, 0
+
+    @property
+    def per_rank(self) -> int:
+        if self.drop_last:
+            return self.total // self.world_size
+        return math.ceil(self.total / self.world_size)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch (reshuffles) and how many of this rank's samples to skip."""
+        if not 0 <= skip <= self.per_rank:
+            raise ValueError(f"skip must be in [0, {self.per_rank}], got {skip}")
+        self.epoch, self.skip = epoch, skip
+
+    def state_dict(self, consumed: int) -> dict:
+        """What a checkpoint stores; `consumed` = samples this rank used in this epoch."""
+        return {"epoch": self.epoch, "consumed": consumed, "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.world_size or state["seed"] != self.seed:
+            raise ValueError(
+                f"checkpoint was written with world_size={state['world_size']}, seed={state['seed']}; "
+                f"this run has world_size={self.world_size}, seed={self.seed}: exact resumption needs both equal"
+            )
+        self.set_epoch(state["epoch"], skip=state["consumed"])
+
+    def _epoch_indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(self.total, generator=generator).tolist()
+        else:
+            indices = list(range(self.total))
+        wanted = self.per_rank * self.world_size
+        while len(indices) < wanted:
+            indices.extend(indices[: wanted - len(indices)])
+        return indices[:wanted]
+
+    def __iter__(self) -> Iterator[int]:
+        mine = self._epoch_indices()[self.rank :: self.world_size]
+        return iter(mine[self.skip :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
