@@ -1,0 +1,201 @@
+"""Fused linear cross-entropy: the LM head and the loss without the full (N, V) logits.
+
+Shape letters: N tokens, H hidden size, V vocabulary.
+
+`linear_cross_entropy(hidden (..., H), weight (V, H), target (...), bias=None, ...)` equals
+`cross_entropy(hidden @ weight.T + bias, target, ...)`. The tokens are processed in chunks of
+`chunk_rows(N, H, V)` rows; per chunk: logits = h_c @ W.T into one reused (rows, V) buffer,
+the cross-entropy kernel writes dloss/dlogits over that buffer in place, then
+grad_h_c = g_c @ W and grad_W += g_c.T @ h_c (grad_b += sum g_c). For "mean" and "sum" the
+gradients are computed in the forward and scaled by the upstream gradient in the backward
+(three matmuls in all, like the unfused loss); for "none" the backward recomputes the logits
+(four matmuls). Peak extra memory: grad_W + grad_h (the floor) + one logits chunk.
+The loop is the same on CPU and CUDA; only the per-chunk cross-entropy differs (Triton kernel
+on CUDA, chunked torch ops on CPU), see `cross_entropy.ce_rows_`. Algorithm: Liger-Kernel's
+FusedLinearCrossEntropy (chunking over tokens, gradients in the forward).
+"""
+import torch
+
+from .cross_entropy import ce_rows_, check_loss_args, reduce_loss, reduction_scale
+from ._reference import linear_cross_entropy_reference  # noqa: F401  (re-exported)
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def chunk_rows(N: int, H: int, V: int) -> int:
+    """Rows per chunk: the logits chunk is about max(N*H, V*H/8, 2^20) elements, rounded down
+    to a power of two rows.
+
+    N*H is Liger's rule (a chunk about the size of the input). The V*H/8 floor bounds the cost
+    of accumulating grad_W, which reads and writes all of grad_W once per chunk (measured on
+    CPU at V=65536, H=1024: 64-row chunks make that matmul 30% slower than 512-row ones, 128
+    rows 15%), while the chunk stays 1/8 of grad_W, inside the 20%-over-floor memory goal.
+    The 2^20 floor keeps tiny-H problems from running thousands of one-row chunks.
+    """
+    target = max(N * H, (V * H) // 8, 1 << 20)
+    rows = max(1, target // max(V, 1))
+    return min(N, 1 << (rows.bit_length() - 1))
+
+
+def _accumulate_mm_(acc, a, b, first):
+    """acc (+)= a @ b, with acc possibly fp32 while a, b are half (fp32 accumulation)."""
+    if acc.dtype == a.dtype:
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+        return
+    try:  # CUDA: half inputs, fp32 output, no temporary
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, beta=0 if first else 1, out=acc)
+    except (RuntimeError, TypeError):
+        prod = torch.mm(a, b)
+        acc.copy_(prod) if first else acc.add_(prod)
+
+
+def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
+                 scale, row_loss, want_grads):
+    """Fills row_loss (N,) and returns (grad_h, grad_w, grad_b) scaled by `scale` or Nones."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    grad_h = torch.empty_like(hidden) if want_grads else None
+    acc_dtype = torch.float32 if weight.dtype in _HALF else weight.dtype
+    grad_w = torch.empty((V, H), dtype=acc_dtype, device=weight.device) if want_grads else None
+    grad_b = None
+    if want_grads and bias is not None:
+        grad_b = torch.zeros(V, dtype=torch.float32, device=bias.device)
+    rows = chunk_rows(N, H, V)
+    buf = torch.empty((rows, V), dtype=hidden.dtype, device=hidden.device)  # (rows, V)
+    w_t = weight.t()
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        h_c, x = hidden[r0:r1], buf[: r1 - r0]
+        if bias is None:
+            torch.mm(h_c, w_t, out=x)
+        else:
+            torch.addmm(bias, h_c, w_t, out=x)
+        s = scale[r0:r1] if scale.dim() == 1 else scale
+        g = x if (want_grads or x.is_cuda) else None
+        ce_rows_(x, target[r0:r1], g, row_loss[r0:r1], s, ignore_index, label_smoothing, z_loss)
+        if not want_grads:
+            continue
+        torch.mm(x, weight, out=grad_h[r0:r1])
+        _accumulate_mm_(grad_w, x.t(), h_c, first=r0 == 0)
+        if grad_b is not None:
+            grad_b += x.sum(dim=0, dtype=torch.float32)
+    if not want_grads:
+        return None, None, None
+    if grad_w.dtype != weight.dtype:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return grad_h, grad_w, grad_b
+
+
+def _empty(t):
+    return t.new_empty(0)
+
+
+@torch.library.custom_op("fasttrain::linear_cross_entropy", mutates_args=())
+def _flce_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+             bias: torch.Tensor | None, ignore_index: int, label_smoothing: float,
+             z_loss: float, reduction: str, compute_grad: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_loss = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    scale = reduction_scale(target, ignore_index, reduction)
+    want = compute_grad and reduction != "none"  # "none" recomputes in the backward
+    gh, gw, gb = _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing,
+                              z_loss, scale, row_loss, want)
+    loss = reduce_loss(row_loss, scale, reduction)
+    gh = gh if gh is not None else _empty(hidden)
+    gw = gw if gw is not None else _empty(weight)
+    gb = gb if gb is not None else _empty(hidden)
+    return loss, gh, gw, gb
+
+
+@_flce_op.register_fake
+def _(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, reduction,
+      compute_grad):
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (),
+                            dtype=torch.float32)
+    if not compute_grad or reduction == "none":
+        return loss, _empty(hidden), _empty(weight), _empty(hidden)
+    gb = torch.empty_like(bias) if bias is not None else _empty(hidden)
+    return loss, torch.empty_like(hidden), torch.empty_like(weight), gb
+
+
+@torch.library.custom_op("fasttrain::linear_cross_entropy_backward", mutates_args=())
+def _flce_backward_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                      bias: torch.Tensor | None, grad_loss: torch.Tensor, ignore_index: int,
+                      label_smoothing: float, z_loss: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of reduction="none": recompute the logits, scale each row by grad_loss."""
+    row_loss = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    gh, gw, gb = _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing,
+                              z_loss, grad_loss.float().contiguous(), row_loss, True)
+    return gh, gw, gb if gb is not None else _empty(hidden)
+
+
+@_flce_backward_op.register_fake
+def _(hidden, weight, target, bias, grad_loss, ignore_index, label_smoothing, z_loss):
+    gb = torch.empty_like(bias) if bias is not None else _empty(hidden)
+    return torch.empty_like(hidden), torch.empty_like(weight), gb
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, target, bias, ignore_index, ls, z, reduction, _ = inputs
+    ctx.reduction, ctx.options = reduction, (ignore_index, ls, z)
+    ctx.has_bias = bias is not None
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, target, bias)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_grads_of_grads):
+    if ctx.reduction == "none":
+        hidden, weight, target, bias = ctx.saved_tensors
+        gh, gw, gb = _flce_backward_op(hidden, weight, target, bias, grad_loss, *ctx.options)
+    else:
+        gh, gw, gb = ctx.saved_tensors
+        if gw.numel() == 0:
+            raise RuntimeError("linear_cross_entropy ran without gradients (compute_grad="
+                               "False); call fasttrain.kernels.linear_cross_entropy with grad on")
+        if torch.compiler.is_compiling():
+            gh, gw, gb = gh * grad_loss, gw * grad_loss, gb * grad_loss
+        else:  # eager: scale the saved gradients in place, no second (V, H) buffer
+            gh.mul_(grad_loss)
+            gw.mul_(grad_loss)
+            gb.mul_(grad_loss)
+    return gh, gw, None, gb if ctx.has_bias else None, None, None, None, None, None
+
+
+_flce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100,
+                         label_smoothing=0.0, z_loss=0.0, reduction="mean"):
+    """cross_entropy(hidden @ weight.T + bias, target) without materialising the logits.
+
+    hidden (..., H), weight (V, H), bias (V,) or None, target (...) int64. Returns a 0-d fp32
+    tensor ("mean", "sum") or fp32 losses of target's shape ("none").
+    """
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"need hidden (..., H) and weight (V, H): got hidden "
+                         f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    if hidden.shape[:-1] != target.shape:
+        raise ValueError(f"target must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(target.shape)}")
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias must share "
+                        f"a dtype; cast them (autocast does this for a plain matmul)")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if len({hidden.device, weight.device, target.device}) != 1:
+        raise ValueError("hidden, weight and target must be on the same device")
+    check_loss_args(target, ignore_index, label_smoothing, z_loss, reduction)
+    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    needs = [t.requires_grad for t in (hidden, weight, bias) if t is not None]
+    compute_grad = torch.is_grad_enabled() and any(needs)
+    loss = _flce_op(h, weight.contiguous(), target.reshape(-1), bias, int(ignore_index),
+                    float(label_smoothing), float(z_loss), reduction, compute_grad)[0]
+    return loss.view(target.shape) if reduction == "none" else loss

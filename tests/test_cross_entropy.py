@@ -1,0 +1,149 @@
+"""cross_entropy against the fp32 PyTorch reference, on the CPU path and on the Triton kernel
+(run by the interpreter: conftest sets TRITON_INTERPRET=1 before kernels are imported)."""
+import importlib
+
+import pytest
+import torch
+
+from fasttrain.kernels import cross_entropy
+from fasttrain.kernels._reference import cross_entropy_reference
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+ce_mod = importlib.import_module("fasttrain.kernels.cross_entropy")
+
+# (loss rtol, loss atol, grad atol): why
+TOL = {
+    torch.float32: (1e-5, 1e-5, 1e-6),  # fp32 reassociation of the row sums only
+    torch.float16: (1e-3, 1e-3, 1e-3),  # gradient stored in fp16: ~2^-11 relative rounding
+}
+
+
+@pytest.fixture(params=["cpu", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setattr(ce_mod, "TRITON_ON_CPU", request.param == "triton")
+    return request.param
+
+
+def _case(shape, V, dtype, ignore_every=0, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, V, generator=gen) * scale).to(dtype).requires_grad_()
+    target = torch.randint(0, V, shape, generator=gen)
+    if ignore_every:
+        target.view(-1)[::ignore_every] = -100
+    return logits, target
+
+
+def _check(logits, target, tol, **kw):
+    rtol, atol, gatol = tol
+    out = cross_entropy(logits, target, **kw)
+    ref_in = logits.detach().float().requires_grad_()
+    ref = cross_entropy_reference(ref_in, target, **kw)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad((out * w).sum(), logits)
+    (grad_ref,) = torch.autograd.grad((ref * w).sum(), ref_in)
+    assert grad.dtype == logits.dtype
+    torch.testing.assert_close(grad.float(), grad_ref, rtol=0, atol=gatol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference_odd_shapes(backend, reduction, dtype):
+    logits, target = _case((3, 7), 4999, dtype, ignore_every=4)
+    _check(logits, target, TOL[dtype], reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.25, 0.0), (0.0, 1e-2),
+                                                    (1.0, 0.0)])
+def test_smoothing_and_z_loss(backend, label_smoothing, z_loss):
+    logits, target = _case((19,), 781, torch.float32, ignore_every=5)
+    _check(logits, target, TOL[torch.float32], label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("V", [1, 2, 1025])
+def test_tiny_and_block_edge_vocab(backend, V):
+    logits, target = _case((5,), V, torch.float32)
+    _check(logits, target, TOL[torch.float32], reduction="none")
+
+
+def test_extreme_logits(backend):
+    logits, target = _case((6,), 1823, torch.float32)
+    with torch.no_grad():
+        logits[0, :] = 1e4
+        logits[1, :] = -1e4
+        logits[2, target[2]] = 1e4  # confident and right: loss 0
+        logits[3, (target[3] + 1) % 1823] = 1e4  # confident and wrong: loss ~2e4
+    out = cross_entropy(logits, target, reduction="none")
+    assert torch.isfinite(out).all()
+    # lse - x[t] cancels two ~1e4 numbers: fp32 spacing there is ~1e-3, in both implementations
+    _check(logits, target, (1e-5, 2e-3, 1e-6), reduction="none")
+    _check(logits, target, (1e-5, 2e-3, 1e-6), reduction="mean", z_loss=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_grad(backend, reduction):
+    logits, target = _case((4,), 33, torch.float32)
+    target[:] = -100
+    out = cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
+    assert torch.equal(out, torch.zeros_like(out))  # torch's mean would be NaN here
+    out.sum().backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_custom_ignore_index_and_int32_target(backend):
+    logits, target = _case((11,), 97, torch.float32)
+    target[3] = 5
+    out = cross_entropy(logits, target.int(), ignore_index=5)
+    ref = cross_entropy_reference(logits, target, ignore_index=5)
+    torch.testing.assert_close(out, ref)
+
+
+def test_bf16_through_fp32_upcast(backend):
+    """bf16 logits: the kernel upcasts on load, so its loss matches the fp32 reference on the
+    same bf16 values; the bf16 gradient's error may be at most 2x torch's own bf16 rounding."""
+    logits, target = _case((9,), 517, torch.bfloat16, ignore_every=3)
+    out = cross_entropy(logits, target)
+    ref_in = logits.detach().float().requires_grad_()
+    ref = cross_entropy_reference(ref_in, target)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.backward()
+    ref.backward()
+    kernel_err = (logits.grad.float() - ref_in.grad).abs().max()
+    torch_err = (ref_in.grad.bfloat16().float() - ref_in.grad).abs().max()
+    assert kernel_err <= 2 * torch_err + 1e-9
+
+
+def test_torch_compile_fullgraph():
+    logits, target = _case((4, 5), 301, torch.float32, ignore_every=3)
+    fn = torch.compile(lambda x, t: cross_entropy(x, t, label_smoothing=0.1), fullgraph=True)
+    out = fn(logits, target)
+    out.backward()
+    ref_in = logits.detach().clone().requires_grad_()
+    ref = cross_entropy_reference(ref_in, target, label_smoothing=0.1)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(logits.grad, ref_in.grad)
+
+
+def test_no_grad_runs_without_gradient_buffers():
+    logits, target = _case((4,), 31, torch.float32)
+    with torch.no_grad():
+        out = cross_entropy(logits, target, reduction="sum")
+    torch.testing.assert_close(out, cross_entropy_reference(logits, target, reduction="sum"))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(target=torch.zeros(4)), TypeError, "int64"),
+    (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "target"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(target=torch.tensor([0, 1, 31, 2])), ValueError, "outside"),
+    (dict(logits=torch.zeros(4, 31, dtype=torch.float64)), TypeError, "dtype"),
+])
+def test_bad_inputs_raise_clear_errors(kwargs, error, match):
+    args = dict(logits=torch.zeros(4, 31), target=torch.zeros(4, dtype=torch.long))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        cross_entropy(**args)

@@ -1,0 +1,133 @@
+"""linear_cross_entropy against the unfused fp32 reference (matmul + cross-entropy), on the CPU
+path and with the Triton cross-entropy kernel (interpreter) inside the chunk loop."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttrain.kernels import linear_cross_entropy
+from fasttrain.kernels._reference import linear_cross_entropy_reference
+
+ce_mod = importlib.import_module("fasttrain.kernels.cross_entropy")
+flce_mod = importlib.import_module("fasttrain.kernels.linear_cross_entropy")
+
+# fp32: the chunked matmuls sum in a different order than one big matmul
+RTOL, ATOL, GATOL = 1e-5, 1e-5, 1e-5
+
+
+@pytest.fixture(params=["cpu", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setattr(ce_mod, "TRITON_ON_CPU", request.param == "triton")
+    # 16-row chunks, so every case here runs several chunks and a ragged last one
+    monkeypatch.setattr(flce_mod, "chunk_rows", lambda N, H, V: min(N, 16))
+    return request.param
+
+
+def _case(lead, H, V, dtype=torch.float32, bias=False, ignore_every=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, H, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
+    target = torch.randint(0, V, lead, generator=gen)
+    if ignore_every:
+        target.view(-1)[::ignore_every] = -100
+    return hidden, weight, b, target
+
+
+def _grads(out, inputs, seed=1):
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad((out * w).sum(), [t for t in inputs if t is not None])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_unfused_reference(backend, reduction, bias):
+    hidden, weight, b, target = _case((3, 19), 24, 301, bias=bias, ignore_every=4)
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    out = linear_cross_entropy(hidden, weight, target, b, **kw)
+    ref = linear_cross_entropy_reference(hidden, weight, target, b, **kw)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    for g, g_ref in zip(_grads(out, (hidden, weight, b)), _grads(ref, (hidden, weight, b))):
+        torch.testing.assert_close(g, g_ref, rtol=RTOL, atol=GATOL)
+
+
+def test_all_ignored(backend):
+    hidden, weight, b, target = _case((40,), 8, 33, bias=True)
+    target[:] = -100
+    out = linear_cross_entropy(hidden, weight, target, b)
+    assert torch.equal(out, torch.zeros(()))
+    out.backward()
+    for t in (hidden, weight, b):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_fp16_error_within_torch_fp16_error():
+    """fp16 inputs: error against the fp32 reference at most 2x that of torch's own fp16
+    matmul + cross-entropy (compare errors, not values)."""
+    hidden, weight, _, target = _case((48,), 32, 257, dtype=torch.float16, ignore_every=5)
+    out = linear_cross_entropy(hidden, weight, target)
+    ref = linear_cross_entropy_reference(hidden, weight, target)
+    torch_fp16 = F.cross_entropy((hidden @ weight.t()).float(), target)
+    g_out = _grads(out, (hidden, weight))
+    g_ref = _grads(ref, (hidden, weight))
+    g_t16 = _grads(torch_fp16, (hidden, weight))
+    assert (out - ref).abs() <= 2 * (torch_fp16 - ref).abs() + 1e-4
+    for g, gr, gt in zip(g_out, g_ref, g_t16):
+        assert g.dtype == torch.float16
+        assert (g.float() - gr).abs().max() <= 2 * (gt.float() - gr).abs().max() + 1e-4
+
+
+def test_gpt_call_pattern_and_compile():
+    """The built-in GPT calls linear_cross_entropy(h.view(-1, C), lm_head.weight, t.view(-1))."""
+    hidden, weight, _, target = _case((2, 9), 16, 67, ignore_every=7)
+    C = hidden.shape[-1]
+    fn = torch.compile(lambda h, w, t: linear_cross_entropy(h.view(-1, C), w, t.view(-1)),
+                       fullgraph=True)
+    out = fn(hidden, weight, target)
+    ref = linear_cross_entropy_reference(hidden, weight, target)
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    out.backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref.backward()
+    torch.testing.assert_close(gh, hidden.grad, rtol=RTOL, atol=GATOL)
+    torch.testing.assert_close(gw, weight.grad, rtol=RTOL, atol=GATOL)
+
+
+def test_default_chunking_never_builds_full_logits():
+    """The logits buffer is one chunk: far fewer rows than tokens at LM shapes."""
+    assert flce_mod.chunk_rows(4096, 1024, 65536) <= 512
+    assert flce_mod.chunk_rows(8, 1024, 65536) == 8
+    hidden, weight, _, target = _case((300,), 8, 4096)
+    out = linear_cross_entropy(hidden, weight, target)
+    torch.testing.assert_close(out, linear_cross_entropy_reference(hidden, weight, target),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_frozen_weight_and_no_grad():
+    hidden, weight, _, target = _case((10,), 8, 21)
+    weight.requires_grad_(False)
+    out = linear_cross_entropy(hidden, weight, target, reduction="sum")
+    out.backward()
+    assert weight.grad is None and hidden.grad is not None
+    with torch.no_grad():
+        out = linear_cross_entropy(hidden, weight, target)
+    torch.testing.assert_close(out, linear_cross_entropy_reference(hidden, weight, target))
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(weight=torch.zeros(21, 7)), ValueError, "weight"),
+    (dict(target=torch.zeros(9, dtype=torch.long)), ValueError, "leading shape"),
+    (dict(weight=torch.zeros(21, 8, dtype=torch.float64)), TypeError, "dtype"),
+    (dict(bias=torch.zeros(20)), ValueError, "bias"),
+    (dict(reduction="mean_tokens"), ValueError, "reduction"),
+    (dict(target=torch.full((10,), 21)), ValueError, "outside"),
+])
+def test_bad_inputs(change, error, match):
+    args = dict(hidden=torch.zeros(10, 8), weight=torch.zeros(21, 8),
+                target=torch.zeros(10, dtype=torch.long))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(**args)
