@@ -1,0 +1,403 @@
+"""Throughput, MFU, step-time breakdown and memory of a training run, without per-step syncs.
+
+The trainer calls, per optimizer step:
+
+    prof.step_begin()
+    with prof.phase("data"):      batch = next(batches)      # host clock, always
+    with prof.phase("forward"):   loss = model(**batch).loss
+    with prof.phase("backward"):  loss.backward()
+    with prof.phase("optimizer"): optimizer.step(); optimizer.zero_grad()
+    prof.step_end(tokens=B * T, samples=B)                    # host ints from shapes
+
+and `prof.log_metrics()` only on logging steps (the one place that waits for the device).
+On a GPU, step and phase boundaries are CUDA events recorded on the current stream and read
+later; on a CPU they are `time.perf_counter()`. The first `warmup_steps` steps (compile,
+autotuning, allocator growth) and steps passed `exclude=True` are left out of every
+statistic. Step time is begin-to-end of one step on the device timeline; throughput is
+tokens over the summed step times of the window; data wait is the host time in the "data"
+phase over the host time of the step. Phases repeat freely (gradient accumulation) and sum.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+
+import torch
+
+from fasttrain.flops import FlopsPerToken, device_name_of, dtype_key, peak_flops, user_flops_per_token
+from fasttrain.flops import flops_per_token_for  # noqa: F401  (re-exported for the trainer)
+from fasttrain.nvml import GIB
+from fasttrain.profiler_output import (TraceWindow, cuda_snapshot_supported, dump_memory_snapshot,
+                                       format_summary)
+from fasttrain.profiler_sampler import HardwareSampler, peak_rss_bytes
+
+HOST_PHASES = ("data",)  # timed on the host clock even on a GPU: the work is host work
+
+
+@dataclass
+class ProfilerConfig:
+    """Settings of `Profiler`. Every field is validated in __post_init__."""
+
+    enabled: bool = True
+    warmup_steps: int = 3           # first steps left out of all statistics
+    phase_timing: bool = True       # per-phase events; False keeps only step begin/end
+    sample_interval_s: float = 1.0  # hardware sampler period (background thread)
+    trace_steps: tuple[int, int] | None = None  # (first, last) 1-based steps for torch.profiler
+    trace_memory: bool = True       # record allocations in the trace
+    memory_snapshot_on_oom: bool = True
+    record_memory_history: bool = False  # stack traces in the OOM snapshot (costs ~some %)
+    peak_tflops: float | None = None     # per-device peak override for the run's dtype
+    peak_overrides: dict | None = None   # {"device name substring": {"bf16": TFLOP/s}}
+    max_recorded_steps: int = 100_000    # step times kept for run-level percentiles
+
+    def __post_init__(self):
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"ProfilerConfig.warmup_steps={self.warmup_steps!r}: must be an int >= 0")
+        if not self.sample_interval_s > 0:
+            raise ValueError(f"ProfilerConfig.sample_interval_s={self.sample_interval_s!r}: must be > 0")
+        if self.trace_steps is not None:
+            ts = tuple(self.trace_steps)
+            if len(ts) != 2 or not all(isinstance(s, int) for s in ts) or not 1 <= ts[0] <= ts[1]:
+                raise ValueError(f"ProfilerConfig.trace_steps={self.trace_steps!r}: must be "
+                                 "(first, last) with 1 <= first <= last, e.g. (10, 12)")
+            self.trace_steps = ts
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"ProfilerConfig.peak_tflops={self.peak_tflops!r}: must be > 0 "
+                             "(dense TFLOP/s of one device) or None to use the built-in table")
+        if not isinstance(self.max_recorded_steps, int) or self.max_recorded_steps < 1:
+            raise ValueError(f"ProfilerConfig.max_recorded_steps={self.max_recorded_steps!r}: must be >= 1")
+
+
+class _HostTimer:
+    def mark(self):
+        return perf_counter()
+
+    def elapsed_s(self, a, b) -> float:
+        return b - a
+
+    def ready(self, mark) -> bool:
+        return True
+
+
+class _CudaTimer:
+    """CUDA events on the current stream; a pool avoids creating events every step."""
+
+    def __init__(self):
+        self._pool: list = []
+
+    def mark(self):
+        event = self._pool.pop() if self._pool else torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_s(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3
+
+    def ready(self, mark) -> bool:
+        return mark.query()  # non-blocking
+
+    def release(self, marks) -> None:
+        self._pool.extend(marks)
+
+
+class _Stats:
+    """Sums over measured steps (a window, or the whole run)."""
+
+    def __init__(self, maxlen: int | None = None):
+        self.step_s: deque = deque(maxlen=maxlen)
+        self.n = 0
+        self.time_s = self.host_s = self.data_s = 0.0
+        self.tokens = self.samples = 0
+        self.phases: dict[str, float] = {}
+
+    def add(self, step_s, host_s, data_s, tokens, samples, phases) -> None:
+        self.step_s.append(step_s)
+        self.n += 1
+        self.time_s += step_s
+        self.host_s += host_s
+        self.data_s += data_s
+        self.tokens += tokens
+        self.samples += samples
+        for name, seconds in phases.items():
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+    def percentile(self, q: float) -> float | None:
+        if not self.step_s:
+            return None
+        ordered = sorted(self.step_s)
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+class _Phase:
+    __slots__ = ("_prof", "_name")
+
+    def __init__(self, prof: "Profiler", name: str):
+        self._prof, self._name = prof, name
+
+    def __enter__(self):
+        self._prof._phase_begin(self._name)
+
+    def __exit__(self, *exc):
+        self._prof._phase_end(self._name)
+
+
+class Profiler:
+    """See the module docstring for the calls the trainer makes."""
+
+    def __init__(self, config: ProfilerConfig | None = None, device: torch.device | str = "cpu",
+                 num_devices: int = 1, flops_per_token: float | FlopsPerToken | None = None,
+                 dtype: torch.dtype | str = torch.float32, output_dir: str | os.PathLike | None = None,
+                 rank: int = 0, nvml_lib=None):
+        self.config = config or ProfilerConfig()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"Profiler(device={device!r}): CUDA is not available here; "
+                             "profile the device the model runs on (e.g. 'cpu')")
+        if not isinstance(num_devices, int) or num_devices < 1:
+            raise ValueError(f"num_devices={num_devices!r}: must be an int >= 1 (the data-parallel world size)")
+        self.num_devices, self.rank, self.dtype = num_devices, rank, dtype_key(dtype)
+        if flops_per_token is not None and not isinstance(flops_per_token, FlopsPerToken):
+            flops_per_token = user_flops_per_token(flops_per_token)
+        self.flops_per_token = flops_per_token
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.device_name = device_name_of(self.device) or self.device.type
+        self.step = 0
+        self.compile_time_s: float | None = None
+        self.oom_snapshot: str | None = None
+        self._timer = _CudaTimer() if self.device.type == "cuda" else _HostTimer()
+        self._pending: deque = deque()
+        self._current = None
+        self._open: dict[str, tuple] = {}
+        self._window, self._run = _Stats(), _Stats(self.config.max_recorded_steps)
+        self._excluded = 0
+        self._trace = self._build_trace()
+        self._sampler = None
+        if self.config.enabled:
+            self._sampler = HardwareSampler(self.device, self.config.sample_interval_s, nvml_lib)
+            self._sampler.start()
+            self._setup_oom_snapshot()
+
+    def _build_trace(self) -> TraceWindow | None:
+        if self.config.trace_steps is None or not self.config.enabled:
+            return None
+        if self.output_dir is None:
+            raise ValueError("ProfilerConfig.trace_steps is set but Profiler(output_dir=None): "
+                             "pass output_dir so the trace has somewhere to go")
+        first, last = self.config.trace_steps
+        return TraceWindow(first, last, self.output_dir, self.rank, self.config.trace_memory)
+
+    def _setup_oom_snapshot(self) -> None:
+        if self.device.type != "cuda" or not self.config.memory_snapshot_on_oom:
+            return
+        if self.config.record_memory_history:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
+        if attach is not None and self.output_dir is not None:
+            attach(lambda *args: self._write_oom_snapshot())
+
+    # ---------------------------------------------------------------- per step (no syncs)
+    def step_begin(self) -> None:
+        if not self.config.enabled:
+            return
+        self.step += 1
+        if self._trace is not None:
+            self._trace.on_step_begin_labelled(self.step)
+        self._current = [self._timer.mark(), perf_counter(), [], 0.0]  # begin, host begin, phases, data_s
+
+    def phase(self, name: str) -> _Phase:
+        """Context manager timing one phase of the current step (names may repeat)."""
+        return _Phase(self, name)
+
+    def _phase_begin(self, name: str) -> None:
+        if self._current is None:
+            if not self.config.enabled:
+                return
+            raise RuntimeError(f"Profiler.phase({name!r}) outside a step: call step_begin() first")
+        if name in HOST_PHASES:
+            self._open[name] = (perf_counter(),)
+        elif self.config.phase_timing:
+            self._open[name] = (self._timer.mark(),)
+
+    def _phase_end(self, name: str) -> None:
+        start = self._open.pop(name, None)
+        if start is None:
+            return
+        if name in HOST_PHASES:
+            self._current[3] += perf_counter() - start[0]
+        else:
+            self._current[2].append((name, start[0], self._timer.mark()))
+
+    def step_end(self, tokens: int, samples: int, exclude: bool = False) -> None:
+        """Close the step. `tokens`/`samples` are this rank's host ints (from batch shapes)."""
+        if not self.config.enabled:
+            return
+        if self._current is None:
+            raise RuntimeError("Profiler.step_end() without step_begin()")
+        if not isinstance(tokens, int) or not isinstance(samples, int):
+            raise TypeError(f"step_end(tokens={tokens!r}, samples={samples!r}): pass host ints "
+                            "computed from batch shapes, never tensors (that would sync)")
+        begin, host_begin, phases, data_s = self._current
+        self._current = None
+        measured = self.step > self.config.warmup_steps and not exclude
+        self._excluded += 0 if measured or self.step <= self.config.warmup_steps else 1
+        record = (begin, self._timer.mark(), perf_counter() - host_begin, data_s, phases,
+                  tokens, samples, measured)
+        self._pending.append(record)
+        if self._trace is not None:
+            self._trace.on_step_end(self.step)
+        while self._pending and self._timer.ready(self._pending[0][1]):
+            self._resolve(self._pending.popleft())
+
+    def _resolve(self, record) -> None:
+        begin, end, host_s, data_s, phases, tokens, samples, measured = record
+        if measured:
+            per_phase: dict[str, float] = {}
+            for name, a, b in phases:
+                per_phase[name] = per_phase.get(name, 0.0) + self._timer.elapsed_s(a, b)
+            if data_s:
+                per_phase["data"] = data_s
+            step_s = self._timer.elapsed_s(begin, end)
+            for stats in (self._window, self._run):
+                stats.add(step_s, host_s, data_s, tokens, samples, per_phase)
+        if isinstance(self._timer, _CudaTimer):
+            self._timer.release([begin, end] + [m for _, a, b in phases for m in (a, b)])
+
+    def _drain(self) -> None:
+        if self._pending and isinstance(self._timer, _CudaTimer):
+            self._pending[-1][1].synchronize()  # sync: logging step (or end of run) only
+        while self._pending:
+            self._resolve(self._pending.popleft())
+
+    def add_compile_time(self, seconds: float) -> None:
+        """Record compile time measured by the caller; reported apart from step time."""
+        self.compile_time_s = (self.compile_time_s or 0.0) + float(seconds)
+
+    # ---------------------------------------------------------------- logging steps
+    def _throughput(self, stats: _Stats) -> dict[str, float]:
+        if stats.n == 0 or stats.time_s <= 0:
+            return {}
+        tps = stats.tokens / stats.time_s
+        sps = stats.samples / stats.time_s
+        out = {"tokens_per_second": tps * self.num_devices, "tokens_per_second_per_device": tps,
+               "samples_per_second": sps * self.num_devices, "samples_per_second_per_device": sps}
+        peak = self.peak_flops()
+        if peak and self.flops_per_token is not None:
+            out["mfu"] = self.flops_per_token.value * tps / peak
+        return out
+
+    def peak_flops(self) -> float | None:
+        if self.config.peak_tflops is not None:
+            return self.config.peak_tflops * 1e12
+        name = device_name_of(self.device)
+        return peak_flops(name, self.dtype, self.config.peak_overrides)
+
+    def memory_metrics(self) -> dict[str, float]:
+        """Allocator peaks (host-side counters: no device sync) and host peak RSS."""
+        out = {"host_rss_peak_gib": peak_rss_bytes() / GIB}
+        if self.device.type == "cuda":
+            out["memory_allocated_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
+            out["memory_reserved_peak_gib"] = torch.cuda.max_memory_reserved(self.device) / GIB
+            out["memory_allocated_gib"] = torch.cuda.memory_allocated(self.device) / GIB
+        return out
+
+    def log_metrics(self) -> dict[str, float]:
+        """Flat float metrics over the steps since the last call. Call only on logging steps."""
+        if not self.config.enabled:
+            return {}
+        self._drain()
+        window, self._window = self._window, _Stats()
+        out = self._throughput(window)
+        if window.n:
+            out["step_time_p50"] = window.percentile(0.5)
+            out["step_time_p90"] = window.percentile(0.9)
+            out["data_wait_fraction"] = window.data_s / window.host_s if window.host_s else 0.0
+            for name, seconds in window.phases.items():
+                out[f"phase_{name}_s"] = seconds / window.n
+        out.update(self._sampler.latest() if self._sampler else {})
+        out.update(self.memory_metrics())
+        return out
+
+    # ---------------------------------------------------------------- end of run
+    def summary(self) -> dict:
+        self._drain()  # sync: end of run
+        run = self._run
+        peak = self.peak_flops()
+        thr = self._throughput(run)
+        fpt = self.flops_per_token
+        if fpt is None:
+            note = "no FLOPs per token (pass flops_per_token or a model with a known config)"
+        elif peak is None:
+            note = f"no peak FLOP/s known for {self.device_name!r} ({self.dtype}); set peak_tflops"
+        else:
+            note = "model FLOPs utilisation = FLOPs/token * tokens/s per device / peak"
+        return {
+            "device": {"type": self.device.type, "name": self.device_name,
+                       "num_devices": self.num_devices},
+            "dtype": self.dtype,
+            "steps": {"total": self.step, "warmup": min(self.step, self.config.warmup_steps),
+                      "excluded": self._excluded, "measured": run.n},
+            "throughput": {k: v for k, v in thr.items() if k != "mfu"},
+            "step_time_s": {"p50": run.percentile(0.5), "p90": run.percentile(0.9),
+                            "mean": run.time_s / run.n if run.n else None},
+            "data_wait_fraction": run.data_s / run.host_s if run.host_s else None,
+            "phases_s": {k: v / run.n for k, v in run.phases.items()},
+            "mfu": {"value": thr.get("mfu"), "note": note, "peak_flops": peak,
+                    "flops_per_token": None if fpt is None else fpt.value,
+                    "formula": None if fpt is None else fpt.formula},
+            "memory": self.memory_metrics(),
+            "hardware": self._hardware_summary(),
+            "compile_time_s": self.compile_time_s,
+            "trace": None if self._trace is None else self._trace.path,
+            "oom_snapshot": self.oom_snapshot,
+        }
+
+    def _hardware_summary(self) -> dict:
+        if self._sampler is None:
+            return {"nvml_status": "profiler disabled"}
+        return {"nvml_status": self._sampler.nvml_status, "gpu_name": self._sampler.gpu_name,
+                **self._sampler.aggregates()}
+
+    def write(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """Write profile.json into output_dir (default: the constructor's) and return its path."""
+        directory = Path(output_dir or self.output_dir or ".")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "profile.json"
+        path.write_text(json.dumps(self.summary(), indent=2, default=str))
+        return path
+
+    def print_summary(self) -> None:
+        print(format_summary(self.summary()), flush=True)
+
+    def close(self) -> None:
+        if self._trace is not None:
+            self._trace.stop()
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler = None
+
+    # ---------------------------------------------------------------- OOM
+    def _write_oom_snapshot(self) -> None:
+        if self.oom_snapshot is not None or self.output_dir is None:
+            return
+        path = self.output_dir / "profiler" / f"oom_snapshot_rank{self.rank}.pickle"
+        try:
+            self.oom_snapshot = dump_memory_snapshot(path)
+        except Exception as exc:  # never mask the OOM itself
+            self.oom_snapshot = f"snapshot failed: {exc}"
+        print(f"fasttrain: CUDA out of memory; memory snapshot for pytorch.org/memory_viz "
+              f"written to {self.oom_snapshot}", flush=True)
+
+    @contextlib.contextmanager
+    def oom_guard(self):
+        """Wrap the training loop: on CUDA OOM, write a memory snapshot, then re-raise."""
+        try:
+            yield self
+        except torch.OutOfMemoryError:
+            if self.config.memory_snapshot_on_oom and cuda_snapshot_supported():
+                self._write_oom_snapshot()
+            raise
