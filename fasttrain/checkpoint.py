@@ -1,0 +1,264 @@
+"""Crash-safe checkpoints: atomic directories, a checksummed manifest, safe loading.
+
+Layout of `output_dir/checkpoint-<step>/`:
+  model.safetensors      weights (tied/shared tensors stored once, aliases in metadata)
+  optimizer.pt           optimizer state_dict      (torch.save; loaded weights_only=True)
+  scheduler.pt           LR scheduler state_dict   (idem)
+  scaler.pt              loss scaler state_dict, when one is used (idem)
+  rng_state_<rank>.pt    python/numpy/torch/cuda RNG states of each rank (idem)
+  trainer_state.json     TrainerState (global_step, log_history, best metric, callbacks...)
+  data_state.json        data position and the partial logging window
+  training_args.json     the TrainingArguments of the run
+  manifest.json          written last: size and sha256 of every file above
+A save writes everything into a hidden temporary directory, fsyncs each file and the
+directory, then renames it into place, so a crash leaves the previous set or the new one.
+Bytes are hashed as they are written: verifying costs one read, saving no extra pass.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+from typing import Optional
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+logger = logging.getLogger("fasttrain")
+
+PREFIX = "checkpoint-"
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt, or could not be written."""
+
+
+# ---------------------------------------------------------------- writing
+class CheckpointWriter:
+    """Collects files for one checkpoint and commits them atomically."""
+
+    def __init__(self, output_dir: str, step: int):
+        self.output_dir = output_dir
+        self.final = os.path.join(output_dir, f"{PREFIX}{step}")
+        self.tmp = os.path.join(output_dir, f".tmp-{PREFIX}{step}-{os.getpid()}")
+        self.files: dict[str, dict] = {}
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            os.makedirs(self.tmp)
+        except OSError as e:
+            raise _save_error(output_dir, e) from e
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        path = os.path.join(self.tmp, name)
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            self.abort()
+            raise _save_error(self.output_dir, e) from e
+        self.files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def write_torch(self, name: str, obj) -> None:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        self.write_bytes(name, buf.getvalue())
+
+    def write_json(self, name: str, obj) -> None:
+        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def write_model(self, state_dict: dict) -> None:
+        tensors, aliases = dedupe_shared(state_dict)
+        data = st_save(tensors, metadata={"fasttrain_aliases": json.dumps(aliases)})
+        self.write_bytes(MODEL_FILE, data)
+
+    def commit(self, step: int) -> str:
+        self.write_json(MANIFEST, {"step": step, "files": self.files, "format": 1})
+        try:
+            _fsync_dir(self.tmp)
+            if os.path.exists(self.final):  # re-saving the same step: swap atomically
+                old = self.final + f".old-{os.getpid()}"
+                os.replace(self.final, old)
+                os.replace(self.tmp, self.final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.final)
+            _fsync_dir(self.output_dir)
+        except OSError as e:
+            self.abort()
+            raise _save_error(self.output_dir, e) from e
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_error(output_dir: str, e: OSError) -> CheckpointError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        why = "the disk is full (or over quota/file-size limit)"
+        fix = "free space or point output_dir at a larger disk"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "output_dir is not writable"
+        fix = "fix its permissions or choose another output_dir"
+    else:
+        why, fix = str(e), "check the file system"
+    return CheckpointError(f"could not save a checkpoint in {output_dir!r}: {why} ({e}). "
+                           f"Previous checkpoints are intact; {fix} and resume.")
+
+
+def dedupe_shared(state_dict: dict) -> tuple[dict, dict]:
+    """Store each storage once (safetensors refuses aliased tensors); returns the tensors
+    to save and {alias_name: saved_name}."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in state_dict.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.device.type != "meta" and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+# ---------------------------------------------------------------- reading
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Committed checkpoint directories, oldest first (temporary ones never match)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(rf"{PREFIX}(\d+)", name)
+        if m and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def verify(path: str) -> None:
+    """Raise CheckpointError naming the problem unless every file matches the manifest."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: {MANIFEST} is missing (the save "
+                              "was interrupted or the directory was not written by fasttrain)")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path!r} has a corrupt {MANIFEST}: {e}") from None
+    for name, meta in files.items():
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path):
+            raise CheckpointError(f"checkpoint {path!r} is missing {name}")
+        size = os.path.getsize(file_path)
+        if size != meta["size"]:
+            raise CheckpointError(f"checkpoint {path!r}: {name} is {size} bytes, the manifest "
+                                  f"says {meta['size']} (truncated or overwritten)")
+        digest = hashlib.sha256()
+        with open(file_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        if digest.hexdigest() != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {path!r}: {name} fails its checksum (corrupt bytes)")
+
+
+def find_resumable(output_dir: str) -> Optional[str]:
+    """The newest checkpoint that verifies; invalid ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            logger.warning("skipping invalid checkpoint: %s", e)
+    return None
+
+
+def read_torch(path: str, name: str, required: bool = True):
+    """torch.load with weights_only=True: tensors and plain containers only, never code."""
+    file_path = os.path.join(path, name)
+    if not os.path.isfile(file_path):
+        if required:
+            raise CheckpointError(f"checkpoint {path!r} is missing {name}")
+        return None
+    try:
+        return torch.load(file_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {file_path!r}: it contains pickled objects other than tensors and "
+            f"plain containers, which could run code on load. fasttrain never writes such files; "
+            f"do not trust this checkpoint. ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad header, ...
+        raise CheckpointError(f"could not read {file_path!r}: {e}") from None
+
+
+def read_json(path: str, name: str) -> dict:
+    file_path = os.path.join(path, name)
+    try:
+        with open(file_path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path!r} is missing {name}") from None
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path!r}: {name} is not valid JSON ({e})") from None
+
+
+def read_model_state(path: str) -> dict:
+    file_path = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(file_path):
+        raise CheckpointError(f"checkpoint {path!r} is missing {MODEL_FILE}")
+    with open(file_path, "rb") as f:
+        data = f.read()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{file_path!r} is not a valid safetensors file: {e}") from None
+    for alias, name in json.loads(meta.get("fasttrain_aliases", "{}")).items():
+        tensors[alias] = tensors[name]
+    return tensors
+
+
+def load_model_weights(model: torch.nn.Module, path: str) -> None:
+    state = read_model_state(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path!r} does not match the model: missing "
+                              f"{sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+
+
+# ---------------------------------------------------------------- rotation
+def rotate(output_dir: str, save_total_limit: Optional[int], keep: Optional[str] = None) -> list[str]:
+    """Delete all but the newest `save_total_limit` checkpoints. `keep` (the best one) is
+    never deleted; it may then be kept in addition to the newest (as HF does), since the
+    newest is what a resume needs."""
+    if not save_total_limit:
+        return []
+    paths = list_checkpoints(output_dir)
+    spared = set(paths[-save_total_limit:])
+    if keep:
+        spared |= {p for p in paths if os.path.abspath(p) == os.path.abspath(keep)}
+    doomed = [p for p in paths if p not in spared]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed

@@ -1,0 +1,85 @@
+"""Where logged records go: a JSONL file (always), TensorBoard (report_to), a progress bar.
+
+Only the main process writes. Records arrive already on the host: the Trainer reads its
+device-side accumulators once per logging step and hands plain floats here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Optional
+
+logger = logging.getLogger("fasttrain")
+
+LOG_FILE = "log_history.jsonl"
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible instead of crashing
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, args, is_main: bool, total_steps: int, resume: bool = False):
+        self.enabled = is_main
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not self.enabled:
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(args.output_dir, LOG_FILE), "a" if resume else "w",
+                          encoding="utf-8")
+        if "tensorboard" in args.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=args.logging_dir)
+        if not args.disable_tqdm:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, leave=True)
+
+    def advance(self, global_step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = global_step
+            self.bar.refresh() if global_step % 10 == 0 else None
+
+    def log(self, record: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        line = {k: _jsonable(v) for k, v in record.items()}
+        line.setdefault("step", step)
+        self.jsonl.write(json.dumps(line) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    tag = key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"
+                    self.tb.add_scalar(tag, value, step)
+            self.tb.flush()
+        if self.bar is not None:
+            shown = {k: record[k] for k in ("loss", "learning_rate", "tokens_per_second", "eval_loss")
+                     if k in record}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        elif "loss" in record or "eval_loss" in record:
+            logger.info(json.dumps(line))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+
+
+def read_log_history(output_dir: str) -> list[dict]:
+    path = os.path.join(output_dir, LOG_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

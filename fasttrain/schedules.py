@@ -1,0 +1,117 @@
+"""Learning-rate schedules whose step counter can live on the device.
+
+Each schedule is a multiplier m(step) written with tensor ops only, so it runs on a
+device-resident step counter: the LR of an optimizer that accepts a tensor LR is updated
+in place every step with no host synchronisation, and a step skipped for overflow (loss
+scaling) does not advance the schedule (the counter adds `1 - found_inf`). Optimizers that
+only take float LRs get the same multiplier computed on the host.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+Multiplier = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _warmup(step, warmup: int):
+    if warmup <= 0:
+        return torch.ones_like(step)
+    return torch.clamp(step / warmup, max=1.0)
+
+
+def _progress(step, warmup: int, total: int):
+    return torch.clamp((step - warmup) / max(1, total - warmup), 0.0, 1.0)
+
+
+def get_multiplier(name: str, num_warmup_steps: int, num_training_steps: int,
+                   min_lr_rate: float = 0.0, num_decay_steps: Optional[int] = None,
+                   num_cycles: float = 0.5) -> Multiplier:
+    """The LR multiplier of schedule `name` as a function of a float step tensor."""
+    w, n = num_warmup_steps, num_training_steps
+
+    def linear(s):
+        return torch.where(s < w, _warmup(s, w), 1.0 - _progress(s, w, n))
+
+    def cosine(s, floor=0.0):
+        p = _progress(s, w, n)
+        cos = 0.5 * (1.0 + torch.cos(math.pi * 2.0 * num_cycles * p))
+        return torch.where(s < w, _warmup(s, w), floor + (1.0 - floor) * cos)
+
+    def constant(s):
+        return torch.ones_like(s)
+
+    def constant_with_warmup(s):
+        return _warmup(s, w)
+
+    def warmup_stable_decay(s):
+        decay = num_decay_steps if num_decay_steps is not None else max(1, int(0.1 * n))
+        decay_start = n - decay
+        p = torch.clamp((s - decay_start) / max(1, decay), 0.0, 1.0)
+        down = min_lr_rate + (1.0 - min_lr_rate) * 0.5 * (1.0 + torch.cos(math.pi * p))
+        return torch.where(s < w, _warmup(s, w), torch.where(s < decay_start, torch.ones_like(s), down))
+
+    table = {
+        "linear": linear,
+        "cosine": cosine,
+        "cosine_with_min_lr": lambda s: cosine(s, floor=min_lr_rate),
+        "constant": constant,
+        "constant_with_warmup": constant_with_warmup,
+        "warmup_stable_decay": warmup_stable_decay,
+    }
+    if name not in table:
+        raise ValueError(f"unknown lr_scheduler_type {name!r}; accepted: {', '.join(table)}")
+    return table[name]
+
+
+class LRScheduler:
+    """Drives `optimizer.param_groups[i]['lr'] = base_lr[i] * m(step)`.
+
+    Device mode (every group's lr is a tensor): the step counter and the LRs stay on the
+    device and are updated in place. Host mode: python floats, as torch schedulers do.
+    Interface of torch's schedulers: step(), get_last_lr(), state_dict(), load_state_dict().
+    """
+
+    def __init__(self, optimizer, multiplier: Multiplier):
+        self.optimizer = optimizer
+        self.multiplier = multiplier
+        groups = optimizer.param_groups
+        self.device_mode = all(isinstance(g["lr"], torch.Tensor) for g in groups)
+        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]  # sync: once, at build
+        for g, base in zip(groups, self.base_lrs):
+            g["initial_lr"] = base
+        device = groups[0]["lr"].device if self.device_mode else torch.device("cpu")
+        self.step_count = torch.zeros((), dtype=torch.float32, device=device)
+        self._apply()
+
+    def _apply(self):
+        m = self.multiplier(self.step_count)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            if self.device_mode:
+                g["lr"].copy_(m * base)
+            else:
+                g["lr"] = float(m) * base  # a CPU tensor: no device sync
+
+    def step(self, skipped: Optional[torch.Tensor] = None):
+        """Advance one optimizer step; `skipped` (0-d, 1 = the step was skipped) keeps the
+        schedule where it is, without reading the flag on the host in device mode."""
+        if skipped is None:
+            self.step_count += 1
+        elif self.device_mode:
+            self.step_count += 1 - skipped.to(self.step_count.dtype).reshape(())
+        else:
+            self.step_count += 1 - float(skipped)  # sync: only host-LR optimizers reach here
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]  # sync: logging only
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count.detach().cpu().clone(), "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count.copy_(state["step_count"])
+        self.base_lrs = list(state["base_lrs"])
+        self._apply()

@@ -1,0 +1,474 @@
+"""The Trainer: the one module that knows the others and composes them into a step.
+
+A step (one optimizer update) = `gradient_accumulation_steps` micro-batches:
+  count valid label tokens of the whole step (host data, no sync) -> forward under autocast
+  -> loss = sum over valid tokens / that count -> backward (gradient sync overlapped when
+  data parallel) -> unscale + overflow check (fp16) -> clip -> optimizer step skipped on a
+  device-side flag -> LR schedule advanced on the device -> zero grads.
+Nothing in a step reads a device value on the host; logging steps do (marked `# sync:`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fasttrain import checkpoint as ckpt
+from fasttrain.callbacks import CallbackHandler, TrainerControl, TrainerState
+from fasttrain.data import ResumableSampler, count_valid_labels, default_data_collator
+from fasttrain.logging_utils import MetricsLogger
+from fasttrain.optim_factory import build_optimizer, step_unless
+from fasttrain.schedules import LRScheduler, get_multiplier
+from fasttrain.trainer_eval import EvaluationMixin
+from fasttrain.trainer_state_io import CheckpointMixin
+from fasttrain.trainer_utils import (TrainOutput, extract_loss, forward_arg_names, set_seed,
+                                     to_device, uses_label_shift)
+from fasttrain.training_args import TrainingArguments
+
+logger = logging.getLogger("fasttrain")
+
+
+class Trainer(CheckpointMixin, EvaluationMixin):
+    def __init__(self, model=None, args: Optional[TrainingArguments] = None, data_collator=None,
+                 train_dataset: Optional[Dataset] = None, eval_dataset=None,
+                 processing_class=None, tokenizer=None, compute_metrics: Optional[Callable] = None,
+                 callbacks=None, optimizers=(None, None),
+                 preprocess_logits_for_metrics: Optional[Callable] = None):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Trainer needs `model`, a torch.nn.Module (got {type(model).__name__})")
+        self.args = args if args is not None else TrainingArguments(output_dir="trainer_output")
+        if not isinstance(self.args, TrainingArguments):
+            raise TypeError("args must be a fasttrain.TrainingArguments")
+        self.processing_class = processing_class if processing_class is not None else tokenizer
+        self.data_collator = data_collator or default_data_collator
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.compute_metrics = compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.optimizer, self.lr_scheduler = optimizers
+        self.dist = self._build_distributed()
+        self.device = self.dist.device
+        self.model = model.to(self.device)
+        self.model_wrapped = self.model
+        self._label_shift = uses_label_shift(model)
+        self._forward_args = forward_arg_names(model)
+        self.scaler = None
+        self.state = TrainerState(is_world_process_zero=self.dist.is_main,
+                                  is_local_process_zero=self.dist.local_rank == 0)
+        self.control = TrainerControl()
+        self.callback_handler = CallbackHandler(callbacks, self.model, self.processing_class,
+                                                self.optimizer, self.lr_scheduler)
+        self._stop_signal = None
+        self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
+
+    # ------------------------------------------------------------------ callbacks
+    def add_callback(self, callback):
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback):
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback):
+        self.callback_handler.remove_callback(callback)
+
+    def _event(self, name: str, **kwargs):
+        self.control = self.callback_handler.call_event(name, self.args, self.state, self.control, **kwargs)
+
+    # ------------------------------------------------------------------ building
+    def _build_distributed(self):
+        from fasttrain.trainer_dist import DistContext
+        return DistContext.from_args(self.args)
+
+    def create_optimizer(self):
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(self.args, self.model)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            optimizer = optimizer or self.optimizer
+            kwargs = dict(self.args.lr_scheduler_kwargs)
+            mult = get_multiplier(self.args.lr_scheduler_type,
+                                  self.args.get_warmup_steps(num_training_steps),
+                                  num_training_steps, **kwargs)
+            self.lr_scheduler = LRScheduler(optimizer, mult)
+        return self.lr_scheduler
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int):
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps, self.optimizer)
+
+    def _build_scaler(self):
+        if not self.args.fp16:
+            return None
+        from fasttrain.precision import DynamicLossScaler
+        return DynamicLossScaler()
+
+    def _autocast(self):
+        if not (self.args.bf16 or self.args.fp16):
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train() needs train_dataset; pass Trainer(train_dataset=...)")
+        n = _dataset_len(self.train_dataset, "train_dataset")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self._train_sampler = ResumableSampler(
+            n, shuffle=True, seed=seed, rank=self.dist.rank, world_size=self.dist.world_size,
+            drop_last=self.args.dataloader_drop_last)
+        return self._loader(self.train_dataset, self._train_sampler,
+                            self.args.per_device_train_batch_size, self.args.dataloader_drop_last)
+
+    def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
+        # The loader gets its own generator: creating an iterator (with workers) then draws no
+        # numbers from the global RNG, which dropout uses; a resumed run stays bit-exact.
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                          collate_fn=self._collate, num_workers=self.args.dataloader_num_workers,
+                          pin_memory=self.args.dataloader_pin_memory and self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.args.seed))
+
+    def _collate(self, features):
+        batch = self.data_collator(features)
+        if self.args.remove_unused_columns and self._forward_args is not None:
+            batch = {k: v for k, v in batch.items() if k in self._forward_args}
+        return batch
+
+    # ------------------------------------------------------------------ the step
+    def compute_loss(self, model, inputs: dict, return_outputs: bool = False,
+                     num_items_in_batch: Optional[torch.Tensor] = None):
+        """Loss of one micro-batch. With `num_items_in_batch` (valid label tokens of the whole
+        optimizer step) the result is this micro-batch's summed token loss divided by it, so
+        the micro-batch losses of a step add up to the step's exact mean."""
+        labels = self._labels(inputs)
+        fused = self._fused_loss(model, inputs) if labels is not None and not return_outputs else None
+        outputs = None
+        if fused is not None:
+            loss_sum, count = fused
+        else:
+            outputs = model(**inputs)
+            loss = extract_loss(outputs)
+            if loss is None:
+                raise ValueError(
+                    "the model returned no loss. Batch keys: "
+                    f"{sorted(inputs)}. Pass labels in the batch (see TrainingArguments.label_names) "
+                    "or make the model return a loss (an object with .loss, a dict with 'loss', or "
+                    "a tuple whose first item is the loss)")
+            loss = loss.float()
+            if labels is None:
+                return (loss, outputs) if return_outputs else loss
+            count = count_valid_labels(labels, self._label_shift)
+            # a mean over zero tokens is NaN; its weight is zero, so it contributes nothing
+            loss_sum = torch.where(count > 0, loss * count, torch.zeros_like(loss))
+        denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        loss = loss_sum / denominator
+        return (loss, outputs) if return_outputs else loss
+
+    def _fused_loss(self, model, inputs):
+        if not self.args.fused_loss or self._is_builtin(model):
+            return None
+        from fasttrain.loss import fused_causal_lm_loss
+        return fused_causal_lm_loss(model, inputs)
+
+    @staticmethod
+    def _is_builtin(model) -> bool:
+        from fasttrain.models import GPT
+        return isinstance(getattr(model, "module", model), GPT)
+
+    def _labels(self, inputs: dict):
+        for name in self.args.label_names or ["labels"]:
+            if name in inputs:
+                return inputs[name]
+        return None
+
+    def training_step(self, batches: list) -> torch.Tensor:
+        """One optimizer step over the micro-batches in `batches`; returns the step's mean
+        loss as a device tensor (never read here)."""
+        args, model = self.args, self.model_wrapped
+        model.train()
+        num_items = self._step_token_count(batches)
+        step_loss = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with self.dist.no_sync(model, enabled=not last):
+                batch = to_device(batch, self.device)
+                with self._autocast():
+                    loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
+                if num_items is None:  # no labels: the model's own mean, averaged over micro-batches
+                    loss = loss / len(batches)
+                step_loss += loss.detach()
+                # Every rank divides by the global token count; the gradient sync averages over
+                # ranks, so multiply back by the world size to get the global sum / count.
+                scaled = loss * self.dist.world_size
+                scaled = self.scaler.scale(scaled) if self.scaler is not None else scaled
+                scaled.backward()
+            if not last:
+                self._event("on_substep_end")
+        self._optimizer_step(step_loss)
+        return step_loss
+
+    def _step_token_count(self, batches: list) -> Optional[torch.Tensor]:
+        labels = [self._labels(b) for b in batches]
+        if any(lab is None for lab in labels):
+            return None
+        local = sum(int(count_valid_labels(lab, self._label_shift)) for lab in labels)  # host data
+        return self.dist.all_reduce_sum(torch.tensor(float(local), device=self.device))
+
+    def _optimizer_step(self, step_loss: torch.Tensor) -> None:
+        args = self.args
+        loss_bad = (~torch.isfinite(step_loss)).float()
+        found_inf = loss_bad
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            found_inf = torch.maximum(loss_bad, self.scaler.found_inf_flag())
+        if args.max_grad_norm:
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            found_inf = torch.maximum(found_inf, (~torch.isfinite(self._grad_norm)).float())
+        self._event("on_pre_optimizer_step")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer, found_inf=found_inf)
+            self.scaler.update()
+        else:
+            step_unless(self.optimizer, found_inf)
+        self._event("on_optimizer_step")
+        if isinstance(self.lr_scheduler, LRScheduler):
+            self.lr_scheduler.step(skipped=found_inf)
+        else:
+            self.lr_scheduler.step()
+        self._skipped += found_inf
+        self._nonfinite_run = (self._nonfinite_run + 1) * loss_bad
+        self.dist.zero_grad(self.model_wrapped, self.optimizer)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if kwargs:
+            raise TypeError(f"train() got unexpected arguments {sorted(kwargs)}")
+        args = self.args
+        resume_from_checkpoint = resume_from_checkpoint or args.resume_from_checkpoint
+        self._prepare_output_dir(resume_from_checkpoint)
+        set_seed(args.seed)
+        loader = self.get_train_dataloader()
+        micro_per_epoch = len(loader)
+        if micro_per_epoch == 0:
+            raise ValueError("the training dataloader yields no batches: the dataset has fewer "
+                             "examples than one batch with dataloader_drop_last=True; lower the batch size")
+        steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
+        if args.max_steps > 0:
+            max_steps = args.max_steps
+            num_epochs = math.ceil(max_steps / steps_per_epoch)
+        else:
+            max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
+            num_epochs = math.ceil(args.num_train_epochs)
+        self.create_optimizer_and_scheduler(max_steps)
+        self.scaler = self._build_scaler()
+        self.model_wrapped = self.dist.wrap(self.model, args)
+        self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
+        self.callback_handler.train_dataloader = loader
+        st = self.state
+        st.max_steps, st.num_train_epochs = max_steps, num_epochs
+        st.logging_steps = _resolve_steps(args.logging_steps, max_steps)
+        st.eval_steps = _resolve_steps(args.eval_steps, max_steps)
+        st.save_steps = _resolve_steps(args.save_steps, max_steps)
+        st.train_batch_size = args.per_device_train_batch_size
+        self._skipped = torch.zeros((), device=self.device)
+        self._nonfinite_run = torch.zeros((), device=self.device)
+        self._grad_norm = None
+        self._window = _LogWindow(self.device)
+        epoch, micro_done = 0, 0
+        if resume_from_checkpoint:
+            epoch, micro_done = self._resume(resume_from_checkpoint)
+        self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint))
+        self._install_signal_handler()
+        self._event("on_train_begin")
+        start_time = time.perf_counter()
+        start_step = st.global_step
+        try:
+            self._run_epochs(loader, epoch, micro_done, num_epochs, steps_per_epoch, micro_per_epoch)
+        finally:
+            self._restore_signal_handler()
+            self._logger.close()
+        runtime = time.perf_counter() - start_time
+        if args.load_best_model_at_end and st.best_model_checkpoint:
+            ckpt.load_model_weights(self.model, st.best_model_checkpoint)
+        train_loss = self._mean_logged_loss()
+        metrics = {"train_runtime": runtime, "train_steps_per_second": (st.global_step - start_step) / max(runtime, 1e-9),
+                   "train_loss": train_loss, "epoch": st.epoch, "total_flos": st.total_flos,
+                   "train_tokens": st.num_input_tokens_seen}
+        self._event("on_train_end")
+        return TrainOutput(st.global_step, train_loss, metrics)
+
+    def _run_epochs(self, loader, epoch, micro_done, num_epochs, steps_per_epoch, micro_per_epoch):
+        args, st, control = self.args, self.state, self.control
+        ga = args.gradient_accumulation_steps
+        while epoch < num_epochs and st.global_step < st.max_steps:
+            self._train_sampler.set_epoch(epoch, start=micro_done * args.per_device_train_batch_size)
+            self._epoch, self._micro_done = epoch, micro_done
+            control._new_epoch()
+            self._event("on_epoch_begin")
+            iterator = iter(loader)
+            while micro_done < micro_per_epoch and st.global_step < st.max_steps:
+                self._event("on_step_begin")
+                batches = [next(iterator) for _ in range(min(ga, micro_per_epoch - micro_done))]
+                micro_done += len(batches)
+                self._micro_done = micro_done
+                step_loss = self.training_step(batches)
+                tokens = sum(_tokens_in(b) for b in batches)
+                st.global_step += 1
+                st.epoch = epoch + micro_done / micro_per_epoch
+                st.num_input_tokens_seen += tokens * self.dist.world_size
+                self._window.add(step_loss, self._grad_norm, tokens)
+                self._logger.advance(st.global_step)
+                control._new_step()
+                self._event("on_step_end")
+                self._maybe_log_save_evaluate(epoch_end=False)
+                if control.should_training_stop or control.should_epoch_stop:
+                    break
+            if control.should_training_stop:
+                break
+            epoch, micro_done = epoch + 1, 0
+            self._epoch, self._micro_done = epoch, 0
+            self._event("on_epoch_end")
+            self._maybe_log_save_evaluate(epoch_end=True)
+
+    def _maybe_log_save_evaluate(self, epoch_end: bool):
+        args, st, control = self.args, self.state, self.control
+        step = st.global_step
+        finished = step >= st.max_steps
+        if not epoch_end:
+            control.should_log |= (args.logging_strategy == "steps" and step % st.logging_steps == 0) \
+                or (args.logging_first_step and step == 1) or finished
+            control.should_evaluate |= args.eval_strategy == "steps" and step % st.eval_steps == 0
+            control.should_save |= args.save_strategy == "steps" and step % st.save_steps == 0
+        else:
+            control.should_log |= args.logging_strategy == "epoch"
+            control.should_evaluate |= args.eval_strategy == "epoch"
+            control.should_save |= args.save_strategy == "epoch"
+        if self._stop_signal is not None:
+            control.should_save = control.should_training_stop = True
+        if control.should_log:
+            self._log_training(self._window.flush(self.dist))
+        metrics = None
+        if control.should_evaluate and self.eval_dataset is not None:
+            metrics = self.evaluate()
+            new_best = self._update_best(metrics)
+            if args.save_strategy == "best" and new_best:
+                control.should_save = True
+        if control.should_save and args.save_strategy != "no":
+            self._save_checkpoint(metrics)
+            self._event("on_save")
+        if self._stop_signal is not None:
+            logger.warning("received %s: saved checkpoint-%d and stopped cleanly", self._stop_signal, step)
+        control.should_log = control.should_evaluate = control.should_save = False
+
+    def _log_training(self, window: dict):
+        st = self.state
+        if not window:
+            return
+        record = {"loss": window["loss"], "learning_rate": self.lr_scheduler.get_last_lr()[0],
+                  "epoch": round(st.epoch, 4)}
+        if window.get("grad_norm") is not None:
+            record["grad_norm"] = window["grad_norm"]
+        record["tokens_per_second"] = window["tokens_per_second"]
+        record["skipped_steps"] = int(self._skipped.item())  # sync: logging step
+        st.skipped_steps = record["skipped_steps"]
+        if self.scaler is not None:
+            record["loss_scale"] = float(self.scaler.get_scale())  # sync: logging step
+            self.scaler.check_divergence()
+        if self.args.nonfinite_loss_policy == "stop":
+            run = int(self._nonfinite_run.item())  # sync: logging step
+            if run >= self.args.max_consecutive_nonfinite:
+                raise FloatingPointError(
+                    f"the loss was non-finite for {run} consecutive steps (limit "
+                    f"max_consecutive_nonfinite={self.args.max_consecutive_nonfinite}); those steps were "
+                    "skipped and no NaN weights were saved. Lower the learning rate, enable "
+                    "gradient clipping, or use bf16 instead of fp16.")
+        self.log(record)
+
+    def log(self, logs: dict):
+        st = self.state
+        if st.epoch is not None:
+            logs.setdefault("epoch", round(st.epoch, 4))
+        record = {**logs, "step": st.global_step}
+        st.log_history.append(record)
+        self._event("on_log", logs=logs)
+        if getattr(self, "_logger", None) is not None:
+            self._logger.log(record, st.global_step)
+
+    def _mean_logged_loss(self) -> float:
+        losses = [r["loss"] for r in self.state.log_history if "loss" in r and isinstance(r["loss"], float)]
+        return float(np.mean(losses)) if losses else float("nan")
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handler(self):
+        self._prev_handler = None
+        try:
+            self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread: leave signals to the caller
+            self._prev_handler = None
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_signal = signal.Signals(signum).name
+
+    def _restore_signal_handler(self):
+        if self._prev_handler is not None:
+            signal.signal(signal.SIGTERM, self._prev_handler)
+
+
+class _LogWindow:
+    """Device-side accumulators between logging steps; read once per logging step."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.loss = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
+        self.steps = 0
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, step_loss, grad_norm, tokens: int = 0):
+        self.loss += step_loss
+        if grad_norm is not None:
+            self.grad_norm += grad_norm.detach().float()
+        self.steps += 1
+        self.tokens += tokens
+
+    def flush(self, dist) -> dict:
+        if self.steps == 0:
+            return {}
+        loss = dist.all_reduce_sum(self.loss.clone())
+        values = torch.stack([loss, self.grad_norm]).tolist()  # sync: logging step
+        elapsed = time.perf_counter() - self.t0  # after the sync: the device work is done
+        out = {"loss": values[0] / self.steps, "grad_norm": values[1] / self.steps or None,
+               "tokens_per_second": self.tokens * dist.world_size / max(elapsed, 1e-9)}
+        self.reset()
+        return out
+
+
+def _tokens_in(batch: dict) -> int:
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def _dataset_len(dataset, name: str) -> int:
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise TypeError(f"{name} must be a map-style dataset with __len__ and __getitem__") from None
+    if n == 0:
+        raise ValueError(f"{name} is empty (0 examples); pass a dataset with at least one example")
+    return n
+
+
+def _resolve_steps(value: float, max_steps: int) -> int:
+    return max(1, math.ceil(value * max_steps)) if value < 1 else int(value)

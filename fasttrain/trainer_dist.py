@@ -1,0 +1,87 @@
+"""What the Trainer needs from data parallelism, behind one small object.
+
+Single process: every method is the identity. Under torchrun (WORLD_SIZE > 1) the process
+group comes from `fasttrain.distributed` and the model is wrapped in BucketedDDP (or
+torch's DDP with ddp_backend="torch").
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+class DistContext:
+    def __init__(self, rank: int = 0, local_rank: int = 0, world_size: int = 1,
+                 device: torch.device = torch.device("cpu")):
+        self.rank, self.local_rank, self.world_size, self.device = rank, local_rank, world_size, device
+
+    @classmethod
+    def from_args(cls, args) -> "DistContext":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        use_cuda = torch.cuda.is_available() and not args.use_cpu
+        if world > 1:
+            from fasttrain.distributed import init_distributed
+            info = init_distributed(timeout_s=args.ddp_timeout, use_cuda=use_cuda)
+            return cls(info.rank, info.local_rank, info.world_size, info.device)
+        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        return cls(0, 0, 1, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def wrap(self, model, args):
+        if not self.enabled:
+            return model
+        if args.ddp_backend == "torch":
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=args.ddp_bucket_cap_mb,
+                                           find_unused_parameters=args.ddp_find_unused_parameters)
+        from fasttrain.distributed import BucketedDDP
+        return BucketedDDP(model, bucket_cap_mb=args.ddp_bucket_cap_mb,
+                           find_unused_parameters=args.ddp_find_unused_parameters)
+
+    def no_sync(self, model, enabled: bool):
+        if enabled and self.enabled and hasattr(model, "no_sync"):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def zero_grad(self, model, optimizer) -> None:
+        if hasattr(model, "zero_grad_buffers"):
+            model.zero_grad_buffers()  # BucketedDDP owns flat gradient buffers: zero, keep views
+        else:
+            optimizer.zero_grad(set_to_none=True)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            import torch.distributed as dist
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def all_gather_object(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def any_flag(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any rank (a collective: call on all ranks)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor(float(flag), device=self.device)
+        self.all_reduce_sum(t)
+        return bool(t.item() > 0)  # sync: only where the caller needs a global decision

@@ -1,0 +1,163 @@
+"""Evaluation and prediction for the Trainer.
+
+Losses accumulate on the device as (sum over valid tokens, token count), the same
+normalisation as training. Predictions leave the accelerator batch by batch, so a large
+eval set does not pile up device memory. Under data parallelism each rank evaluates a
+disjoint shard and predictions are gathered so compute_metrics sees every example once.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from fasttrain.data import ResumableSampler, count_valid_labels
+from fasttrain.trainer_utils import (EvalPrediction, PredictionOutput, denumpify, extract_logits,
+                                     pad_and_concat, to_device)
+
+
+class EvaluationMixin:
+    def get_eval_dataloader(self, eval_dataset=None):
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval dataset: pass Trainer(eval_dataset=...) "
+                             "or evaluate(eval_dataset=...)")
+        from fasttrain.trainer import _dataset_len
+        n = _dataset_len(dataset, "eval_dataset")
+        sampler = ResumableSampler(n, shuffle=False, rank=self.dist.rank,
+                                   world_size=self.dist.world_size, drop_last=False)
+        return self._loader(dataset, sampler, self.args.per_device_eval_batch_size, False), n
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for name, ds in eval_dataset.items():
+                metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        output = self.evaluation_loop(eval_dataset, metric_key_prefix, want_predictions=self.compute_metrics is not None)
+        self.log(dict(output.metrics))
+        self._event("on_evaluate", metrics=output.metrics)
+        return output.metrics
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
+        output = self.evaluation_loop(test_dataset, metric_key_prefix, want_predictions=True)
+        self._event("on_predict", metrics=output.metrics)
+        return output
+
+    def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
+        """(loss_sum, token_count, logits, labels) of one batch; logits None when not needed."""
+        labels = self._labels(inputs)
+        with torch.no_grad(), self._autocast():
+            fused = None
+            if prediction_loss_only and labels is not None:
+                fused = self._fused_loss(model, inputs)
+            if fused is not None:
+                return fused[0].detach(), fused[1], None, labels
+            kwargs = {}
+            if not prediction_loss_only and self._forward_args and "return_logits" in self._forward_args:
+                kwargs["return_logits"] = True
+            outputs = model(**inputs, **kwargs)
+        from fasttrain.trainer_utils import extract_loss
+        loss = extract_loss(outputs)
+        logits = None if prediction_loss_only else extract_logits(outputs)
+        if loss is None or labels is None:
+            return None, None, logits, labels
+        count = count_valid_labels(labels, self._label_shift)
+        loss_sum = torch.where(count > 0, loss.float() * count, torch.zeros_like(loss, dtype=torch.float32))
+        return loss_sum.detach(), count, logits, labels
+
+    def evaluation_loop(self, dataset, metric_key_prefix: str, want_predictions: bool) -> PredictionOutput:
+        loader, n_examples = self.get_eval_dataloader(dataset)
+        self.callback_handler.eval_dataloader = loader
+        model = self.model
+        was_training = model.training
+        model.eval()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        preds, label_ids = [], []
+        has_loss = False
+        for batch in loader:
+            batch = to_device(batch, self.device)
+            b_loss, b_count, logits, labels = self.prediction_step(model, batch, not want_predictions)
+            if b_loss is not None:
+                has_loss = True
+                loss_sum += b_loss
+                tokens += b_count
+            if want_predictions and logits is not None:
+                if self.preprocess_logits_for_metrics is not None:
+                    logits = self.preprocess_logits_for_metrics(logits, labels)
+                preds.append(_to_numpy(logits))  # sync: eval moves each batch off the device
+            if want_predictions and labels is not None:
+                label_ids.append(_to_numpy(labels))
+            self._event("on_prediction_step")
+        model.train(was_training)
+        metrics = {}
+        if has_loss:
+            totals = self.dist.all_reduce_sum(torch.stack([loss_sum, tokens]))
+            total_loss, total_tokens = totals.tolist()  # sync: end of evaluation
+            metrics[f"{metric_key_prefix}_loss"] = total_loss / total_tokens if total_tokens else float("nan")
+        predictions = _gather(self.dist, preds, n_examples)
+        labels_all = _gather(self.dist, label_ids, n_examples)
+        if self.compute_metrics is not None and predictions is not None and labels_all is not None:
+            user = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels_all))
+            if not isinstance(user, dict):
+                raise TypeError(f"compute_metrics must return a dict, got {type(user).__name__}")
+            for key, value in denumpify(user).items():
+                name = key if key.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{key}"
+                metrics[name] = value
+        runtime = time.perf_counter() - start
+        metrics[f"{metric_key_prefix}_runtime"] = runtime
+        metrics[f"{metric_key_prefix}_samples_per_second"] = n_examples / max(runtime, 1e-9)
+        return PredictionOutput(predictions, labels_all, metrics)
+
+    def _update_best(self, metrics: dict) -> bool:
+        """Record a new best metric; returns whether this evaluation is the new best."""
+        args, st = self.args, self.state
+        if args.metric_for_best_model is None:
+            return False
+        name = args.metric_for_best_model
+        name = name if name.startswith("eval_") else f"eval_{name}"
+        if name not in metrics:
+            raise KeyError(f"metric_for_best_model={args.metric_for_best_model!r} is not among the "
+                           f"evaluation metrics {sorted(metrics)}; set it to one of them")
+        value = metrics[name]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        best = st.best_metric
+        better = best is None or (value > best if args.greater_is_better else value < best)
+        if better:
+            st.best_metric = value
+            self._pending_best = True
+        return better
+
+
+def _to_numpy(t):
+    if isinstance(t, (tuple, list)):
+        return tuple(_to_numpy(x) for x in t)
+    t = t.detach()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.cpu().numpy()
+
+
+def _gather(dist, arrays: list, n_examples: int) -> Optional[np.ndarray]:
+    if not arrays and not dist.enabled:
+        return None
+    if arrays and isinstance(arrays[0], tuple):
+        return tuple(_gather(dist, [a[i] for a in arrays], n_examples) for i in range(len(arrays[0])))
+    local = pad_and_concat(arrays) if arrays else None
+    if not dist.enabled:
+        return local
+    parts = [p for p in dist.all_gather_object(local) if p is not None]
+    if not parts:
+        return None
+    # ResumableSampler gives rank r the examples r, r+W, r+2W, ...: interleave back into
+    # dataset order and drop the padding repeats at the end.
+    merged = pad_and_concat(parts)
+    per_rank = parts[0].shape[0]
+    order = np.arange(per_rank * len(parts)).reshape(len(parts), per_rank).T.reshape(-1)
+    return merged[order][:n_examples]

@@ -1,0 +1,146 @@
+"""Small helpers the Trainer composes: seeds and RNG state, loss extraction, batches."""
+from __future__ import annotations
+
+import inspect
+import random
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from fasttrain.data import IGNORE_INDEX
+
+
+class EvalPrediction:
+    """What `compute_metrics` receives: predictions and label_ids as numpy arrays (or
+    tuples of them), unpackable as `logits, labels = eval_pred` like HF's."""
+
+    def __init__(self, predictions, label_ids, inputs=None, losses=None):
+        self.predictions = predictions
+        self.label_ids = label_ids
+        self.inputs = inputs
+        self.losses = losses
+
+    def __iter__(self):
+        return iter((self.predictions, self.label_ids))
+
+    def __getitem__(self, i):
+        return (self.predictions, self.label_ids)[i]
+
+    def __len__(self):
+        return 2
+
+
+class PredictionOutput(NamedTuple):
+    predictions: Any
+    label_ids: Any
+    metrics: dict
+
+
+class TrainOutput(NamedTuple):
+    global_step: int
+    training_loss: float
+    metrics: dict
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG the training step may draw from, in plain tensors and ints (loadable with
+    torch.load(weights_only=True))."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": {"version": py[0], "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
+        "numpy": {"kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def extract_loss(outputs) -> Optional[torch.Tensor]:
+    """The loss of a model output: `.loss`, `["loss"]`, or the first tuple item."""
+    if outputs is None:
+        return None
+    if isinstance(outputs, dict):
+        return outputs.get("loss")
+    if hasattr(outputs, "loss"):
+        return outputs.loss
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0] if outputs[0].dim() == 0 else None
+    if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
+        return outputs
+    return None
+
+
+def extract_logits(outputs):
+    if isinstance(outputs, dict):
+        return outputs.get("logits")
+    if hasattr(outputs, "logits"):
+        return outputs.logits
+    if isinstance(outputs, (tuple, list)):
+        rest = [o for o in outputs if isinstance(o, torch.Tensor) and o.dim() > 0]
+        return rest[0] if rest else None
+    return None
+
+
+def forward_arg_names(model: torch.nn.Module) -> Optional[set]:
+    """Names the model's forward accepts, or None when it takes **kwargs."""
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def uses_label_shift(model: torch.nn.Module) -> bool:
+    """Whether the model predicts labels[t+1] at position t (causal LMs in the HF
+    convention), which decides how valid label tokens are counted."""
+    explicit = getattr(model, "fasttrain_label_shift", None)
+    if explicit is not None:
+        return bool(explicit)
+    from fasttrain.models import GPT
+    name = type(model).__name__
+    return isinstance(model, GPT) or name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def pad_and_concat(arrays: list, pad_value=IGNORE_INDEX) -> np.ndarray:
+    """Concatenate per-batch arrays along dim 0, right-padding dim 1 when lengths differ."""
+    if not arrays:
+        return np.zeros((0,))
+    if arrays[0].ndim < 2 or all(a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+        return np.concatenate(arrays, axis=0)
+    width = max(a.shape[1] for a in arrays)
+    out = []
+    for a in arrays:
+        pad = [(0, 0)] * a.ndim
+        pad[1] = (0, width - a.shape[1])
+        out.append(np.pad(a, pad, constant_values=pad_value))
+    return np.concatenate(out, axis=0)
+
+
+def denumpify(metrics: dict) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
