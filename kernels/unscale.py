@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 4096  # elements per program: 16 KiB of fp32, 32 elements per thread at 4 warps
+NUM_WARPS = 4
 _ALIGN_BYTES = 16
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -76,27 +77,22 @@ def _unscale_kernel(
         tl.store(found_inf_ptr, 1.0)  # benign race: every writer stores the same 1.0
 
 
-# Ahead-of-time compile specs for tests/test_kernel_compile.py: every dtype, both modes.
+# Ahead-of-time compile cases for tests/test_kernel_compile.py (docs/kernels.md): every grad
+# dtype, unscale and check-only, on the aligned path the host takes for allocator-made grads.
 COMPILE_SPECS = [
     {
-        "name": f"unscale_{_SIG_DTYPES[dtype]}_{'unscale' if unscale else 'check'}",
-        "fn": _unscale_kernel,
-        "signature": {
-            "tensor_table_ptr": "*i64",
-            "block_table_ptr": "*i32",
-            "inv_scale_ptr": "*fp32",
-            "found_inf_ptr": "*fp32",
-            "GRAD_DTYPE": "constexpr",
-            "BLOCK": "constexpr",
-            "UNSCALE": "constexpr",
-            "ALIGNED": "constexpr",
-        },
+        "kernel": _unscale_kernel,
+        "name": f"unscale {_SIG_DTYPES[dtype]} {'unscale' if unscale else 'check-only'}",
+        "signature": {"tensor_table_ptr": "*i64", "block_table_ptr": "*i32",
+                      "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+                      "GRAD_DTYPE": "constexpr", "BLOCK": "constexpr", "UNSCALE": "constexpr",
+                      "ALIGNED": "constexpr"},
         "constexprs": {"GRAD_DTYPE": _TL_DTYPES[dtype], "BLOCK": BLOCK, "UNSCALE": unscale,
                        "ALIGNED": True},
-        "attrs": {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]},
-        # Loads/stores of the gradients must be 16-byte vectors: v4 of b32 or v4 of b32
-        # holding eight 16-bit values.
-        "ptx_patterns": ["ld.global.v4.b32"] + (["st.global.v4.b32"] if unscale else []),
+        "aligned": ["tensor_table_ptr", "block_table_ptr"],
+        "num_warps": NUM_WARPS,
+        # Full blocks must move 16 bytes per access (4 x fp32 or 8 x 16-bit values).
+        "expect_ptx": ["ld.global.v4.b32"] + (["st.global.v4.b32"] if unscale else []),
     }
     for dtype in _TL_DTYPES
     for unscale in (True, False)
@@ -150,6 +146,7 @@ def _launch(grads: list[torch.Tensor], inv_scale, found_inf, aligned: bool) -> N
     _unscale_kernel[(block_table.shape[0],)](
         tensor_table, block_table, inv_scale if unscale else found_inf, found_inf,
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BLOCK=BLOCK, UNSCALE=unscale, ALIGNED=aligned,
+        num_warps=NUM_WARPS,
     )
 
 

@@ -134,5 +134,5 @@ def test_bad_inputs(kwargs, match):
 
 def test_compile_specs_cover_every_dtype_and_mode():
     names = {spec["name"] for spec in K.COMPILE_SPECS}
-    assert names == {f"unscale_{d}_{m}" for d in ("fp32", "bf16", "fp16")
-                     for m in ("unscale", "check")}
+    assert names == {f"unscale {d} {m}" for d in ("fp32", "bf16", "fp16")
+                     for m in ("unscale", "check-only")}
