@@ -34,7 +34,7 @@ from fasttrain.flops import flops_per_token_for  # noqa: F401  (re-exported for 
 from fasttrain.nvml import GIB
 from fasttrain.profiler_output import (TraceWindow, cuda_snapshot_supported, dump_memory_snapshot,
                                        format_summary)
-from fasttrain.profiler_sampler import HardwareSampler, peak_rss_bytes
+from fasttrain.profiler_sampler import HardwareSampler, peak_rss_bytes, rss_bytes
 
 HOST_PHASES = ("data",)  # timed on the host clock even on a GPU: the work is host work
 
@@ -298,7 +298,7 @@ class Profiler:
 
     def memory_metrics(self) -> dict[str, float]:
         """Allocator peaks (host-side counters: no device sync) and host peak RSS."""
-        out = {"host_rss_peak_gib": peak_rss_bytes() / GIB}
+        out = {"host_rss_peak_gib": max(peak_rss_bytes(), rss_bytes() or 0) / GIB}
         if self.device.type == "cuda":
             out["memory_allocated_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
             out["memory_reserved_peak_gib"] = torch.cuda.max_memory_reserved(self.device) / GIB

@@ -18,7 +18,7 @@ import torch
 from fasttrain.nvml import GIB, GpuSample, NvmlUnavailable, format_sample, open_device
 
 
-def _rss_bytes() -> int | None:
+def rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -113,7 +113,7 @@ class HardwareSampler:
         now, cpu = time.perf_counter(), _process_cpu_seconds()
         last_now, last_cpu = self._last_cpu
         self._last_cpu = (now, cpu)
-        rss = _rss_bytes()
+        rss = rss_bytes()
         metrics = {"host_rss_peak_gib": max(peak_rss_bytes(), rss or 0) / GIB}
         if rss is not None:
             metrics["host_rss_gib"] = rss / GIB
