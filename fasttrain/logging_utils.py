@@ -25,18 +25,16 @@ def _jsonable(value):
 class MetricsLogger:
     def __init__(self, args, is_main: bool, total_steps: int, resume: bool = False):
         self.enabled = is_main
-        self.jsonl = None
+        self.args = args
         self.tb = None
         self.bar = None
+        self.jsonl_path = os.path.join(args.output_dir, LOG_FILE)
         if not self.enabled:
             return
         os.makedirs(args.output_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(args.output_dir, LOG_FILE), "a" if resume else "w",
-                          encoding="utf-8")
-        if "tensorboard" in args.report_to:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=args.logging_dir)
-        if not args.disable_tqdm:
+        if not resume:
+            open(self.jsonl_path, "w", encoding="utf-8").close()
+        if not args.disable_tqdm and total_steps:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, leave=True)
 
@@ -50,8 +48,11 @@ class MetricsLogger:
             return
         line = {k: _jsonable(v) for k, v in record.items()}
         line.setdefault("step", step)
-        self.jsonl.write(json.dumps(line) + "\n")
-        self.jsonl.flush()
+        with open(self.jsonl_path, "a", encoding="utf-8") as f:  # a few lines per logging step
+            f.write(json.dumps(line) + "\n")
+        if self.tb is None and "tensorboard" in self.args.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=self.args.logging_dir)
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
@@ -72,9 +73,6 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
-        if self.jsonl is not None:
-            self.jsonl.close()
-            self.jsonl = None
 
 
 def read_log_history(output_dir: str) -> list[dict]:

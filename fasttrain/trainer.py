@@ -66,6 +66,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.callback_handler = CallbackHandler(callbacks, self.model, self.processing_class,
                                                 self.optimizer, self.lr_scheduler)
         self._stop_signal = None
+        self._logger = None
         self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
 
     # ------------------------------------------------------------------ callbacks
@@ -337,6 +338,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             self._epoch, self._micro_done = epoch, 0
             self._event("on_epoch_end")
             self._maybe_log_save_evaluate(epoch_end=True)
+            if control.should_training_stop:
+                break
 
     def _maybe_log_save_evaluate(self, epoch_end: bool):
         args, st, control = self.args, self.state, self.control
@@ -399,8 +402,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         record = {**logs, "step": st.global_step}
         st.log_history.append(record)
         self._event("on_log", logs=logs)
-        if getattr(self, "_logger", None) is not None:
-            self._logger.log(record, st.global_step)
+        if self._logger is None:  # evaluate()/predict() outside train(): append to the run's log
+            self._logger = MetricsLogger(self.args, self.dist.is_main, 0, resume=True)
+        self._logger.log(record, st.global_step)
 
     def _mean_logged_loss(self) -> float:
         losses = [r["loss"] for r in self.state.log_history if "loss" in r and isinstance(r["loss"], float)]

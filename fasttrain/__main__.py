@@ -1,0 +1,4 @@
+import sys
+from fasttrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,228 @@
+"""The `fasttrain` command: train, sample, bench, report.
+
+`fasttrain train` with no arguments trains the built-in GPT on this Python's standard
+library sources (byte-level tokens) and prints a summary. Every TrainingArguments field is
+a flag (`--learning_rate 1e-3`, `--bf16`/`--no-bf16`) or a key of `--config file.yaml|json`;
+flags win over the file, the file over the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import typing
+
+from fasttrain.training_args import TrainingArguments
+
+# The default job: a few hundred steps, a few minutes on 2 CPU cores.
+DEFAULT_JOB = dict(
+    max_steps=300, per_device_train_batch_size=16, per_device_eval_batch_size=32,
+    learning_rate=2e-3, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=20,
+    logging_steps=25, eval_strategy="steps", eval_steps=100, save_strategy="steps",
+    save_steps=300, save_total_limit=2, max_grad_norm=1.0, adam_beta2=0.95,
+    report_to=["jsonl", "tensorboard"], dataloader_drop_last=True,
+)
+
+
+def _field_parser(tp: str):
+    tp = tp.replace("typing.", "")
+    if "bool" in tp:
+        return None
+    if "list" in tp or "Union[str, list" in tp:
+        return lambda s: s.split(",")
+    if "dict" in tp:
+        return json.loads
+    if "int" in tp and "float" not in tp:
+        return int
+    if "float" in tp:
+        return float
+    return str
+
+
+def add_training_argument_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TrainingArguments (HF names; see the HF Trainer docs)")
+    for f in dataclasses.fields(TrainingArguments):
+        tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        conv = _field_parser(tp)
+        flag = f"--{f.name}"
+        if conv is None:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            group.add_argument(flag, type=conv, default=argparse.SUPPRESS, metavar=f.name.upper())
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise SystemExit(f"--config {path!r}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path!r} must hold a mapping of TrainingArguments fields")
+    return values
+
+
+# ---------------------------------------------------------------- train
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train the built-in GPT (default: on the Python stdlib sources)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML or JSON file of TrainingArguments fields")
+    p.add_argument("--name", help="run name; output goes to runs/<name>/ (default: a timestamp)")
+    p.add_argument("--data", help="a folder of text files or a .bin token file (default: stdlib sources)")
+    p.add_argument("--val-data", help="validation .bin token file (default: a held-out split)")
+    p.add_argument("--model-size", default="tiny", help="built-in GPT size: tiny, small, gpt2")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training window")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="processes per node; >1 relaunches this command under torchrun")
+    p.add_argument("--nnodes", default="1", help="torchrun --nnodes (with --rdzv-endpoint for several)")
+    p.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous")
+    add_training_argument_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def build_training_args(ns: argparse.Namespace, output_dir: str) -> TrainingArguments:
+    values = dict(DEFAULT_JOB, output_dir=output_dir)
+    if ns.config:
+        values.update(load_config_file(ns.config))
+    field_names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    values.update({k: v for k, v in vars(ns).items() if k in field_names})
+    return TrainingArguments.from_dict(values)
+
+
+def _datasets(ns, seq_len: int):
+    from fasttrain import data
+    if ns.data is None:
+        train_path, val_path = data.default_corpus()
+    elif os.path.isdir(ns.data):
+        train_path = os.path.join(data.cache_dir(), f"{os.path.basename(os.path.abspath(ns.data))}.bin")
+        data.build_token_file(data.text_files_in(ns.data), train_path)
+        val_path = None
+    else:
+        train_path, val_path = ns.data, None
+    val_path = ns.val_data or val_path
+    train = data.TokenDataset(train_path, seq_len)
+    val = data.TokenDataset(val_path, seq_len, max_windows=64) if val_path else None
+    return train, val
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    if ns.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        from fasttrain.distributed.launch import relaunch_with_torchrun
+        return relaunch_with_torchrun(ns.nproc_per_node, ns.nnodes, ns.rdzv_endpoint, sys.argv[1:])
+    import torch
+    from fasttrain import Trainer
+    from fasttrain.models import GPT, GPTConfig, MODEL_SIZES
+    if ns.model_size not in MODEL_SIZES:
+        raise SystemExit(f"--model-size {ns.model_size!r} is unknown; choose one of {sorted(MODEL_SIZES)}")
+    name = ns.name or time.strftime("gpt-%Y%m%d-%H%M%S")
+    args = build_training_args(ns, os.path.join("runs", name))
+    train_ds, eval_ds = _datasets(ns, ns.seq_len)
+    if eval_ds is None:
+        args.eval_strategy = "no"
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig(**{**MODEL_SIZES[ns.model_size], "block_size": ns.seq_len})
+    model = GPT(cfg)
+    trainer = Trainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds)
+    start = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    trainer.save_model(args.output_dir)
+    wall = time.perf_counter() - start
+    if trainer.dist.is_main:
+        _print_summary(trainer, out, eval_loss, wall, cfg, model)
+    return 0
+
+
+def _print_summary(trainer, out, eval_loss, wall, cfg, model) -> None:
+    history = [r for r in trainer.state.log_history if "loss" in r]
+    final_loss = history[-1]["loss"] if history else float("nan")
+    tps = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
+    rows = [
+        ("model", f"GPT {cfg.n_layer}L {cfg.n_embd}d, {model.num_parameters() / 1e6:.2f}M params"),
+        ("steps", str(out.global_step)),
+        ("final train loss", f"{final_loss:.4f} (byte-entropy start is about 5.5)"),
+        ("final eval loss", f"{eval_loss:.4f}" if eval_loss is not None else "n/a"),
+        ("tokens/s", f"{(sum(tps) / len(tps)) if tps else 0:,.0f}"),
+        ("wall time", f"{wall:.1f} s"),
+        ("saved to", trainer.args.output_dir),
+        ("try", f"fasttrain sample --checkpoint {trainer.args.output_dir} --prompt 'def '"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n== fasttrain train: summary ==")
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+
+
+# ---------------------------------------------------------------- sample
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a trained built-in GPT")
+    p.add_argument("--checkpoint", required=True, help="a run dir or checkpoint-<step> dir")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(ns: argparse.Namespace) -> int:
+    import torch
+    from fasttrain import checkpoint as ckpt
+    from fasttrain.models import GPT, GPTConfig
+    config_path = os.path.join(ns.checkpoint, "config.json")
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"{ns.checkpoint!r} has no config.json: pass a run directory or a "
+                         "checkpoint-<step> directory written by `fasttrain train`")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.pop("model_type", None) != "fasttrain-gpt":
+        raise SystemExit(f"{config_path!r} does not describe a fasttrain built-in GPT")
+    model = GPT(GPTConfig(**config))
+    ckpt.load_model_weights(model, ns.checkpoint)
+    model.eval()
+    ids = torch.tensor([list(ns.prompt.encode("utf-8"))], dtype=torch.long)
+    if ids.numel() == 0:
+        raise SystemExit("--prompt must not be empty")
+    g = torch.Generator().manual_seed(ns.seed)
+    out = model.generate(ids, ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k, generator=g)
+    print(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
+    return 0
+
+
+# ---------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fasttrain", description="A performance-first PyTorch trainer.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _sample_parser(sub)
+    for module in ("fasttrain.bench", "fasttrain.report"):
+        try:
+            __import__(module, fromlist=["register"]).register(sub)
+        except ImportError:
+            pass
+    return parser
+
+
+def main(argv: typing.Optional[list] = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return ns.func(ns) or 0
+    except ValueError as e:
+        print(f"fasttrain {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

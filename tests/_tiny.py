@@ -1,0 +1,22 @@
+"""Tiny deterministic models and datasets shared by the trainer tests."""
+import torch
+
+from fasttrain.models import GPT, GPTConfig
+
+
+def tiny_gpt(seed: int = 0, dropout: float = 0.0, n_layer: int = 2, block_size: int = 32) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=64, block_size=block_size, n_layer=n_layer, n_head=2,
+                         n_embd=32, dropout=dropout))
+
+
+def token_examples(n: int, seq_len: int = 16, vocab: int = 64, seed: int = 1, ragged: bool = False):
+    """A list of {'input_ids', 'labels'} examples; with ragged=True lengths vary and the
+    collator pads labels with -100."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(4, seq_len + 1, (1,), generator=g)) if ragged else seq_len
+        ids = torch.randint(0, vocab, (length,), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
