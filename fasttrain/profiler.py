@@ -30,11 +30,12 @@ from time import perf_counter
 import torch
 
 from fasttrain.flops import FlopsPerToken, device_name_of, dtype_key, peak_flops, user_flops_per_token
-from fasttrain.flops import flops_per_token_for  # noqa: F401  (re-exported for the trainer)
+from fasttrain.flops import flops_per_token_for
 from fasttrain.nvml import GIB
 from fasttrain.profiler_output import (TraceWindow, cuda_snapshot_supported, dump_memory_snapshot,
                                        format_summary)
 from fasttrain.profiler_sampler import HardwareSampler, peak_rss_bytes, rss_bytes
+from fasttrain.profiler_timing import CudaTimer, HostTimer, Stats
 
 HOST_PHASES = ("data",)  # timed on the host clock even on a GPU: the work is host work
 
@@ -73,64 +74,35 @@ class ProfilerConfig:
             raise ValueError(f"ProfilerConfig.max_recorded_steps={self.max_recorded_steps!r}: must be >= 1")
 
 
-class _HostTimer:
-    def mark(self):
-        return perf_counter()
-
-    def elapsed_s(self, a, b) -> float:
-        return b - a
-
-    def ready(self, mark) -> bool:
-        return True
-
-
-class _CudaTimer:
-    """CUDA events on the current stream; a pool avoids creating events every step."""
-
-    def __init__(self):
-        self._pool: list = []
-
-    def mark(self):
-        event = self._pool.pop() if self._pool else torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def elapsed_s(self, a, b) -> float:
-        return a.elapsed_time(b) / 1e3
-
-    def ready(self, mark) -> bool:
-        return mark.query()  # non-blocking
-
-    def release(self, marks) -> None:
-        self._pool.extend(marks)
+def trace_steps_from_string(spec: str | None) -> tuple[int, int] | None:
+    """TrainingArguments.profiler_trace_steps 'START:END' (0-based, END excluded, like a
+    slice of step indices) -> ProfilerConfig.trace_steps (first, last), 1-based inclusive."""
+    if spec is None:
+        return None
+    try:
+        start, end = (int(x) for x in str(spec).split(":"))
+    except ValueError:
+        raise ValueError(f"profiler_trace_steps={spec!r}: expected 'START:END', e.g. '10:12'") from None
+    if not 0 <= start < end:
+        raise ValueError(f"profiler_trace_steps={spec!r}: needs 0 <= START < END")
+    return (start + 1, end)
 
 
-class _Stats:
-    """Sums over measured steps (a window, or the whole run)."""
-
-    def __init__(self, maxlen: int | None = None):
-        self.step_s: deque = deque(maxlen=maxlen)
-        self.n = 0
-        self.time_s = self.host_s = self.data_s = 0.0
-        self.tokens = self.samples = 0
-        self.phases: dict[str, float] = {}
-
-    def add(self, step_s, host_s, data_s, tokens, samples, phases) -> None:
-        self.step_s.append(step_s)
-        self.n += 1
-        self.time_s += step_s
-        self.host_s += host_s
-        self.data_s += data_s
-        self.tokens += tokens
-        self.samples += samples
-        for name, seconds in phases.items():
-            self.phases[name] = self.phases.get(name, 0.0) + seconds
-
-    def percentile(self, q: float) -> float | None:
-        if not self.step_s:
-            return None
-        ordered = sorted(self.step_s)
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+def profiler_from_args(args, model: torch.nn.Module, device: torch.device, num_devices: int = 1,
+                       rank: int = 0, seq_len: int | None = None) -> "Profiler":
+    """Build the Trainer's Profiler from TrainingArguments (profile, profile_warmup_steps,
+    profiler_trace_steps, flops_per_token, peak_tflops, bf16/fp16, output_dir)."""
+    config = ProfilerConfig(
+        enabled=getattr(args, "profile", True),
+        warmup_steps=getattr(args, "profile_warmup_steps", 3),
+        trace_steps=trace_steps_from_string(getattr(args, "profiler_trace_steps", None)),
+        peak_tflops=getattr(args, "peak_tflops", None))
+    user_fpt = getattr(args, "flops_per_token", None)
+    fpt = user_flops_per_token(user_fpt) if user_fpt else flops_per_token_for(model, seq_len)
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) else (
+        torch.float16 if getattr(args, "fp16", False) else torch.float32)
+    return Profiler(config, device, num_devices=num_devices, flops_per_token=fpt, dtype=dtype,
+                    output_dir=args.output_dir, rank=rank)
 
 
 class _Phase:
@@ -169,11 +141,11 @@ class Profiler:
         self.step = 0
         self.compile_time_s: float | None = None
         self.oom_snapshot: str | None = None
-        self._timer = _CudaTimer() if self.device.type == "cuda" else _HostTimer()
+        self._timer = CudaTimer() if self.device.type == "cuda" else HostTimer()
         self._pending: deque = deque()
         self._current = None
         self._open: dict[str, tuple] = {}
-        self._window, self._run = _Stats(), _Stats(self.config.max_recorded_steps)
+        self._window, self._run = Stats(), Stats(self.config.max_recorded_steps)
         self._excluded = 0
         self._trace = self._build_trace()
         self._sampler = None
@@ -264,11 +236,11 @@ class Profiler:
             step_s = self._timer.elapsed_s(begin, end)
             for stats in (self._window, self._run):
                 stats.add(step_s, host_s, data_s, tokens, samples, per_phase)
-        if isinstance(self._timer, _CudaTimer):
+        if isinstance(self._timer, CudaTimer):
             self._timer.release([begin, end] + [m for _, a, b in phases for m in (a, b)])
 
     def _drain(self) -> None:
-        if self._pending and isinstance(self._timer, _CudaTimer):
+        if self._pending and isinstance(self._timer, CudaTimer):
             self._pending[-1][1].synchronize()  # sync: logging step (or end of run) only
         while self._pending:
             self._resolve(self._pending.popleft())
@@ -278,7 +250,7 @@ class Profiler:
         self.compile_time_s = (self.compile_time_s or 0.0) + float(seconds)
 
     # ---------------------------------------------------------------- logging steps
-    def _throughput(self, stats: _Stats) -> dict[str, float]:
+    def _throughput(self, stats: Stats) -> dict[str, float]:
         if stats.n == 0 or stats.time_s <= 0:
             return {}
         tps = stats.tokens / stats.time_s
@@ -310,7 +282,7 @@ class Profiler:
         if not self.config.enabled:
             return {}
         self._drain()
-        window, self._window = self._window, _Stats()
+        window, self._window = self._window, Stats()
         out = self._throughput(window)
         if window.n:
             out["step_time_p50"] = window.percentile(0.5)

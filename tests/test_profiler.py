@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fasttrain.profiler as profiler_mod
-import fasttrain.profiler_output as output_mod
+import fasttrain.profiler_timing as timing_mod
 from fasttrain.flops import flops_per_token_for
 from fasttrain.models import GPT, GPTConfig
 from fasttrain.profiler import Profiler, ProfilerConfig
@@ -26,6 +26,7 @@ class Clock:
 def clock(monkeypatch):
     c = Clock()
     monkeypatch.setattr(profiler_mod, "perf_counter", c)
+    monkeypatch.setattr(timing_mod, "perf_counter", c)
     return c
 
 
@@ -230,4 +231,26 @@ def test_cuda_events_path_and_peak_and_real_oom_snapshot(tmp_path):
         with prof.oom_guard():
             torch.empty(1 << 50, dtype=torch.uint8, device=device)
     assert (tmp_path / "profiler" / "oom_snapshot_rank0.pickle").stat().st_size > 0
+    prof.close()
+
+
+def test_profiler_from_training_args(tmp_path):
+    from types import SimpleNamespace
+
+    from fasttrain.profiler import profiler_from_args, trace_steps_from_string
+    assert trace_steps_from_string("10:12") == (11, 12) and trace_steps_from_string(None) is None
+    with pytest.raises(ValueError, match="START:END"):
+        trace_steps_from_string("10-12")
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    args = SimpleNamespace(profile=True, profile_warmup_steps=4, profiler_trace_steps="0:2",
+                           flops_per_token=None, peak_tflops=0.5, bf16=True, fp16=False,
+                           output_dir=str(tmp_path))
+    prof = profiler_from_args(args, model, torch.device("cpu"), num_devices=2, seq_len=16)
+    assert prof.config.warmup_steps == 4 and prof.config.trace_steps == (1, 2)
+    assert prof.dtype == "bf16" and prof.num_devices == 2 and prof.peak_flops() == 0.5e12
+    assert prof.flops_per_token.value == flops_per_token_for(model, seq_len=16).value
+    prof.close()
+    args.flops_per_token, args.profile = 123.0, False
+    prof = profiler_from_args(args, model, torch.device("cpu"))
+    assert prof.flops_per_token.value == 123.0 and not prof.config.enabled
     prof.close()
