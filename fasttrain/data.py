@@ -189,6 +189,8 @@ def default_data_collator(features: list) -> dict:
     batch = {}
     for key in first:
         values = [f[key] for f in features]
+        if key in ("label", "label_ids"):  # HF datasets' column names for the targets
+            key = "labels"
         if isinstance(values[0], str) or values[0] is None:
             continue
         tensors = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for v in values]

@@ -176,7 +176,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
     def _fused_loss(self, model, inputs):
         if not self.args.fused_loss or self._is_builtin(model):
             return None
-        from fasttrain.loss import fused_causal_lm_loss
+        try:
+            from fasttrain.loss import fused_causal_lm_loss
+        except ImportError:
+            return None
         return fused_causal_lm_loss(model, inputs)
 
     @staticmethod
