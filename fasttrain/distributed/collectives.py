@@ -67,9 +67,9 @@ def _pad_to(tensor: torch.Tensor, shape: list[int], pad_value: float) -> torch.T
 def _gather_padded(tensor: torch.Tensor, shape: list[int], pad_value: float, group) -> torch.Tensor:
     """All-gather `tensor` padded to `shape`; returns (world, *shape)."""
     padded = _pad_to(tensor, shape, pad_value)
-    out = padded.new_empty((_world_size(group), *shape))
-    dist.all_gather_into_tensor(out, padded, group=group)
-    return out
+    parts = [torch.empty_like(padded) for _ in range(_world_size(group))]
+    dist.all_gather(parts, padded, group=group)
+    return torch.stack(parts)
 
 
 def _max_shapes(leaves: list[torch.Tensor], group) -> list[list[int]]:

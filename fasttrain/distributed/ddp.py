@@ -53,22 +53,30 @@ class _Bucket:
 
 @dataclass
 class CommStats:
-    """What the last synchronising backward communicated (for tests and benchmarks)."""
+    """What the last synchronising backward communicated (for tests and benchmarks).
 
-    launch_order: list[int] = field(default_factory=list)
+    A launch is "early" when at least one gradient of the backward was still to come: the
+    all-reduce then overlaps the remaining gradient computation.
+    """
+
+    launch_order: list[int] = field(default_factory=list)  # bucket indices, as launched
     launch_bytes: list[int] = field(default_factory=list)
     launch_times: list[float] = field(default_factory=list)  # time.perf_counter()
-    launched_in_backward: list[bool] = field(default_factory=list)
+    launch_grads_seen: list[int] = field(default_factory=list)  # gradients ready at launch
+    ready_order: list[int] = field(default_factory=list)  # buckets, as they became complete
+    grads_seen: int = 0  # gradients that became ready in this backward
     backward_end_time: float = 0.0
 
     def reset(self) -> None:
-        for values in (self.launch_order, self.launch_bytes, self.launch_times, self.launched_in_backward):
+        for values in (self.launch_order, self.launch_bytes, self.launch_times,
+                       self.launch_grads_seen, self.ready_order):
             values.clear()
+        self.grads_seen = 0
 
     @property
-    def fraction_bytes_before_backward_end(self) -> float:
+    def fraction_bytes_launched_early(self) -> float:
         total = sum(self.launch_bytes)
-        early = sum(b for b, early in zip(self.launch_bytes, self.launched_in_backward) if early)
+        early = sum(b for b, seen in zip(self.launch_bytes, self.launch_grads_seen) if seen < self.grads_seen)
         return early / total if total else 0.0
 
 
@@ -208,7 +216,6 @@ class BucketedDDP(nn.Module):
         self._next_launch = 0
         self._works: list[tuple[int, Any]] = []
         self._finalizer_queued = False
-        self._in_finalizer = False
         self._unused_from_graph: list[int] = []
         if not hasattr(self, "_used"):
             self._used = [False] * len(self._params)
@@ -230,6 +237,7 @@ class BucketedDDP(nn.Module):
         if self._recording:
             self._first_ready.append(index)
         self._used[index] = True
+        self.stats.grads_seen += 1
         if not self._sync_this_backward:
             return
         if self._ready[index]:
@@ -248,6 +256,8 @@ class BucketedDDP(nn.Module):
         self._ready[index] = True
         bucket = self._bucket_of[index]
         self._pending[bucket] -= 1
+        if self._pending[bucket] == 0:
+            self.stats.ready_order.append(bucket)
         while self._next_launch < len(self._buckets) and self._pending[self._next_launch] == 0:
             self._launch(self._next_launch)
             self._next_launch += 1
@@ -268,7 +278,7 @@ class BucketedDDP(nn.Module):
         self.stats.launch_order.append(b)
         self.stats.launch_bytes.append(bucket.comm_nbytes)
         self.stats.launch_times.append(time.perf_counter())
-        self.stats.launched_in_backward.append(not self._in_finalizer)
+        self.stats.launch_grads_seen.append(self.stats.grads_seen)
 
     def _comm_error(self, b: int, error: Exception) -> RuntimeError:
         return RuntimeError(
@@ -290,16 +300,18 @@ class BucketedDDP(nn.Module):
                 bucket.flat.copy_(bucket.comm)
 
     def _finalize_backward(self) -> None:
-        self._in_finalizer = True
         try:
             self._recording = False
             if self._sync_this_backward:
-                self._finish_sync()
-                self._maybe_rebuild()
+                error = self._finish_sync()
+                self._maybe_rebuild()  # before raising: every rank must issue its broadcast
+                if error:
+                    raise RuntimeError(error)
         finally:
             self._reset_backward_state()
 
-    def _finish_sync(self) -> None:
+    def _finish_sync(self) -> str:
+        """Launch what is left, wait for everything; returns an error message or ""."""
         self.stats.backward_end_time = time.perf_counter()
         missing = [i for i, ready in enumerate(self._ready) if not ready]
         for index in missing:  # their local gradient is whatever the buffer holds (0 if unused)
@@ -310,9 +322,9 @@ class BucketedDDP(nn.Module):
             used_work = dist.all_reduce(used, group=self.process_group, async_op=True)
         self._wait_all()
         self._used = [False] * len(self._params)
-        if missing and not self.find_unused_parameters:
+        if missing and not self.find_unused_parameters:  # reported after the wait: peers never hang
             names = ", ".join(self._names[i] for i in missing[:20])
-            raise RuntimeError(
+            return (
                 f"BucketedDDP: rank {self.rank}: parameters received no gradient in this backward: "
                 f"{names}{' ...' if len(missing) > 20 else ''}. Pass find_unused_parameters=True "
                 "if they are unused on purpose, or set requires_grad=False on them"
@@ -321,6 +333,7 @@ class BucketedDDP(nn.Module):
             used_work.wait()
             for index in (used == 0).nonzero().flatten().tolist():  # sync: find_unused_parameters only
                 self._params[index].grad = None  # unused on every rank: no update, as in torch DDP
+        return ""
 
 
 def _trainable_parameters(module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
