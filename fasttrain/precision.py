@@ -1,0 +1,463 @@
+"""Mixed precision: the autocast policy, fasttrain's dynamic loss scaler, bf16 parameters.
+
+- `autocast_context(device_type, bf16, fp16)`: the forward's autocast; the loss is computed
+  in fp32 outside it (see docs/precision.md).
+- `DynamicLossScaler`: torch.amp.GradScaler's interface and, with hysteresis=1 and no clamp
+  reached, its exact scale sequence; plus hysteresis, min/max clamps, a skipped-step count and
+  divergence detection. All state lives on the device; nothing syncs on a training step when
+  the optimizer skips on a device flag (FusedAdamW, torch's fused Adam/AdamW).
+- `unscale_and_check_`: one fused pass over all gradients (Triton on CUDA, the compiled op or
+  torch's foreach kernel on CPU).
+- `cast_floating_params_`: bf16 weights for FusedAdamW(master_weights=True).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import defaultdict
+from typing import Any, Iterable, Optional
+
+import torch
+
+_READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The fp16 loss scale sits at its floor and gradients still overflow."""
+
+
+# ----------------------------------------------------------------------------- policy
+def needs_loss_scaler(bf16: bool, fp16: bool) -> bool:
+    """True for fp16 only: bf16 has fp32's exponent range, so its gradients do not underflow."""
+    _check_precision_flags(bf16, fp16)
+    return bool(fp16)
+
+
+def _check_precision_flags(bf16: bool, fp16: bool) -> None:
+    if bf16 and fp16:
+        raise ValueError("bf16=True and fp16=True are both set; choose one: bf16 (no loss "
+                         "scaling needed, preferred on Ampere/Hopper) or fp16 (with loss scaling)")
+
+
+def autocast_context(device_type, bf16: bool, fp16: bool) -> contextlib.AbstractContextManager:
+    """Autocast for the forward pass: bf16 or fp16 compute, or a no-op for fp32.
+
+    device_type: "cuda" or "cpu" (a torch.device is accepted). Compute the loss outside
+    this context, in fp32 (docs/precision.md).
+    """
+    _check_precision_flags(bf16, fp16)
+    device_type = getattr(device_type, "type", device_type)
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"autocast_context: device_type={device_type!r} is not supported; "
+                         "use 'cuda' or 'cpu'")
+    if not (bf16 or fp16):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if bf16 else torch.float16)
+
+
+def cast_floating_params_(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
+    """Cast every floating-point parameter of `model` to `dtype` in place; returns `model`.
+
+    Call before building the optimizer: FusedAdamW(master_weights=True) then keeps an fp32
+    master copy of each one. Buffers (e.g. rotary tables) keep their dtype.
+    """
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"cast_floating_params_: dtype={dtype} is not a training dtype; "
+                         "use torch.bfloat16, torch.float16 or torch.float32")
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            raise ValueError(f"cast_floating_params_: parameter {name!r} already has a gradient; "
+                             "cast the model before the first backward and before building "
+                             "the optimizer")
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    return model
+
+
+# ----------------------------------------------------------------------------- unscale
+def unscale_and_check_(grads: list[torch.Tensor], inv_scale: Optional[torch.Tensor],
+                       found_inf: torch.Tensor, backend: str = "auto") -> None:
+    """grads *= inv_scale in place (skipped when inv_scale is None) and found_inf = 1.0 if
+    any gradient holds an inf/NaN; never clears found_inf. All on found_inf's device.
+
+    backend: "auto" (Triton on CUDA, else the compiled op / torch), or force "triton"
+    (tests run it on CPU tensors under TRITON_INTERPRET=1), "ops" or "torch".
+    """
+    if backend not in ("auto", "triton", "ops", "torch"):
+        raise ValueError(f"backend={backend!r}; use 'auto', 'triton', 'ops' or 'torch'")
+    if backend == "auto":
+        backend = "triton" if found_inf.device.type == "cuda" else "ops"
+    strided = [g for g in grads if not g.is_contiguous()]
+    grads = [g for g in grads if g.is_contiguous()]
+    if backend == "triton" and grads:
+        from fasttrain.kernels.unscale import unscale_and_check_ as triton_unscale_
+        triton_unscale_(grads, inv_scale, found_inf)
+        grads = []
+    if backend == "ops" and grads:
+        try:
+            from fasttrain import _ops
+        except ImportError:  # the compiled-ops loader is optional
+            strided += grads
+        else:
+            _ops.unscale_and_check_(grads, _or_one(inv_scale, found_inf), found_inf)
+        grads = []
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+    for g in strided + grads:
+        by_dtype[g.dtype].append(g)
+    for group in by_dtype.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf,
+                                                         _or_one(inv_scale, found_inf))
+
+
+def _or_one(inv_scale, like):
+    # Check only: the Triton kernel skips the writes; the other paths multiply by one.
+    return torch.ones_like(like) if inv_scale is None else inv_scale
+
+
+def _step_params(step_fn) -> frozenset:
+    try:
+        return frozenset(inspect.signature(step_fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+# ----------------------------------------------------------------------------- the scaler
+class DynamicLossScaler:
+    """Dynamic loss scaling for fp16, a drop-in for `torch.amp.GradScaler`.
+
+    Per `update()`: an overflow (inf/NaN gradient) skips the step, resets the growth tracker
+    and spends one unit of the hysteresis budget; once the budget is spent the scale is
+    multiplied by `backoff_factor` (floored at `min_scale`). After `growth_interval`
+    consecutive clean steps the scale is multiplied by `growth_factor` (capped at
+    `max_scale`, kept if not finite) and the hysteresis budget refilled (Megatron's rule).
+    Divergence: `max_overflows_at_min_scale` overflows while the scale already sits at
+    `min_scale`, with no growth in between; `check_divergence()` then raises.
+
+    State (scale, trackers, skipped-step count, found_inf) is device tensors, created on the
+    device of the first `scale()`d tensor. Nothing syncs except `get_scale()`,
+    `check_divergence()`, `state_dict()` and `step()` with an optimizer that cannot skip on
+    a device flag.
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000, hysteresis: int = 1,
+                 min_scale: float = 1.0, max_scale: float = 2.0**24, enabled: bool = True, *,
+                 max_overflows_at_min_scale: int = 5):
+        self._enabled = bool(enabled)
+        self._config = {"growth_factor": float(growth_factor),
+                        "backoff_factor": float(backoff_factor),
+                        "growth_interval": int(growth_interval), "hysteresis": int(hysteresis),
+                        "min_scale": float(min_scale), "max_scale": float(max_scale),
+                        "max_overflows_at_min_scale": int(max_overflows_at_min_scale)}
+        self._validate(self._config, float(init_scale))
+        # Host copy of the state until the first scale() picks the device.
+        self._host_state = {"scale": float(init_scale), "_growth_tracker": 0,
+                            "_hysteresis_tracker": int(hysteresis), "_skipped_steps": 0,
+                            "_overflows_at_min_scale": 0}
+        self._state: Optional[dict[str, torch.Tensor]] = None
+        self._per_optimizer: dict[int, dict[str, Any]] = {}
+        self._last_found_inf: Optional[torch.Tensor] = None
+        self._unscale_backend = "auto"  # tests force "triton" to run the kernel on CPU
+
+    @staticmethod
+    def _validate(cfg: dict, scale: float) -> None:
+        checks = [
+            ("growth_factor", cfg["growth_factor"] > 1.0, "must be > 1.0, e.g. 2.0"),
+            ("backoff_factor", 0.0 < cfg["backoff_factor"] < 1.0, "must be in (0, 1), e.g. 0.5"),
+            ("growth_interval", cfg["growth_interval"] >= 1, "must be >= 1, e.g. 2000"),
+            ("hysteresis", cfg["hysteresis"] >= 1, "must be >= 1 (1 = back off on every overflow)"),
+            ("min_scale", 0.0 < cfg["min_scale"] <= cfg["max_scale"],
+             "must be > 0 and <= max_scale, e.g. 1.0"),
+            ("max_overflows_at_min_scale", cfg["max_overflows_at_min_scale"] >= 1, "must be >= 1"),
+            ("init_scale", cfg["min_scale"] <= scale <= cfg["max_scale"],
+             f"must lie in [min_scale, max_scale] = [{cfg['min_scale']}, {cfg['max_scale']}]"),
+        ]
+        for name, ok, hint in checks:
+            if not ok:
+                value = scale if name == "init_scale" else cfg[name]
+                raise ValueError(f"DynamicLossScaler: {name}={value!r} {hint}")
+
+    # ------------------------------------------------------------------ state
+    def _lazy_init(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            h = self._host_state
+            self._state = {
+                "scale": torch.full((), h["scale"], dtype=torch.float32, device=device),
+                "growth": torch.full((), h["_growth_tracker"], dtype=torch.int32, device=device),
+                "hysteresis": torch.full((), h["_hysteresis_tracker"], dtype=torch.int32,
+                                         device=device),
+                "skipped": torch.full((), h["_skipped_steps"], dtype=torch.int64, device=device),
+                "at_min": torch.full((), h["_overflows_at_min_scale"], dtype=torch.int32,
+                                     device=device),
+            }
+        return self._state
+
+    def _require_state(self, method: str) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            raise RuntimeError(f"DynamicLossScaler.{method}() called before scale(): call "
+                               "scaler.scale(loss).backward() first in each iteration")
+        return self._state
+
+    def _opt_state(self, optimizer) -> dict[str, Any]:
+        return self._per_optimizer.setdefault(id(optimizer), {"stage": _READY, "found_inf": None})
+
+    # ------------------------------------------------------------------ GradScaler API
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def scale(self, outputs):
+        """outputs * scale (a tensor, or a list/tuple/iterable of tensors)."""
+        if not self._enabled:
+            return outputs
+        if isinstance(outputs, torch.Tensor):
+            scale = self._lazy_init(outputs.device)["scale"]
+            return outputs * scale.to(outputs.device, non_blocking=True)
+        if isinstance(outputs, (list, tuple)):
+            return type(outputs)(self.scale(o) for o in outputs)
+        if isinstance(outputs, Iterable):
+            return map(self.scale, outputs)
+        raise ValueError(f"scale() takes a tensor or an iterable of tensors, got {type(outputs)}")
+
+    def unscale_(self, optimizer) -> None:
+        """Divide the optimizer's gradients by the scale in place (one fused pass) and record
+        whether any is inf/NaN. Call at most once per optimizer between updates."""
+        if not self._enabled:
+            return
+        state = self._require_state("unscale_")
+        opt = self._opt_state(optimizer)
+        if opt["stage"] == _UNSCALED:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the "
+                               "last update()")
+        if opt["stage"] == _STEPPED:
+            raise RuntimeError("unscale_() is being called after step(); call it before step()")
+        # Reciprocal in fp64 as GradScaler does: exact for every power-of-two scale.
+        inv_scale = state["scale"].double().reciprocal().float()
+        opt["found_inf"] = self._check_grads(optimizer, inv_scale)
+        opt["stage"] = _UNSCALED
+
+    def _check_grads(self, optimizer, inv_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        scale = self._require_state("unscale_")["scale"]
+        per_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is None:
+                        continue
+                    if param.grad.is_sparse:
+                        param.grad = param.grad.coalesce()
+                        per_device[param.grad.device].append(param.grad._values())
+                    else:
+                        per_device[param.grad.device].append(param.grad)
+            found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
+            for device, grads in per_device.items():
+                found = torch.zeros((), dtype=torch.float32, device=device)
+                inv = None if inv_scale is None else inv_scale.to(device, non_blocking=True)
+                unscale_and_check_(grads, inv, found, backend=self._unscale_backend)
+                found_inf = torch.maximum(found_inf, found.to(scale.device, non_blocking=True))
+        return found_inf
+
+    def step(self, optimizer, *args, found_inf: Optional[torch.Tensor] = None, **kwargs):
+        """Unscale (unless `unscale_` ran) and step, skipped when any gradient is inf/NaN.
+
+        found_inf: an extra device flag (e.g. a non-finite loss) that also skips the step and
+        counts as an overflow. Optimizers with `_step_supports_amp_scaling` get the flag (and
+        the scale, when the gradients are still scaled) and skip on the device; any other
+        optimizer costs one host sync. Other args go to `optimizer.step`.
+        """
+        if "closure" in kwargs:
+            raise RuntimeError("closures are not supported with loss scaling; compute the "
+                               "loss and backward before scaler.step(optimizer)")
+        if not self._enabled:
+            return self._optimizer_step(optimizer, None, found_inf, args, kwargs)
+        state = self._require_state("step")
+        opt = self._opt_state(optimizer)
+        if opt["stage"] == _STEPPED:
+            raise RuntimeError("step() has already been called since the last update()")
+        grad_scale = None
+        if opt["stage"] == _READY:
+            if "grad_scale" in self._amp_interface(optimizer):
+                # The optimizer divides by the scale itself: only check, write nothing.
+                opt["found_inf"] = self._check_grads(optimizer, None)
+                grad_scale = state["scale"]
+            else:
+                self.unscale_(optimizer)
+        if found_inf is not None:
+            extra = found_inf.detach().reshape(()).float().to(state["scale"].device)
+            opt["found_inf"] = torch.maximum(opt["found_inf"], (extra != 0).float())
+        retval = self._optimizer_step(optimizer, grad_scale, opt["found_inf"], args, kwargs)
+        opt["stage"] = _STEPPED
+        return retval
+
+    @staticmethod
+    def _amp_interface(optimizer) -> frozenset:
+        """How the optimizer takes grad_scale/found_inf: {'kwargs', 'grad_scale'?} for
+        fasttrain's FusedAdamW, {'attrs', 'grad_scale'} for torch's fused optimizers, {}."""
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return frozenset()
+        params = _step_params(optimizer.step)
+        if "found_inf" in params:
+            return frozenset({"kwargs"} | ({"grad_scale"} & params))
+        return frozenset({"attrs", "grad_scale"})
+
+    def _optimizer_step(self, optimizer, grad_scale, found_inf, args, kwargs):
+        interface = self._amp_interface(optimizer)
+        if found_inf is None:
+            return optimizer.step(*args, **kwargs)
+        if "kwargs" in interface:
+            extra = {"grad_scale": grad_scale} if grad_scale is not None else {}
+            return optimizer.step(*args, found_inf=found_inf, **extra, **kwargs)
+        if "attrs" in interface:
+            optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
+            try:
+                return optimizer.step(*args, **kwargs)
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
+        if found_inf.item() == 0:  # sync: optimizer cannot skip on a device flag
+            return optimizer.step(*args, **kwargs)
+        return None
+
+    def update(self, new_scale=None) -> None:
+        """Advance the scale from this iteration's overflow flags, on the device, no sync.
+
+        new_scale (float or 1-element tensor): set the scale instead (trackers unchanged).
+        """
+        if not self._enabled:
+            return
+        state = self._require_state("update")
+        if new_scale is not None:
+            if isinstance(new_scale, torch.Tensor):
+                if new_scale.numel() != 1 or new_scale.requires_grad:
+                    raise ValueError("update(new_scale): a tensor must have one element and "
+                                     "requires_grad=False")
+                state["scale"].copy_(new_scale.detach().reshape(()))
+            else:
+                state["scale"].fill_(float(new_scale))
+        else:
+            flags = [o["found_inf"] for o in self._per_optimizer.values()
+                     if o["found_inf"] is not None]
+            if not flags:
+                raise RuntimeError("update() found no overflow check: call scaler.step("
+                                   "optimizer) (or unscale_) before update()")
+            found_inf = flags[0]
+            for flag in flags[1:]:
+                found_inf = torch.maximum(found_inf, flag)
+            self._update_scale(state, found_inf > 0)
+            self._last_found_inf = found_inf
+        self._per_optimizer = {}
+
+    def _update_scale(self, state: dict[str, torch.Tensor], found: torch.Tensor) -> None:
+        cfg = self._config
+        scale = state["scale"]
+        at_min = scale <= cfg["min_scale"]
+        hysteresis = torch.where(found, state["hysteresis"] - 1, state["hysteresis"])
+        backoff = found & (hysteresis <= 0)
+        growth = torch.where(found, torch.zeros_like(state["growth"]), state["growth"] + 1)
+        grow = growth >= cfg["growth_interval"]
+        # fp64 products rounded to fp32, as torch._amp_update_scale_ computes them.
+        grown = (scale.double() * cfg["growth_factor"]).float()
+        grown = torch.where(torch.isfinite(grown), grown.clamp(max=cfg["max_scale"]), scale)
+        shrunk = (scale.double() * cfg["backoff_factor"]).float().clamp(min=cfg["min_scale"])
+        new_scale = torch.where(backoff, shrunk, torch.where(grow, grown, scale))
+        state["at_min"].copy_(torch.where(grow, 0, state["at_min"] + (found & at_min).int()))
+        state["hysteresis"].copy_(torch.where(grow, cfg["hysteresis"], hysteresis.clamp(min=0)))
+        state["growth"].copy_(torch.where(grow, 0, growth))
+        state["skipped"].add_(found.long())
+        scale.copy_(new_scale)
+
+    def get_scale(self) -> float:
+        """The current scale as a Python float (1.0 when disabled)."""
+        if not self._enabled:
+            return 1.0
+        if self._state is None:
+            return self._host_state["scale"]
+        return float(self._state["scale"].item())  # sync: logging / checkpoint only
+
+    # ------------------------------------------------------------------ device-side readouts
+    def found_inf_flag(self) -> Optional[torch.Tensor]:
+        """0-d fp32 device tensor, 1.0 when this iteration's step is (or was) skipped.
+
+        Between unscale_/step and update(): the flags recorded so far; after update(): the
+        flag update() consumed. None before the first check or when disabled. The trainer
+        advances its device-side LR-schedule counter by `1 - found_inf_flag()`.
+        """
+        flags = [o["found_inf"] for o in self._per_optimizer.values() if o["found_inf"] is not None]
+        if not flags:
+            return self._last_found_inf
+        found_inf = flags[0]
+        for flag in flags[1:]:
+            found_inf = torch.maximum(found_inf, flag)
+        return found_inf
+
+    def log_state(self) -> dict[str, torch.Tensor]:
+        """Device tensors for logging steps: {"loss_scale", "skipped_steps"}; read them
+        (a sync) only when logging. Empty when disabled or before the first scale()."""
+        if not self._enabled or self._state is None:
+            return {}
+        return {"loss_scale": self._state["scale"], "skipped_steps": self._state["skipped"]}
+
+    def diverged(self) -> Optional[torch.Tensor]:
+        """0-d bool device tensor: the divergence condition of check_divergence()."""
+        if not self._enabled or self._state is None:
+            return None
+        return self._state["at_min"] >= self._config["max_overflows_at_min_scale"]
+
+    def check_divergence(self) -> None:
+        """Raise TrainingDivergedError if gradients keep overflowing at min_scale.
+
+        One host sync: call it on logging steps and before saving a checkpoint. Overflowing
+        steps were all skipped, so the weights are those of the last clean step.
+        """
+        flag = self.diverged()
+        if flag is None or not bool(flag.item()):  # sync: logging / checkpoint steps only
+            return
+        cfg = self._config
+        raise TrainingDivergedError(
+            f"training diverged: the fp16 loss scale is at its floor min_scale={cfg['min_scale']} "
+            f"and gradients still contained inf/NaN on {cfg['max_overflows_at_min_scale']} "
+            "steps with no recovery in between (those steps were skipped; the weights are from "
+            "the last clean step). Lower the learning rate, enable gradient clipping, check "
+            "the data for bad values, or train in bf16 instead of fp16.")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Python scalars: GradScaler's five keys plus fasttrain's. Syncs once."""
+        if not self._enabled:
+            return {}
+        if self._state is None:
+            values = dict(self._host_state)
+        else:
+            s = self._state
+            packed = torch.stack([s["scale"].double(), s["growth"].double(),
+                                  s["hysteresis"].double(), s["skipped"].double(),
+                                  s["at_min"].double()]).tolist()  # sync: checkpoint only
+            keys = ("scale", "_growth_tracker", "_hysteresis_tracker", "_skipped_steps",
+                    "_overflows_at_min_scale")
+            values = {k: (v if k == "scale" else int(v)) for k, v in zip(keys, packed)}
+        return {**values, **self._config}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from `state_dict()`, or from a torch.amp.GradScaler state dict (the
+        fasttrain-only entries then keep this scaler's settings and fresh trackers)."""
+        if not self._enabled:
+            return
+        if not state_dict:
+            raise RuntimeError("the scaler state dict is empty: it was saved from a disabled "
+                               "scaler (fp16=False); resume with the same precision setting")
+        missing = [k for k in ("scale", "growth_factor", "backoff_factor", "growth_interval",
+                               "_growth_tracker") if k not in state_dict]
+        if missing:
+            raise KeyError(f"scaler state dict lacks {missing}: not a DynamicLossScaler or "
+                           "GradScaler state dict")
+        cfg = {k: type(v)(state_dict.get(k, v)) for k, v in self._config.items()}
+        self._validate(cfg, float(state_dict["scale"]))
+        self._config = cfg
+        host = {"scale": float(state_dict["scale"]),
+                "_growth_tracker": int(state_dict["_growth_tracker"]),
+                "_hysteresis_tracker": int(state_dict.get("_hysteresis_tracker",
+                                                          cfg["hysteresis"])),
+                "_skipped_steps": int(state_dict.get("_skipped_steps", 0)),
+                "_overflows_at_min_scale": int(state_dict.get("_overflows_at_min_scale", 0))}
+        self._host_state = host
+        if self._state is not None:
+            device, self._state = self._state["scale"].device, None
+            self._lazy_init(device)
