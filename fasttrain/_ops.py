@@ -195,6 +195,6 @@ def unscale_and_check_(grads: Tensors, inv_scale: torch.Tensor, found_inf: torch
 def grad_norm(tensors: Tensors, norm_type: float = 2.0) -> torch.Tensor:
     """Global `norm_type`-norm (2.0, inf, or any p > 0) over all tensors as a 0-d fp32 tensor."""
     tensors = list(tensors)
-    if available():
+    if available() and tensors:  # an empty list gives the dispatcher no device to pick
         return torch.ops.fasttrain.grad_norm(tensors, float(norm_type))
     return reference_grad_norm(tensors, norm_type)

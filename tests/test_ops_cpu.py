@@ -1,0 +1,314 @@
+"""The compiled CPU ops (csrc/cpu) against PyTorch: torch.optim.AdamW over many steps, the
+AMP unscale op, torch.linalg.vector_norm; opcheck on every op; bad inputs; the build itself.
+
+The library comes from CI's `scripts/build_ops.sh` (via `scripts/setup.sh test`); if it is
+missing the module builds it once.
+"""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain import _ops
+
+ops = torch.ops.fasttrain
+# Odd sizes, a 0-d-like scalar, and tensors spanning several 32768-element chunks with tails.
+SHAPES = [(257, 131), (1,), (70001,), (3, 5, 7), (33, 2049)]
+# torch's own fp16/bf16 CPU conversions are slow here: smaller set, still crossing chunks.
+LOW_SHAPES = [(67, 131), (1,), (40001,), (3, 5, 7)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BETAS, EPS = (0.9, 0.95), 1e-8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_library():
+    if os.environ.get("FASTTRAIN_DISABLE_OPS", "0") not in ("", "0"):
+        pytest.skip("FASTTRAIN_DISABLE_OPS is set: the compiled ops are switched off")
+    if not _ops.DEFAULT_LIBRARY_PATH.is_file() and "FASTTRAIN_OPS_LIB" not in os.environ:
+        subprocess.run(["bash", str(_ops.REPO_ROOT / "scripts" / "build_ops.sh")], check=True)
+        _ops._loaded = None
+    assert _ops.available(), "the ops library did not load; see the fasttrain.ops debug log"
+
+
+def test_library_is_built_from_this_tree():
+    info = _ops.build_info()
+    assert Path(info["source_dir"]).resolve() == _ops.REPO_ROOT
+    assert info["torch"] == torch.__version__
+    lib_time = Path(_ops.library_path()).stat().st_mtime
+    newest = max(p.stat().st_mtime for p in (_ops.REPO_ROOT / "csrc").rglob("*") if p.is_file())
+    assert lib_time >= newest, "library older than csrc/: rerun bash scripts/build_ops.sh"
+
+
+# ----------------------------------------------------------------------------- AdamW
+def make_state(shapes, dtype, master: bool, moment_dtype=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    moment_dtype = moment_dtype or (torch.float32 if master else dtype)
+    return {
+        "params": params,
+        "exp_avgs": [torch.zeros(s, dtype=moment_dtype) for s in shapes],
+        "exp_avg_sqs": [torch.zeros(s, dtype=moment_dtype) for s in shapes],
+        "master_params": [p.float() for p in params] if master else [],
+        "state_steps": [torch.zeros(()) for _ in shapes],
+    }
+
+
+def fused_step(state, grads, lr, wd, grad_scale=None, found_inf=None):
+    ops.adamw_(state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"],
+               state["master_params"], state["state_steps"], torch.tensor(lr), *BETAS, wd, EPS,
+               grad_scale, found_inf)
+
+
+def torch_adamw(params, wd, **impl):
+    leaves = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    return leaves, torch.optim.AdamW(leaves, lr=1.0, betas=BETAS, eps=EPS, weight_decay=wd, **impl)
+
+
+def grads_for(shapes, step, dtype):
+    gen = torch.Generator().manual_seed(1000 + step)
+    # mixed magnitudes so v spans orders of magnitude, and a few exact zeros
+    return [(torch.randn(s, generator=gen) * 10.0 ** (i % 3 - 2)).clamp_(-3, 3).to(dtype)
+            for i, s in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adamw_fp32_matches_torch_over_many_steps(wd):
+    state = make_state(SHAPES, torch.float32, master=False)
+    leaves, opt = torch_adamw(state["params"], wd, foreach=False)
+    for step in range(40):
+        lr = 1e-2 * (0.97 ** step)  # a schedule: lr changes every step
+        grads = grads_for(SHAPES, step, torch.float32)
+        for leaf, g in zip(leaves, grads):
+            leaf.grad = g.clone()
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        fused_step(state, grads, lr, wd)
+    for ours, ref in zip(state["params"], leaves):
+        # fp32 op order (FMA contraction) differs from torch's: a few ulp per step, 40 steps
+        torch.testing.assert_close(ours, ref.detach(), rtol=2e-5, atol=2e-6)
+    for ours, ref in zip(state["exp_avg_sqs"], leaves):
+        torch.testing.assert_close(ours, opt.state[ref]["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+    assert all(s.item() == 40.0 for s in state["state_steps"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adamw_master_weights_track_fp32_adamw(dtype, wd):
+    """Low-precision params + fp32 masters: the master follows fp32 AdamW fed the same
+    (low-precision) grads, and every param is exactly its master rounded to nearest."""
+    state = make_state(LOW_SHAPES, dtype, master=True)
+    leaves, opt = torch_adamw(state["master_params"], wd, foreach=False)
+    for step in range(30):
+        grads = grads_for(LOW_SHAPES, step, dtype)
+        for leaf, g in zip(leaves, grads):
+            leaf.grad = g.float()
+        opt.param_groups[0]["lr"] = 1e-3
+        opt.step()
+        fused_step(state, grads, 1e-3, wd)
+    for param, master, ref in zip(state["params"], state["master_params"], leaves):
+        torch.testing.assert_close(master, ref.detach(), rtol=2e-5, atol=2e-6)
+        assert param.dtype == dtype
+        assert torch.equal(param, master.to(dtype)), "param must be the master rounded to nearest"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adamw_low_precision_without_master_no_worse_than_torch(dtype):
+    """No masters: fp32 math, rounded to the storage dtype every step. Compare errors, not
+    values: against an fp32 trajectory, ours may drift at most as far as torch's fused AdamW
+    (which also does fp32 math on low-precision storage), plus a rounding step."""
+    state = make_state(LOW_SHAPES, dtype, master=False)
+    gold, gold_opt = torch_adamw([p.float() for p in state["params"]], 0.1, foreach=False)
+    peer, peer_opt = torch_adamw(state["params"], 0.1, fused=True)
+    for step in range(15):
+        grads = grads_for(LOW_SHAPES, step, dtype)
+        for leaves, o in ((gold, gold_opt), (peer, peer_opt)):
+            for leaf, g in zip(leaves, grads):
+                leaf.grad = g.to(leaf.dtype)
+            o.param_groups[0]["lr"] = 1e-3
+            o.step()
+        fused_step(state, grads, 1e-3, 0.1)
+    for ours, theirs, ref in zip(state["params"], peer, gold):
+        ulp = torch.finfo(dtype).eps * ref.detach().abs().max()
+        our_err = (ours.float() - ref.detach()).abs().max()
+        peer_err = (theirs.detach().float() - ref.detach()).abs().max()
+        assert our_err <= peer_err + ulp, (our_err, peer_err)
+
+
+def test_adamw_grad_scale_divides_and_leaves_grads_alone():
+    plain, scaled = make_state(SHAPES, torch.float32, False), make_state(SHAPES, torch.float32, False)
+    for step in range(5):
+        grads = grads_for(SHAPES, step, torch.float32)
+        big = [g * 1024.0 for g in grads]  # exact: power of two
+        before = [g.clone() for g in big]
+        fused_step(plain, grads, 1e-2, 0.1)
+        fused_step(scaled, big, 1e-2, 0.1, grad_scale=torch.tensor([1024.0]))
+        assert all(torch.equal(a, b) for a, b in zip(big, before)), "grads were modified"
+    for a, b in zip(plain["params"], scaled["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_adamw_found_inf_skips_everything(master):
+    state = make_state(LOW_SHAPES, torch.bfloat16 if master else torch.float32, master)
+    fused_step(state, grads_for(LOW_SHAPES, 0, state["params"][0].dtype), 1e-2, 0.1)
+    snapshot = {k: [t.clone() for t in v] for k, v in state.items()}
+    bad = grads_for(LOW_SHAPES, 1, state["params"][0].dtype)
+    bad[2][7] = float("inf")
+    fused_step(state, bad, 1e-2, 0.1, grad_scale=torch.tensor(4.0), found_inf=torch.ones(1))
+    for key, tensors in state.items():
+        for now, then in zip(tensors, snapshot[key]):
+            assert torch.equal(now, then), f"{key} changed on a skipped step"
+    fused_step(state, bad, 1e-2, 0.1, found_inf=torch.zeros(1))  # zero: a normal step
+    assert all(s.item() == 2.0 for s in state["state_steps"])
+
+
+def test_adamw_wrapper_matches_reference_with_mixed_dtypes():
+    """The public wrapper (float lr) against the exported fp32 reference, bf16 grads into fp32
+    params, fp32 moments: the combination the FusedAdamW bf16-autocast path produces."""
+    ours = make_state(LOW_SHAPES, torch.float32, False)
+    ref = make_state(LOW_SHAPES, torch.float32, False)
+    for step in range(10):
+        grads = grads_for(LOW_SHAPES, step, torch.bfloat16)
+        for state, update in ((ours, _ops.fused_adamw_), (ref, _ops.reference_adamw_)):
+            update(state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], [],
+                   state["state_steps"], 3e-3, *BETAS, 0.05, EPS)
+    for a, b in zip(ours["params"], ref["params"]):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- unscale + norm
+def grad_list(dtypes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(d) for s, d in zip(SHAPES, dtypes)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("poison", [None, float("inf"), float("-inf"), float("nan")])
+def test_unscale_and_check_matches_torch_amp(dtype, poison):
+    ours = grad_list([dtype] * len(SHAPES))
+    if poison is not None:
+        ours[2][65540] = poison  # in the third chunk of a multi-chunk tensor
+    ref = [g.clone() for g in ours]
+    found, ref_found = torch.zeros(1), torch.zeros(1)
+    inv_scale = torch.tensor([1.0 / 3000.0])  # not a power of two: rounding is exercised
+    ops.unscale_and_check_(ours, inv_scale, found)
+    torch._amp_foreach_non_finite_check_and_unscale_(ref, ref_found, inv_scale)
+    assert found.item() == ref_found.item() == (0.0 if poison is None else 1.0)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_unscale_never_clears_found_inf():
+    found = torch.ones(1)
+    ops.unscale_and_check_(grad_list([torch.float32] * len(SHAPES)), torch.tensor(0.5), found)
+    assert found.item() == 1.0
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.0, 3.0])
+def test_grad_norm_matches_vector_norm_over_mixed_dtypes(norm_type):
+    tensors = grad_list([torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16])
+    ours = ops.grad_norm(tensors, norm_type)
+    flat = torch.cat([t.float().flatten() for t in tensors]).double()
+    ref = torch.linalg.vector_norm(flat, norm_type).float()
+    assert ours.shape == () and ours.dtype == torch.float32
+    # fp32 accumulation of ~170k terms: a few ulp of relative error (pow adds a little for p=3)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+
+
+def test_grad_norm_propagates_non_finite_and_is_thread_count_independent():
+    tensors = grad_list([torch.float32] * len(SHAPES))
+    torch.set_num_threads(1)
+    one = ops.grad_norm(tensors, 2.0)
+    torch.set_num_threads(2)
+    assert torch.equal(one, ops.grad_norm(tensors, 2.0)), "norm depends on the thread count"
+    tensors[2][40000] = float("inf")
+    assert ops.grad_norm(tensors, 2.0).item() == float("inf")
+    assert ops.grad_norm(tensors, float("inf")).item() == float("inf")
+    tensors[4][0, 5] = float("nan")
+    assert ops.grad_norm(tensors, 2.0).isnan() and ops.grad_norm(tensors, float("inf")).isnan()
+    assert _ops.grad_norm([]).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- contracts
+def adamw_args(shapes=((5, 3), (7,)), master=False):
+    s = make_state(shapes, torch.bfloat16 if master else torch.float32, master)
+    grads = [torch.randn(sh) for sh in shapes]
+    return [s["params"], grads, s["exp_avgs"], s["exp_avg_sqs"], s["master_params"],
+            s["state_steps"], torch.tensor(1e-3), 0.9, 0.999, 0.01, 1e-8]
+
+
+@pytest.mark.parametrize("extras", [(None, None), (torch.tensor(8.0), torch.zeros(1))])
+@pytest.mark.parametrize("master", [False, True])
+def test_opcheck_adamw(master, extras):
+    torch.library.opcheck(ops.adamw_.default, (*adamw_args(master=master), *extras))
+
+
+def test_opcheck_unscale_and_grad_norm():
+    grads = grad_list([torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32])
+    torch.library.opcheck(ops.unscale_and_check_.default, ([g.clone() for g in grads],
+                                                           torch.tensor(0.25), torch.zeros(1)))
+    for norm_type in (2.0, float("inf")):
+        torch.library.opcheck(ops.grad_norm.default, (grads, norm_type))
+
+
+def test_ops_trace_under_torch_compile_fullgraph():
+    def step(params, grads, exp_avgs, exp_avg_sqs, steps, lr):
+        norm = ops.grad_norm(grads, 2.0)
+        ops.adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr, 0.9, 0.999, 0.0, 1e-8,
+                   None, None)
+        return norm
+
+    eager, compiled = adamw_args(), adamw_args()
+    compiled_step = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for args in (eager, compiled):
+        args[1] = [g.clone() for g in eager[1]]
+    norm_eager = step(*eager[:4], eager[5], eager[6])
+    norm_compiled = compiled_step(*compiled[:4], compiled[5], compiled[6])
+    torch.testing.assert_close(norm_compiled, norm_eager, rtol=0, atol=0)
+    for a, b in zip(eager[0], compiled[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _mutated(index, fn):
+    args = adamw_args()
+    args[index] = fn(args[index])
+    return args
+
+
+BAD_ADAMW = {
+    "grads has 1 tensors but params has 2": lambda: _mutated(1, lambda g: g[:1]),
+    r"exp_avgs\[1\] has shape \[8\] but params\[1\] has shape \[7\]":
+        lambda: _mutated(2, lambda m: [m[0], torch.zeros(8)]),
+    r"grads\[0\] has dtype Double": lambda: _mutated(1, lambda g: [g[0].double(), g[1]]),
+    r"params\[0\] has dtype Int": lambda: _mutated(0, lambda p: [p[0].int(), p[1]]),
+    r"exp_avg_sqs\[0\] is not contiguous":
+        lambda: _mutated(3, lambda v: [torch.zeros(3, 5).t(), v[1]]),
+    r"master_params\[0\] has dtype BFloat16":
+        lambda: _mutated(4, lambda _: [torch.zeros(5, 3).bfloat16(), torch.zeros(7).bfloat16()]),
+    "master_params has 1 tensors": lambda: _mutated(4, lambda _: [torch.zeros(5, 3)]),
+    r"state_steps\[1\] must be a one-element float32":
+        lambda: _mutated(5, lambda s: [s[0], torch.zeros((), dtype=torch.int64)]),
+    "lr must be a one-element float32": lambda: _mutated(6, lambda _: torch.tensor([1e-3, 1.0])),
+    r"betas must lie in \[0, 1\)": lambda: _mutated(8, lambda _: 1.5),
+}
+
+
+@pytest.mark.parametrize("message", list(BAD_ADAMW))
+def test_adamw_bad_inputs_are_named(message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.adamw_(*BAD_ADAMW[message](), None, None)
+
+
+def test_grad_ops_bad_inputs_are_named():
+    with pytest.raises(RuntimeError, match=r"norm_type must be a positive number or inf"):
+        ops.grad_norm([torch.ones(3)], 0.0)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has dtype Long"):
+        ops.grad_norm([torch.ones(3), torch.ones(3, dtype=torch.long)], 2.0)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is not contiguous"):
+        ops.unscale_and_check_([torch.ones(4, 3).t()], torch.tensor(1.0), torch.zeros(1))
+    with pytest.raises(RuntimeError, match=r"found_inf must be a one-element float32"):
+        ops.unscale_and_check_([torch.ones(3)], torch.tensor(1.0), torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"adamw_: grad_scale must be a one-element float32"):
+        ops.adamw_(*adamw_args(), torch.tensor(2.0, dtype=torch.float64), None)
