@@ -81,7 +81,8 @@ def init_distributed(
         raise ValueError(f"timeout_s must be positive seconds, got {timeout_s!r}")
     world_size = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
     if world_size <= 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         return DistributedState(0, 0, 1, 1, device, None)
     missing = [name for name in _REQUIRED_ENV if name not in os.environ]
     if missing:
