@@ -60,6 +60,7 @@ def report():
 def test_discovers_the_kernels(report):
     kernels = report["kernels"]
     assert "_cross_entropy_kernel" in kernels["fasttrain.kernels.cross_entropy"]
+    assert "_adamw_kernel" in kernels["fasttrain.kernels.adamw"]
 
 
 def test_specs_are_well_formed(report):
