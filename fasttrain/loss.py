@@ -1,0 +1,109 @@
+"""The causal-LM loss of a HuggingFace model without materialising its logits.
+
+`fused_causal_lm_loss(model, inputs)` runs the model's base (decoder) to the final hidden
+states, then `fasttrain.kernels.linear_cross_entropy` with the output embedding's weight
+(and bias), with transformers' label shift (labels padded with ignore_index on the right and
+shifted left by one; or `shift_labels` from the batch when given). It returns the summed
+loss over valid tokens and their count, the two numbers the Trainer's token-normalised
+accumulation needs; the model's own mean loss equals sum / count.
+
+It returns None, and the Trainer falls back to the model's own forward, whenever it cannot
+reproduce the model's loss exactly: no labels, no nn.Linear output embedding, a loss other
+than ForCausalLMLoss, logit soft-capping or scaling in the config or the forward, a
+mixture-of-experts auxiliary loss, or `logits_to_keep` in the batch.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fasttrain.kernels import linear_cross_entropy
+
+# Config fields that change the logits between the hidden states and the loss.
+_LOGIT_CONFIG_FIELDS = ("final_logit_softcapping", "logit_softcapping", "logit_scale",
+                        "logits_scaling", "output_multiplier_scale", "output_logits_scale")
+# Words in a forward's source showing it post-processes the logits or adds to the loss.
+_FORWARD_RED_FLAGS = ("softcap", "logit_scale", "logits_scaling", "output_multiplier",
+                      "aux_loss", "router_logits", "logits_processor")
+_NOT_MODEL_INPUTS = ("labels", "shift_labels", "num_items_in_batch")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_is_plain(model_cls: type) -> bool:
+    try:
+        src = inspect.getsource(model_cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "self.loss_function(" in src and not any(w in src for w in _FORWARD_RED_FLAGS)
+
+
+def _why_not(model, inputs) -> Optional[str]:
+    """The reason the fused loss does not apply, or None when it does."""
+    if inputs.get("labels") is None and inputs.get("shift_labels") is None:
+        return "the batch has no labels"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return "the model has no nn.Linear output embedding"
+    if getattr(getattr(model, "loss_function", None), "__name__", "") != "ForCausalLMLoss":
+        return "the model's loss is not transformers' ForCausalLMLoss"
+    config = getattr(model, "config", None)
+    for field in _LOGIT_CONFIG_FIELDS:
+        value = getattr(config, field, None)
+        if value not in (None, 0, 0.0, 1, 1.0):
+            return f"config.{field}={value} changes the logits"
+    if getattr(config, "output_router_logits", False):
+        return "a mixture-of-experts auxiliary loss is added to the LM loss"
+    if inputs.get("logits_to_keep", 0) not in (0, None):
+        return "logits_to_keep slices the hidden states"
+    if not _forward_is_plain(type(model)):
+        return "the model's forward post-processes logits or adds to the loss"
+    if _base_model(model) is None:
+        return "the base model (model.base_model_prefix) was not found"
+    return None
+
+
+def _base_model(model):
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return base if isinstance(base, torch.nn.Module) and base is not model else None
+
+
+def _shifted_labels(inputs, ignore_index):
+    if inputs.get("shift_labels") is not None:
+        return inputs["shift_labels"]
+    labels = F.pad(inputs["labels"], (0, 1), value=ignore_index)
+    return labels[..., 1:]
+
+
+def fused_causal_lm_loss(model, inputs: dict, ignore_index: int = -100
+                         ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(summed fp32 loss over valid tokens, count of valid tokens) as 0-d tensors, or None
+    when the fused path cannot reproduce `model(**inputs).loss` (see the module docstring).
+    """
+    if _why_not(model, inputs) is not None:
+        return None
+    model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+    outputs = _base_model(model)(**model_inputs, return_dict=True)
+    hidden = outputs.last_hidden_state  # (B, T, H)
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # the head's matmul would run in this dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        weight = weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    hidden = hidden.to(weight.dtype)
+    target = _shifted_labels(inputs, ignore_index).to(hidden.device)
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                target.reshape(-1), bias, ignore_index=ignore_index,
+                                reduction="sum")
+    count = (target != ignore_index).sum()
+    return loss, count
+
+
+def fused_loss_unavailable_reason(model, inputs: dict) -> Optional[str]:
+    """Why `fused_causal_lm_loss` would return None for this model and batch (for logs)."""
+    return _why_not(model, inputs)
