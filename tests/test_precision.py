@@ -38,8 +38,8 @@ def _model(seed=0):
 
 def _backward(model, scaler, bad=None):
     """Scaled backward of a fixed batch; `bad` puts that value into one gradient."""
-    x = torch.linspace(-1, 1, 32).reshape(4, 8)
-    scaler.scale(model(x).pow(2).mean()).backward()
+    x = torch.linspace(-1, 1, 32).reshape(4, 8).to(next(model.parameters()).dtype)
+    scaler.scale(model(x).float().pow(2).mean()).backward()
     if bad is not None:
         model[2].weight.grad[0, 3] = bad
 
@@ -172,9 +172,25 @@ def _adamw_state(opt):
     return {k: v.clone() for st in opt.state.values() for k, v in st.items()}
 
 
-def test_overflow_skips_fused_adamw_without_host_sync(monkeypatch):
+def _fused_adamw(model, master=False):
+    from fasttrain.optim import FusedAdamW
+
+    if master:
+        cast_floating_params_(model, torch.bfloat16)
+    return FusedAdamW(model.parameters(), lr=1e-2, master_weights=master)
+
+
+OPTIMIZERS = {
+    "torch-fused-adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True),
+    "fasttrain-fused-adamw": _fused_adamw,
+    "fasttrain-bf16-master-weights": lambda m: _fused_adamw(m, master=True),
+}
+
+
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_overflow_skips_fused_optimizer_without_host_sync(monkeypatch, make_opt):
     model = _model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    opt = make_opt(model)
     scaler = DynamicLossScaler(init_scale=2.0**8)
     _iteration(model, opt, scaler)
     params = [p.detach().clone() for p in model.parameters()]
