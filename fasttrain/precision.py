@@ -20,6 +20,10 @@ from typing import Any, Iterable, Optional
 import torch
 
 _READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
+# The scaler's device state; the names are also its state_dict keys (GradScaler's first two).
+_STATE_DTYPES = {"scale": torch.float32, "_growth_tracker": torch.int32,
+                 "_hysteresis_tracker": torch.int32, "_skipped_steps": torch.int64,
+                 "_overflows_at_min_scale": torch.int32}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -180,16 +184,8 @@ class DynamicLossScaler:
     # ------------------------------------------------------------------ state
     def _lazy_init(self, device: torch.device) -> dict[str, torch.Tensor]:
         if self._state is None:
-            h = self._host_state
-            self._state = {
-                "scale": torch.full((), h["scale"], dtype=torch.float32, device=device),
-                "growth": torch.full((), h["_growth_tracker"], dtype=torch.int32, device=device),
-                "hysteresis": torch.full((), h["_hysteresis_tracker"], dtype=torch.int32,
-                                         device=device),
-                "skipped": torch.full((), h["_skipped_steps"], dtype=torch.int64, device=device),
-                "at_min": torch.full((), h["_overflows_at_min_scale"], dtype=torch.int32,
-                                     device=device),
-            }
+            self._state = {k: torch.full((), self._host_state[k], dtype=dtype, device=device)
+                           for k, dtype in _STATE_DTYPES.items()}
         return self._state
 
     def _require_state(self, method: str) -> dict[str, torch.Tensor]:
@@ -250,10 +246,12 @@ class DynamicLossScaler:
                         per_device[param.grad.device].append(param.grad)
             found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
             for device, grads in per_device.items():
-                found = torch.zeros((), dtype=torch.float32, device=device)
+                local = found_inf if device == scale.device else torch.zeros_like(found_inf,
+                                                                                   device=device)
                 inv = None if inv_scale is None else inv_scale.to(device, non_blocking=True)
-                unscale_and_check_(grads, inv, found, backend=self._unscale_backend)
-                found_inf = torch.maximum(found_inf, found.to(scale.device, non_blocking=True))
+                unscale_and_check_(grads, inv, local, backend=self._unscale_backend)
+                if local is not found_inf:  # model parallel: gradients on several devices
+                    found_inf = torch.maximum(found_inf, local.to(scale.device, non_blocking=True))
         return found_inf
 
     def step(self, optimizer, *args, found_inf: Optional[torch.Tensor] = None, **kwargs):
@@ -333,36 +331,39 @@ class DynamicLossScaler:
             else:
                 state["scale"].fill_(float(new_scale))
         else:
-            flags = [o["found_inf"] for o in self._per_optimizer.values()
-                     if o["found_inf"] is not None]
-            if not flags:
+            found_inf = self._combined_found_inf()
+            if found_inf is None:
                 raise RuntimeError("update() found no overflow check: call scaler.step("
                                    "optimizer) (or unscale_) before update()")
-            found_inf = flags[0]
-            for flag in flags[1:]:
-                found_inf = torch.maximum(found_inf, flag)
             self._update_scale(state, found_inf > 0)
             self._last_found_inf = found_inf
         self._per_optimizer = {}
 
+    def _combined_found_inf(self) -> Optional[torch.Tensor]:
+        found_inf = None
+        for opt in self._per_optimizer.values():
+            if opt["found_inf"] is not None:
+                found_inf = opt["found_inf"] if found_inf is None else torch.maximum(
+                    found_inf, opt["found_inf"])
+        return found_inf
+
     def _update_scale(self, state: dict[str, torch.Tensor], found: torch.Tensor) -> None:
-        cfg = self._config
-        scale = state["scale"]
-        at_min = scale <= cfg["min_scale"]
-        hysteresis = torch.where(found, state["hysteresis"] - 1, state["hysteresis"])
-        backoff = found & (hysteresis <= 0)
-        growth = torch.where(found, torch.zeros_like(state["growth"]), state["growth"] + 1)
-        grow = growth >= cfg["growth_interval"]
+        cfg, scale = self._config, state["scale"]
+        tracker, hysteresis = state["_growth_tracker"], state["_hysteresis_tracker"]
+        at_min = state["_overflows_at_min_scale"]
+        hyst_left = torch.where(found, hysteresis - 1, hysteresis)
+        backoff = found & (hyst_left <= 0)
+        clean_run = torch.where(found, torch.zeros_like(tracker), tracker + 1)
+        grow = clean_run >= cfg["growth_interval"]
         # fp64 products rounded to fp32, as torch._amp_update_scale_ computes them.
         grown = (scale.double() * cfg["growth_factor"]).float()
         grown = torch.where(torch.isfinite(grown), grown.clamp(max=cfg["max_scale"]), scale)
         shrunk = (scale.double() * cfg["backoff_factor"]).float().clamp(min=cfg["min_scale"])
-        new_scale = torch.where(backoff, shrunk, torch.where(grow, grown, scale))
-        state["at_min"].copy_(torch.where(grow, 0, state["at_min"] + (found & at_min).int()))
-        state["hysteresis"].copy_(torch.where(grow, cfg["hysteresis"], hysteresis.clamp(min=0)))
-        state["growth"].copy_(torch.where(grow, 0, growth))
-        state["skipped"].add_(found.long())
-        scale.copy_(new_scale)
+        at_min.copy_(torch.where(grow, 0, at_min + (found & (scale <= cfg["min_scale"])).int()))
+        hysteresis.copy_(torch.where(grow, cfg["hysteresis"], hyst_left.clamp(min=0)))
+        tracker.copy_(torch.where(grow, 0, clean_run))
+        state["_skipped_steps"].add_(found.long())
+        scale.copy_(torch.where(backoff, shrunk, torch.where(grow, grown, scale)))
 
     def get_scale(self) -> float:
         """The current scale as a Python float (1.0 when disabled)."""
@@ -380,26 +381,22 @@ class DynamicLossScaler:
         flag update() consumed. None before the first check or when disabled. The trainer
         advances its device-side LR-schedule counter by `1 - found_inf_flag()`.
         """
-        flags = [o["found_inf"] for o in self._per_optimizer.values() if o["found_inf"] is not None]
-        if not flags:
-            return self._last_found_inf
-        found_inf = flags[0]
-        for flag in flags[1:]:
-            found_inf = torch.maximum(found_inf, flag)
-        return found_inf
+        found_inf = self._combined_found_inf()
+        return self._last_found_inf if found_inf is None else found_inf
 
     def log_state(self) -> dict[str, torch.Tensor]:
         """Device tensors for logging steps: {"loss_scale", "skipped_steps"}; read them
         (a sync) only when logging. Empty when disabled or before the first scale()."""
         if not self._enabled or self._state is None:
             return {}
-        return {"loss_scale": self._state["scale"], "skipped_steps": self._state["skipped"]}
+        return {"loss_scale": self._state["scale"],
+                "skipped_steps": self._state["_skipped_steps"]}
 
     def diverged(self) -> Optional[torch.Tensor]:
         """0-d bool device tensor: the divergence condition of check_divergence()."""
         if not self._enabled or self._state is None:
             return None
-        return self._state["at_min"] >= self._config["max_overflows_at_min_scale"]
+        return self._state["_overflows_at_min_scale"] >= self._config["max_overflows_at_min_scale"]
 
     def check_divergence(self) -> None:
         """Raise TrainingDivergedError if gradients keep overflowing at min_scale.
@@ -423,16 +420,11 @@ class DynamicLossScaler:
         """Python scalars: GradScaler's five keys plus fasttrain's. Syncs once."""
         if not self._enabled:
             return {}
-        if self._state is None:
-            values = dict(self._host_state)
-        else:
-            s = self._state
-            packed = torch.stack([s["scale"].double(), s["growth"].double(),
-                                  s["hysteresis"].double(), s["skipped"].double(),
-                                  s["at_min"].double()]).tolist()  # sync: checkpoint only
-            keys = ("scale", "_growth_tracker", "_hysteresis_tracker", "_skipped_steps",
-                    "_overflows_at_min_scale")
-            values = {k: (v if k == "scale" else int(v)) for k, v in zip(keys, packed)}
+        values = dict(self._host_state)
+        if self._state is not None:
+            # sync: checkpoint only
+            packed = torch.stack([t.double() for t in self._state.values()]).tolist()
+            values = {k: (v if k == "scale" else int(v)) for k, v in zip(self._state, packed)}
         return {**values, **self._config}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -451,13 +443,10 @@ class DynamicLossScaler:
         cfg = {k: type(v)(state_dict.get(k, v)) for k, v in self._config.items()}
         self._validate(cfg, float(state_dict["scale"]))
         self._config = cfg
-        host = {"scale": float(state_dict["scale"]),
-                "_growth_tracker": int(state_dict["_growth_tracker"]),
-                "_hysteresis_tracker": int(state_dict.get("_hysteresis_tracker",
-                                                          cfg["hysteresis"])),
-                "_skipped_steps": int(state_dict.get("_skipped_steps", 0)),
-                "_overflows_at_min_scale": int(state_dict.get("_overflows_at_min_scale", 0))}
-        self._host_state = host
-        if self._state is not None:
-            device, self._state = self._state["scale"].device, None
-            self._lazy_init(device)
+        fresh = {"_hysteresis_tracker": cfg["hysteresis"], "_skipped_steps": 0,
+                 "_overflows_at_min_scale": 0}  # absent from a GradScaler state dict
+        self._host_state = {k: (float if k == "scale" else int)(state_dict.get(k, fresh.get(k)))
+                            for k in _STATE_DTYPES}
+        if self._state is not None:  # in place: tensors handed out by log_state() stay live
+            for key, tensor in self._state.items():
+                tensor.fill_(self._host_state[key])

@@ -88,7 +88,8 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"h{c['hysteresis']}-i{c['growth_interval']}")
+@pytest.mark.parametrize("cfg", CONFIGS,
+                         ids=lambda c: f"h{c['hysteresis']}-i{c['growth_interval']}")
 def test_update_matches_reference_rule(cfg):
     full = {"growth_factor": 2.0, "backoff_factor": 0.5, **cfg}
     scaler = DynamicLossScaler(init_scale=2.0**16, **full, max_overflows_at_min_scale=10**6)
@@ -298,9 +299,13 @@ def test_loads_a_gradscaler_state_dict():
     reference = torch.amp.GradScaler("cpu", init_scale=2.0**9, growth_interval=7)
     _drive(reference, [0, 0, 1, 0])
     scaler = DynamicLossScaler()
+    _drive(scaler, [1])
+    live = scaler.log_state()["loss_scale"]
     scaler.load_state_dict(reference.state_dict())
+    assert live.item() == 2.0**8  # loaded in place: tensors handed out stay current
     sd = scaler.state_dict()
     assert sd["scale"] == 2.0**8 and sd["growth_interval"] == 7 and sd["_growth_tracker"] == 1
+    assert sd["_skipped_steps"] == 0 and sd["_hysteresis_tracker"] == 1
 
 
 def test_found_inf_flag_and_log_state_are_device_tensors():
