@@ -79,6 +79,13 @@ class CommStats:
         early = sum(b for b, seen in zip(self.launch_bytes, self.launch_grads_seen) if seen < self.grads_seen)
         return early / total if total else 0.0
 
+    def fraction_bytes_launched_before_end(self, margin_s: float) -> float:
+        """Share of bytes launched at least `margin_s` seconds before backward ended."""
+        total = sum(self.launch_bytes)
+        cutoff = self.backward_end_time - margin_s
+        early = sum(b for b, t in zip(self.launch_bytes, self.launch_times) if t <= cutoff)
+        return early / total if total else 0.0
+
 
 class BucketedDDP(nn.Module):
     """Wrap `module` for data-parallel training; see the module docstring for the design.

@@ -51,14 +51,25 @@ def check_same_params(names: Sequence[str], params: Sequence[torch.Tensor], grou
         )
 
 
+_BROADCAST_CHUNK_BYTES = 256 * 2**20  # bounds the temporary copy for large models
+
+
 @torch.no_grad()
 def broadcast_from_rank0(tensors: Sequence[torch.Tensor], group=None) -> None:
-    """Overwrite every rank's tensors with rank 0's, one flat broadcast per dtype and device."""
+    """Overwrite every rank's tensors with rank 0's: flat broadcasts per dtype and device,
+    each at most ~256 MiB (plus one tensor) so wrapping a large model needs little memory."""
     src = 0 if group is None else dist.get_global_rank(group, 0)
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    groups: dict[tuple[torch.dtype, torch.device], list[list[torch.Tensor]]] = {}
+    filled: dict[tuple[torch.dtype, torch.device], int] = {}
     for tensor in tensors:
-        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
-    for members in groups.values():
+        key = (tensor.dtype, tensor.device)
+        chunks = groups.setdefault(key, [[]])
+        if filled.get(key, 0) >= _BROADCAST_CHUNK_BYTES:
+            chunks.append([])
+            filled[key] = 0
+        chunks[-1].append(tensor)
+        filled[key] = filled.get(key, 0) + tensor.numel() * tensor.element_size()
+    for members in (chunk for chunks in groups.values() for chunk in chunks):
         flat = torch.cat([t.detach().reshape(-1) for t in members])
         dist.broadcast(flat, src=src, group=group)
         offset = 0
