@@ -1,0 +1,76 @@
+"""The `fasttrain` command line: train, sample, config files, --help everywhere."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fasttrain.cli import build_parser, build_training_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, cwd, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "fasttrain", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"train", "sample"} <= set(sub.choices)
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert text.startswith("usage: fasttrain " + name), name
+
+
+def test_flags_override_config_file_which_overrides_defaults(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.01\nmax_steps: 7\nwarmup_steps: 2\n")
+    ns = build_parser().parse_args(["train", "--config", str(cfg), "--max_steps", "9", "--bf16"])
+    args = build_training_args(ns, str(tmp_path / "out"))
+    assert (args.learning_rate, args.max_steps, args.warmup_steps, args.bf16) == (0.01, 9, 2, True)
+    assert args.per_device_train_batch_size == 16  # the default job's value survives
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"learning_rat": 1.0}))
+    ns = build_parser().parse_args(["train", "--config", str(bad)])
+    with pytest.raises(ValueError, match="unknown field.*learning_rat"):
+        build_training_args(ns, str(tmp_path / "out"))
+
+
+def test_train_then_sample_on_a_text_folder(tmp_path):
+    text = tmp_path / "corpus"
+    text.mkdir()
+    for i in range(4):
+        (text / f"f{i}.py").write_text("def add(a, b):\n    return a + b\n" * 200)
+    r = _run(["train", "--data", str(text), "--name", "t", "--seq-len", "32", "--max_steps", "40",
+              "--logging_steps", "10", "--disable_tqdm", "--per_device_train_batch_size", "8"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "== fasttrain train: summary ==" in r.stdout and "steps" in r.stdout
+    run_dir = tmp_path / "runs" / "t"
+    with open(run_dir / "log_history.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    assert losses[-1] < 0.5 * losses[0]  # a repetitive corpus is learnt quickly
+    s = _run(["sample", "--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "40"], tmp_path)
+    assert s.returncode == 0, s.stderr
+    assert s.stdout.startswith("def ") and len(s.stdout) > 20
+
+
+def test_cli_reports_bad_values_without_a_traceback(tmp_path):
+    r = _run(["train", "--optim", "nope", "--max_steps", "1"], tmp_path)
+    assert r.returncode == 2 and "optim='nope' is invalid" in r.stderr and "Traceback" not in r.stderr
+    r = _run(["sample", "--checkpoint", str(tmp_path)], tmp_path)
+    assert r.returncode != 0 and "has no config.json" in r.stderr
+
+
+@pytest.mark.slow
+def test_default_job_finishes_and_learns(tmp_path):
+    """`fasttrain train` with no arguments (the README's first command), shortened only in steps."""
+    r = _run(["train", "--name", "d", "--max_steps", "60", "--eval_steps", "60", "--disable_tqdm"],
+             tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = r.stdout.split("== fasttrain train: summary ==")[1]
+    final = float(summary.split("final train loss")[1].split()[0])
+    assert final < 3.5  # from ~5.5 (uniform over bytes) after 60 steps
