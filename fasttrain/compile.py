@@ -177,6 +177,7 @@ def apply_compile(
         model.compile(**kwargs)
         logger.info("torch.compile: whole model, mode=%s, cache %s", mode, cache)
         return model
+    _warn_if_hf_kv_cache(model)
     n_blocks = 0
     for name in stacks:
         for block in model.get_submodule(name):
@@ -196,6 +197,17 @@ def _check_not_compiled(model: nn.Module) -> None:
             "model is already compiled (torch.compile or Module.compile was applied); pass "
             "the original eager model to apply_compile once"
         )
+
+
+def _warn_if_hf_kv_cache(model: nn.Module) -> None:
+    # HF decoders build a KV cache in training too when config.use_cache is True; each
+    # layer's cache update is guarded per layer, so every block compiles on its own.
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) is True:
+        logger.warning(
+            "%s.config.use_cache=True: in training the KV cache makes every block compile "
+            "separately (one recompile per layer, guard on past_key_values.layers[i]); set "
+            "model.config.use_cache = False for training", type(model).__name__)
 
 
 def _allow_one_entry_per_block(n_blocks: int) -> None:

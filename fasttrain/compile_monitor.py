@@ -12,11 +12,13 @@ middle of training makes the run quietly slower. `CompileMonitor` counts, from t
 - graphs: `counters["stats"]["unique_graphs"]`;
 - compile-cache hits and misses: Inductor's FX-graph cache lookups
   (`counters["inductor"]["fxgraph_cache_hit"]`, `["fxgraph_cache_miss"]`);
-- compile time: wall-clock seconds between Dynamo's compile-start and compile-end callbacks
-  (`torch._dynamo.callback_handler`), summed over every compilation: Dynamo tracing,
-  AOTAutograd, Inductor code generation and the C++/Triton compiles it waits on, and the
-  backward graph that AOTAutograd compiles lazily at the first backward. This is time the
-  step spent compiling, measured directly, not first-step time minus steady step time.
+- compile time: torch's own compile-time accounting, `torch._dynamo.utils.
+  calculate_time_spent()["total_wall_time"]` (its `entire_frame_compile` plus
+  `entire_backward_compile` phases), read as a difference since `start()`: wall-clock
+  seconds of every compilation, i.e. Dynamo tracing, AOTAutograd, Inductor code generation
+  and the C++/Triton compiles it waits on, and the backward graph that AOTAutograd compiles
+  lazily at the first backward. It is measured directly, not estimated as first-step time
+  minus steady step time.
 
 After `end_warmup()`, every compile logs a warning on the `fasttrain.compile` logger naming
 the cause (the failed guard, e.g. ``tensor 'x' size mismatch at index 1. expected 512,
@@ -31,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Iterator
 
 import torch
@@ -63,6 +64,10 @@ def _read_counters() -> dict[str, int]:
         bucket = counters[group]
         values[name] = sum(bucket.values()) if key is None else bucket[key]
     return values
+
+
+def _torch_compile_seconds() -> float:
+    return torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0)
 
 
 def _describe_code(code) -> str:
@@ -106,7 +111,7 @@ class CompileMonitor:
         self.warnings: list[str] = []
         self._warmup = True
         self._expected: list[str] = []
-        self._t_start: float | None = None
+        self._time_seen = 0.0  # last value of torch's cumulative compile time
         self._counters0: dict[str, int] = {}
         self._counters_final: dict[str, int] | None = None
 
@@ -117,6 +122,7 @@ class CompileMonitor:
             raise RuntimeError("CompileMonitor.start() called twice; call stop() first")
         self._reset_counts()
         self._counters0 = _read_counters()
+        self._time_seen = _torch_compile_seconds()
         self._seen_failures = self._failure_counts()
         self._register()
         self._started = True
@@ -127,6 +133,7 @@ class CompileMonitor:
         if not self._started:
             return
         self._counters_final = self._counted()
+        self._update_time()
         self._unregister()
         self._started = False
 
@@ -134,6 +141,7 @@ class CompileMonitor:
         """Declare warm-up over: from now on every compile logs a warning with its cause."""
         self._require_started("end_warmup")
         self._ensure_registered()
+        self._update_time()
         self._warmup = False
 
     @contextlib.contextmanager
@@ -155,6 +163,8 @@ class CompileMonitor:
     def stats(self) -> dict:
         """Counts since `start()`, as plain numbers for a logging dict."""
         self._ensure_registered()
+        if self._started:
+            self._update_time()
         return {
             "compiles": self.compiles,
             "recompiles": self.recompiles,
@@ -206,19 +216,26 @@ class CompileMonitor:
     def _failure_counts() -> dict:
         return {code: len(reasons) for code, reasons in list(_guard_failures().items())}
 
-    def _on_start(self, args=None) -> None:
-        self._t_start = time.perf_counter()
-
-    def _on_end(self, args=None) -> None:
-        elapsed = time.perf_counter() - self._t_start if self._t_start is not None else 0.0
-        self._t_start = None
+    def _update_time(self) -> None:
+        # Torch adds a compile's time when it finishes, so this runs at the next compile's
+        # start and whenever the numbers are read. torch._dynamo.reset() zeroes the total.
         with self._lock:
+            now = _torch_compile_seconds()
+            if now < self._time_seen:
+                self._time_seen = 0.0
+            elapsed, self._time_seen = now - self._time_seen, now
             self.compile_time_s += elapsed
             if self._warmup:
                 self.warmup_compile_time_s += elapsed
+
+    def _on_start(self, args=None) -> None:
+        self._update_time()
+
+    def _on_end(self, args=None) -> None:
+        with self._lock:
             trigger = getattr(getattr(args, "callback_trigger", None), "name", _DYNAMO_TRIGGER)
             if trigger != _DYNAMO_TRIGGER:
-                return  # lazy backward / cudagraph recording: time only, not a new compile
+                return  # lazy backward compile, cudagraph recording: not a new Dynamo compile
             self.compiles += 1
             cause = self._new_guard_failure()
             if cause is not None:
