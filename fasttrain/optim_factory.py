@@ -6,6 +6,7 @@ device, so the LR schedule updates it in place with no host synchronisation.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -44,6 +45,11 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optim {args.optim!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_found_inf(cls) -> bool:
+    return "found_inf" in inspect.signature(cls.step).parameters
+
+
 def step_unless(optimizer, found_inf) -> None:
     """optimizer.step(), skipped when `found_inf` (0-d float on the device) is nonzero.
 
@@ -53,7 +59,7 @@ def step_unless(optimizer, found_inf) -> None:
     """
     if found_inf is None:
         optimizer.step()
-    elif "found_inf" in inspect.signature(optimizer.step).parameters:
+    elif _takes_found_inf(type(optimizer)):
         optimizer.step(found_inf=found_inf)
     elif getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.grad_scale, optimizer.found_inf = None, found_inf.reshape(())

@@ -69,40 +69,50 @@ def get_multiplier(name: str, num_warmup_steps: int, num_training_steps: int,
 class LRScheduler:
     """Drives `optimizer.param_groups[i]['lr'] = base_lr[i] * m(step)`.
 
-    Device mode (every group's lr is a tensor): the step counter and the LRs stay on the
-    device and are updated in place. Host mode: python floats, as torch schedulers do.
-    Interface of torch's schedulers: step(), get_last_lr(), state_dict(), load_state_dict().
+    The whole schedule is tabulated once (groups x steps, a few KB), so a step costs an
+    index and a copy. Device mode (every group's lr is a tensor): the step counter, the
+    table and the LRs stay on the device and are updated in place. Host mode: python
+    floats, as torch's schedulers do. Interface of torch's schedulers: step(),
+    get_last_lr(), state_dict(), load_state_dict().
     """
 
-    def __init__(self, optimizer, multiplier: Multiplier):
+    def __init__(self, optimizer, multiplier: Multiplier, num_training_steps: int):
         self.optimizer = optimizer
-        self.multiplier = multiplier
         groups = optimizer.param_groups
         self.device_mode = all(isinstance(g["lr"], torch.Tensor) for g in groups)
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]  # sync: once, at build
         for g, base in zip(groups, self.base_lrs):
             g["initial_lr"] = base
         device = groups[0]["lr"].device if self.device_mode else torch.device("cpu")
-        self.step_count = torch.zeros((), dtype=torch.float32, device=device)
+        steps = torch.arange(num_training_steps + 1, dtype=torch.float64)
+        mult = multiplier(steps)
+        self.table = torch.stack([mult * base for base in self.base_lrs]).float().to(device)  # (G, S+1)
+        self.step_count = torch.zeros((), dtype=torch.int64, device=device)
+        self._host_step = 0
         self._apply()
 
     def _apply(self):
-        m = self.multiplier(self.step_count)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            if self.device_mode:
-                g["lr"].copy_(m * base)
-            else:
-                g["lr"] = float(m) * base  # a CPU tensor: no device sync
+        last = self.table.shape[1] - 1
+        if self.device_mode:
+            lrs = self.table[:, self.step_count.clamp(max=last)]  # (G,)
+            for i, g in enumerate(self.optimizer.param_groups):
+                g["lr"].copy_(lrs[i])
+        else:
+            column = self.table[:, min(self._host_step, last)].tolist()  # a CPU tensor: no sync
+            for g, lr in zip(self.optimizer.param_groups, column):
+                g["lr"] = lr
 
     def step(self, skipped: Optional[torch.Tensor] = None):
         """Advance one optimizer step; `skipped` (0-d, 1 = the step was skipped) keeps the
         schedule where it is, without reading the flag on the host in device mode."""
         if skipped is None:
             self.step_count += 1
+            self._host_step += 1
         elif self.device_mode:
-            self.step_count += 1 - skipped.to(self.step_count.dtype).reshape(())
+            self.step_count += 1 - skipped.reshape(()).to(torch.int64)
         else:
-            self.step_count += 1 - float(skipped)  # sync: only host-LR optimizers reach here
+            self._host_step += 1 - int(skipped)  # sync: only host-LR optimizers reach here
+            self.step_count.fill_(self._host_step)
         self._apply()
 
     def get_last_lr(self) -> list[float]:
@@ -113,5 +123,8 @@ class LRScheduler:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count.copy_(state["step_count"])
-        self.base_lrs = list(state["base_lrs"])
+        self._host_step = int(state["step_count"])
+        if list(state["base_lrs"]) != self.base_lrs:
+            raise ValueError(f"the checkpoint's base learning rates {state['base_lrs']} differ from this "
+                             f"run's {self.base_lrs}; resume with the same learning_rate")
         self._apply()

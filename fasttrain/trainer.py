@@ -99,7 +99,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             mult = get_multiplier(self.args.lr_scheduler_type,
                                   self.args.get_warmup_steps(num_training_steps),
                                   num_training_steps, **kwargs)
-            self.lr_scheduler = LRScheduler(optimizer, mult)
+            self.lr_scheduler = LRScheduler(optimizer, mult, num_training_steps)
         return self.lr_scheduler
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
@@ -196,8 +196,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
     def training_step(self, batches: list) -> torch.Tensor:
         """One optimizer step over the micro-batches in `batches`; returns the step's mean
         loss as a device tensor (never read here)."""
-        args, model = self.args, self.model_wrapped
-        model.train()
+        model = self.model_wrapped
         num_items = self._step_token_count(batches)
         step_loss = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
@@ -227,15 +226,21 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         return self.dist.all_reduce_sum(torch.tensor(float(local), device=self.device))
 
     def _optimizer_step(self, step_loss: torch.Tensor) -> None:
+        """Unscale, clip and step, skipping on a device-side flag: overflow (fp16), a
+        non-finite gradient norm or a non-finite loss. Nothing here reads the flag."""
         args = self.args
-        loss_bad = (~torch.isfinite(step_loss)).float()
-        found_inf = loss_bad
+        flags = []
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-            found_inf = torch.maximum(loss_bad, self.scaler.found_inf_flag())
+            flags.append(self.scaler.found_inf_flag())
         if args.max_grad_norm:
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-            found_inf = torch.maximum(found_inf, (~torch.isfinite(self._grad_norm)).float())
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, args.max_grad_norm)
+            flags.append((~torch.isfinite(self._grad_norm)).float())  # NaN loss -> NaN norm
+        loss_bad = None
+        if not args.max_grad_norm or args.nonfinite_loss_policy == "stop":
+            loss_bad = (~torch.isfinite(step_loss)).float()
+            flags.append(loss_bad)
+        found_inf = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
         self._event("on_pre_optimizer_step")
         if self.scaler is not None:
             self.scaler.step(self.optimizer, found_inf=found_inf)
@@ -248,7 +253,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         else:
             self.lr_scheduler.step()
         self._skipped += found_inf
-        self._nonfinite_run = (self._nonfinite_run + 1) * loss_bad
+        if loss_bad is not None and args.nonfinite_loss_policy == "stop":
+            self._nonfinite_run = (self._nonfinite_run + 1) * loss_bad
         self.dist.zero_grad(self.model_wrapped, self.optimizer)
 
     # ------------------------------------------------------------------ the loop
@@ -285,12 +291,14 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self._skipped = torch.zeros((), device=self.device)
         self._nonfinite_run = torch.zeros((), device=self.device)
         self._grad_norm = None
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._window = _LogWindow(self.device)
         epoch, micro_done = 0, 0
         if resume_from_checkpoint:
             epoch, micro_done = self._resume(resume_from_checkpoint)
         self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint))
         self._install_signal_handler()
+        self.model_wrapped.train()  # evaluation restores the mode it found
         self._event("on_train_begin")
         start_time = time.perf_counter()
         start_step = st.global_step
