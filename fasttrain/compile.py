@@ -40,6 +40,7 @@ __all__ = [
     "CompileConfig",
     "CompileMonitor",
     "apply_compile",
+    "compile_from_args",
     "compiled_module_names",
     "configure_compile_cache",
     "default_cache_dir",
@@ -111,13 +112,14 @@ def configure_compile_cache(cache_dir: str | os.PathLike | None = None) -> str:
         raise OSError(f"cannot create the compile cache directory {path}: {err}; pass a "
                       "writable cache_dir or set FASTTRAIN_CACHE_DIR") from err
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     if "TORCHINDUCTOR_FX_GRAPH_CACHE" not in os.environ:
         inductor_config.fx_graph_cache = True
-    if "TORCHINDUCTOR_AUTOGRAD_CACHE" not in os.environ and hasattr(
-            torch._functorch.config, "enable_autograd_cache"):
-        torch._functorch.config.enable_autograd_cache = True
+    if ("TORCHINDUCTOR_AUTOGRAD_CACHE" not in os.environ
+            and hasattr(functorch_config, "enable_autograd_cache")):
+        functorch_config.enable_autograd_cache = True
     return str(path)
 
 
@@ -187,6 +189,33 @@ def apply_compile(
     logger.info("torch.compile: %d blocks per block in %s, mode=%s, cache %s",
                 n_blocks, ", ".join(stacks), mode, cache)
     return model
+
+
+def compile_from_args(model: nn.Module, args) -> CompileMonitor | None:
+    """The Trainer's entry point: compile `model` in place as `args` asks.
+
+    Reads `torch_compile`, `torch_compile_mode`, `torch_compile_per_block` and, when the
+    arguments have them, `torch_compile_backend` and `torch_compile_cache_dir`. Returns a
+    started `CompileMonitor`, or None when `torch_compile` is off. Training only: an HF
+    model's KV cache is switched off (`config.use_cache = False`), as HF does for gradient
+    checkpointing, because it makes every block compile separately.
+    """
+    if not getattr(args, "torch_compile", False):
+        return None
+    if getattr(args, "dataloader_drop_last", True) is False:
+        logger.warning("torch_compile with dataloader_drop_last=False: the shorter last batch "
+                       "of every epoch recompiles the model; set dataloader_drop_last=True")
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) is True:
+        config.use_cache = False
+        logger.info("torch_compile: set %s.config.use_cache=False for training",
+                    type(model).__name__)
+    monitor = CompileMonitor().start()
+    apply_compile(model, mode=getattr(args, "torch_compile_mode", None),
+                  per_block=getattr(args, "torch_compile_per_block", True),
+                  backend=getattr(args, "torch_compile_backend", None) or "inductor",
+                  cache_dir=getattr(args, "torch_compile_cache_dir", None))
+    return monitor
 
 
 def _check_not_compiled(model: nn.Module) -> None:

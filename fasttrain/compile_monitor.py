@@ -46,7 +46,7 @@ _DYNAMO_TRIGGER = "DYNAMO"
 
 def _guard_failures() -> dict:
     # code object -> list of reason strings, appended by Dynamo on every recompile.
-    return torch._dynamo.utils.guard_failures
+    return getattr(torch._dynamo.utils, "guard_failures", {})
 
 
 # stats() name -> (counters group, key); key None sums the whole group.
@@ -94,8 +94,9 @@ class CompileMonitor:
         monitor.stop()
     """
 
-    def __init__(self, logger_: logging.Logger | None = None):
-        self._log = logger_ or logger
+    def __init__(self, log: logging.Logger | None = None):
+        """`log`: where warnings go (default: the `fasttrain.compile` logger)."""
+        self._log = log or logger
         self._lock = threading.Lock()
         self._started = False
         self._reset_counts()

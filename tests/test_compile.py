@@ -22,6 +22,7 @@ from fasttrain.compile import (
     CompileConfig,
     CompileMonitor,
     apply_compile,
+    compile_from_args,
     compiled_module_names,
     configure_compile_cache,
     find_repeated_blocks,
@@ -387,6 +388,23 @@ def test_hf_style_kv_cache_config_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="fasttrain.compile"):
         apply_compile(model, backend=CountingBackend())
     assert "use_cache = False" in caplog.text
+
+
+def test_compile_from_args_follows_the_trainer_arguments(caplog):
+    off = SimpleNamespace(torch_compile=False)
+    model = TinyGPT()
+    assert compile_from_args(model, off) is None and compiled_module_names(model) == []
+    backend = CountingBackend()
+    args = SimpleNamespace(torch_compile=True, torch_compile_mode=None, dataloader_drop_last=False,
+                           torch_compile_per_block=False, torch_compile_backend=backend)
+    model.config = SimpleNamespace(use_cache=True)
+    with caplog.at_level(logging.WARNING, logger="fasttrain.compile"):
+        monitor = compile_from_args(model, args)
+    assert "dataloader_drop_last=True" in caplog.text and "use_cache" not in caplog.text
+    assert model.config.use_cache is False and compiled_module_names(model) == [""]
+    model(*batch(0))
+    assert monitor.stats()["compiles"] == 1 and backend.runs == 1
+    monitor.stop()
 
 
 def test_cache_dir_defaults(monkeypatch, tmp_path):
