@@ -335,7 +335,7 @@ class DynamicLossScaler:
             if found_inf is None:
                 raise RuntimeError("update() found no overflow check: call scaler.step("
                                    "optimizer) (or unscale_) before update()")
-            self._update_scale(state, found_inf > 0)
+            self._update_scale(state, found_inf)
             self._last_found_inf = found_inf
         self._per_optimizer = {}
 
@@ -347,10 +347,26 @@ class DynamicLossScaler:
                     found_inf, opt["found_inf"])
         return found_inf
 
-    def _update_scale(self, state: dict[str, torch.Tensor], found: torch.Tensor) -> None:
+    def _update_scale(self, state: dict[str, torch.Tensor], found_inf: torch.Tensor) -> None:
         cfg, scale = self._config, state["scale"]
         tracker, hysteresis = state["_growth_tracker"], state["_hysteresis_tracker"]
+        found, was_at_min = found_inf > 0, scale <= cfg["min_scale"]
+        if cfg["hysteresis"] == 1:
+            # torch's one-kernel update, then the clamps: min(s*g, max) and max(s*b, min).
+            torch._amp_update_scale_(scale, tracker, found_inf, cfg["growth_factor"],
+                                     cfg["backoff_factor"], cfg["growth_interval"])
+            scale.clamp_(cfg["min_scale"], cfg["max_scale"])
+            grow = (tracker == 0) & ~found
+            hysteresis.copy_(torch.where(found, 0, torch.where(grow, 1, hysteresis)))
+        else:
+            grow = self._update_with_hysteresis(state, found)
         at_min = state["_overflows_at_min_scale"]
+        at_min.copy_(torch.where(grow, 0, at_min + (found & was_at_min).int()))
+        state["_skipped_steps"].add_(found.long())
+
+    def _update_with_hysteresis(self, state: dict[str, torch.Tensor], found: torch.Tensor):
+        cfg, scale = self._config, state["scale"]
+        tracker, hysteresis = state["_growth_tracker"], state["_hysteresis_tracker"]
         hyst_left = torch.where(found, hysteresis - 1, hysteresis)
         backoff = found & (hyst_left <= 0)
         clean_run = torch.where(found, torch.zeros_like(tracker), tracker + 1)
@@ -359,11 +375,10 @@ class DynamicLossScaler:
         grown = (scale.double() * cfg["growth_factor"]).float()
         grown = torch.where(torch.isfinite(grown), grown.clamp(max=cfg["max_scale"]), scale)
         shrunk = (scale.double() * cfg["backoff_factor"]).float().clamp(min=cfg["min_scale"])
-        at_min.copy_(torch.where(grow, 0, at_min + (found & (scale <= cfg["min_scale"])).int()))
         hysteresis.copy_(torch.where(grow, cfg["hysteresis"], hyst_left.clamp(min=0)))
         tracker.copy_(torch.where(grow, 0, clean_run))
-        state["_skipped_steps"].add_(found.long())
         scale.copy_(torch.where(backoff, shrunk, torch.where(grow, grown, scale)))
+        return grow
 
     def get_scale(self) -> float:
         """The current scale as a Python float (1.0 when disabled)."""
