@@ -128,7 +128,9 @@ def reference_grad_norm(tensors: Tensors, norm_type: float = 2.0) -> torch.Tenso
     """Global norm over all tensors, accumulated in fp32, returned as a 0-d fp32 tensor."""
     norm_type = float(norm_type)
     if not (norm_type > 0.0):
-        raise ValueError(f"grad_norm: norm_type must be > 0 or inf, got {norm_type}")
+        # RuntimeError like the compiled op's TORCH_CHECK, so callers see one error type
+        raise RuntimeError("fasttrain::grad_norm: norm_type must be a positive number or inf "
+                           f"(2.0 for clipping), got {norm_type}")
     if len(tensors) == 0:
         return torch.zeros((), dtype=torch.float32)
     norms = [torch.linalg.vector_norm(t.detach(), norm_type, dtype=torch.float32)
