@@ -117,3 +117,30 @@ def test_bf16_weights_with_master_weights_track_fp32():
 
     assert drift(master) < 0.05  # measured 0.013
     assert drift(plain) > 3 * drift(master)  # measured 0.10: bf16 rounding eats updates
+
+
+def test_fp16_divergence_stops_training_with_weights_of_the_last_clean_step(tmp_path):
+    """From step 4 on every forward is NaN: steps are skipped, the scale falls from 2**16
+    to min_scale=1 in 16 overflows, and 5 more at the floor stop the run with a clear
+    error; the weights are still those after step 3."""
+    from fasttrain.precision import TrainingDivergedError
+
+    torch.set_num_threads(1)
+    model, calls, snapshot = tiny_gpt(seed=3), [0], {}
+
+    def poison(module, inputs, output):
+        calls[0] += 1
+        if calls[0] == 4:
+            snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
+        return output * float("nan") if calls[0] >= 4 else output
+
+    model.transformer.wte.register_forward_hook(poison)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "diverge"), disable_tqdm=True, report_to="none",
+        save_strategy="no", logging_steps=1, learning_rate=1e-2, max_steps=40,
+        per_device_train_batch_size=8, optim="adamw_torch_fused", use_cpu=True, fp16=True)
+    trainer = Trainer(model, args, train_dataset=permutation_examples(8 * 40))
+    with pytest.raises(TrainingDivergedError, match="min_scale=1.0"):
+        trainer.train()
+    assert calls[0] == 3 + 16 + 5  # detected on the first logging step that could see it
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
