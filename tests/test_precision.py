@@ -11,6 +11,11 @@ from fasttrain.precision import (DynamicLossScaler, TrainingDivergedError, autoc
                                  cast_floating_params_, needs_loss_scaler, unscale_and_check_)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead; conftest restores
+
+
 def reference_update(s: dict, found: bool, cfg: dict) -> dict:
     """The update rule of docs/precision.md in plain Python (host floats)."""
     s = dict(s)
