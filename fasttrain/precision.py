@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections import defaultdict
 from typing import Any, Iterable, Optional
@@ -118,9 +119,15 @@ def _or_one(inv_scale, like):
     return torch.ones_like(like) if inv_scale is None else inv_scale
 
 
-def _step_params(step_fn) -> frozenset:
+def _step_params(step) -> frozenset:
+    """Names of the parameters `optimizer.step` accepts (cached per function)."""
+    return _params_of(getattr(step, "__func__", step))
+
+
+@functools.lru_cache(maxsize=64)
+def _params_of(fn) -> frozenset:
     try:
-        return frozenset(inspect.signature(step_fn).parameters)
+        return frozenset(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return frozenset()
 
