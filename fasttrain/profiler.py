@@ -348,6 +348,8 @@ class Profiler:
     def close(self) -> None:
         if self._trace is not None:
             self._trace.stop()
+        if self.config.record_memory_history and self.device.type == "cuda":
+            torch.cuda.memory._record_memory_history(enabled=None)
         if self._sampler is not None:
             self._sampler.stop()
             self._sampler = None

@@ -176,7 +176,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
 
 
 def main(args: argparse.Namespace) -> int:
-    result = build_report(args.run_dir, args.out)
+    try:
+        result = build_report(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"fasttrain report: error: {exc}") from None
     for p in result["plots"]:
         print(f"wrote {p}")
     print(f"wrote {result['html']}")
