@@ -144,3 +144,69 @@ def test_fp16_divergence_stops_training_with_weights_of_the_last_clean_step(tmp_
         trainer.train()
     assert calls[0] == 3 + 16 + 5  # detected on the first logging step that could see it
     assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+
+_DDP_WORKER = '''
+import json, os, sys
+import torch
+sys.path.insert(0, sys.argv[3])
+from fasttrain.distributed import BucketedDDP, destroy_distributed, init_distributed
+from fasttrain.optim import FusedAdamW
+from fasttrain.precision import DynamicLossScaler, autocast_context
+from tests._tiny import tiny_gpt
+
+torch.set_num_threads(1)
+state = init_distributed(timeout_s=60, backend="gloo", init_method=sys.argv[2])
+model = tiny_gpt(seed=3)
+ddp = BucketedDDP(model, bucket_cap_mb=0.02, first_bucket_cap_mb=0.005)
+opt = FusedAdamW(model.parameters(), lr=1e-2)
+scaler = DynamicLossScaler(init_scale=2.0**10, growth_interval=3)
+gen = torch.Generator().manual_seed(100 + state.rank)
+records = []
+for step in range(6):
+    ids = torch.randint(0, 64, (4, 16), generator=gen)
+    with autocast_context("cpu", bf16=False, fp16=True):
+        loss = ddp(input_ids=ids, labels=ids).loss
+    if step == 2 and state.rank == 1:
+        loss = loss * float("nan")  # only rank 1 sees a non-finite loss
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    ddp.zero_grad()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    records.append({"scale": scaler.get_scale(), "found_inf": scaler.found_inf_flag().item(),
+                    "params": flat.tolist()})
+json.dump(records, open(os.path.join(sys.argv[1], f"rank{state.rank}.json"), "w"))
+destroy_distributed()
+'''
+
+
+@pytest.mark.distributed
+def test_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), init, repo],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    for r0, r1 in zip(*ranks):
+        assert r0["scale"] == r1["scale"] and r0["found_inf"] == r1["found_inf"]
+        assert r0["params"] == r1["params"]  # replicas stay identical
+    flags = [r["found_inf"] for r in ranks[0]]
+    assert flags == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert ranks[0][2]["params"] == ranks[0][1]["params"]  # the skipped step moved nothing
+    assert ranks[0][3]["params"] != ranks[0][2]["params"]
+    assert [r["scale"] for r in ranks[0]] == [2.0**10, 2.0**10, 2.0**9, 2.0**9, 2.0**9, 2.0**10]
