@@ -100,3 +100,11 @@ def test_real_bench_run_prints_table_and_writes_files(tmp_path):
     assert row["flops_per_token"] > 0 and row["peak_memory_source"] == "host peak RSS"
     assert result["machine"]["torch"].startswith("2.") and "git_commit" in result["machine"]
     assert next(tmp_path.glob("bench-*.csv")).read_text().startswith("# host: ")
+
+
+def test_worker_commands_single_and_ddp():
+    cfg = {"model": "tiny", "ddp": 1}
+    assert bench.worker_command(cfg)[:3] == [sys.executable, "-m", "fasttrain.bench_worker"]
+    cmd = bench.worker_command({**cfg, "ddp": 4})
+    assert cmd[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert "--nproc-per-node=4" in cmd and json.loads(cmd[-1])["ddp"] == 4
