@@ -140,8 +140,8 @@ def print_table(env: dict, results: dict) -> None:
     for cap, row in results.items():
         for kind, m in row.items():
             ratio = f"{m['vs_torch_p50']:.3f}" if "vs_torch_p50" in m else ""
-            early = f"{m['fraction_bytes_launched_early']:.1%}" if "buckets" in m else ""
-            early_ms = f"{m['fraction_bytes_launched_1ms_before_end']:.1%}" if "buckets" in m else ""
+            early = f"{m['fraction_bytes_launched_early']:.2%}" if "buckets" in m else ""
+            early_ms = f"{m['fraction_bytes_launched_1ms_before_end']:.2%}" if "buckets" in m else ""
             print(f"{cap:>8} {kind:>15} {m['p20']:8.1f} {m['p50']:8.1f} {m['p80']:8.1f} "
                   f"{ratio:>7} {early:>11} {early_ms:>11} {m.get('buckets', ''):>7}")
 

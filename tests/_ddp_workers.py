@@ -8,6 +8,7 @@ side asserts on the metrics, so a failing check shows its numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -104,7 +105,7 @@ def sum_loss(model, x, y, mask=None):
     return ((pred - y) ** 2).sum()
 
 
-def train_reference(opt_name, steps, sizes=(8,), accum=1, **net_kwargs):
+def train_reference(opt_name, steps, sizes=(8,), **net_kwargs):
     """One process, global batch: the ground truth."""
     model = make_net(0, **net_kwargs)
     opt = make_opt(opt_name, model.parameters())
@@ -148,8 +149,7 @@ def train_parallel(wrapper_kind, opt_name, steps, sizes=(8,), accum=1, ddp_kwarg
         micro = torch.arange(x.shape[0]).chunk(accum)
         for m, rows in enumerate(micro):
             sync = m == len(micro) - 1
-            ctx = ddp.no_sync() if not sync else _null()
-            with ctx:
+            with contextlib.nullcontext() if sync else ddp.no_sync():
                 mm = None if mask is None else mask[rows]
                 loss = sum_loss(ddp, x[rows], y[rows], mm) * world / count
             loss.backward()
@@ -157,28 +157,17 @@ def train_parallel(wrapper_kind, opt_name, steps, sizes=(8,), accum=1, ddp_kwarg
     return flat_params(model), ddp
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def compare(opt_name, steps=5, sizes=(8,), accum=1, ddp_kwargs=None, with_torch=True, **net_kwargs):
     ref = train_reference(opt_name, steps, sizes, **net_kwargs)
     ours, ddp = train_parallel("fasttrain", opt_name, steps, sizes, accum, ddp_kwargs, **net_kwargs)
     out = {"vs_reference": (ours - ref).abs().max().item(), "digest": digest(ours),
-           "moved": (ref - make_net_flat(**net_kwargs)).abs().max().item(), "buckets": len(ddp.bucket_indices)}
+           "moved": (ref - flat_params(make_net(0, **net_kwargs))).abs().max().item(),
+           "buckets": len(ddp.bucket_indices)}
     if with_torch:
         torch_kwargs = {k: v for k, v in (ddp_kwargs or {}).items() if k == "find_unused_parameters"}
         theirs, _ = train_parallel("torch", opt_name, steps, sizes, accum, torch_kwargs, **net_kwargs)
         out["vs_torch_ddp"] = (ours - theirs).abs().max().item()
     return out
-
-
-def make_net_flat(**net_kwargs):
-    return flat_params(make_net(0, **net_kwargs))
 
 
 # --------------------------------------------------------------------------- checks
