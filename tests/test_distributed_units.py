@@ -204,3 +204,38 @@ def test_grads_are_views_into_owned_buffers_and_survive_set_to_none(world_of_one
     flats = {b.flat.data_ptr(): b.flat for b in ddp._buckets}
     for p in model.parameters():  # every grad lives inside one of the bucket buffers
         assert any(f.data_ptr() <= p.grad.data_ptr() < f.data_ptr() + f.numel() * 4 for f in flats.values())
+
+
+def test_no_sync_is_decided_at_forward_time(world_of_one):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    ddp = BucketedDDP(model, bucket_cap_mb=1e-5, first_bucket_cap_mb=1e-5)
+    x = torch.randn(2, 4)
+    ddp.zero_grad()
+    with ddp.no_sync():
+        loss = ddp(x).sum()
+    loss.backward()  # outside the context, but its forward ran inside: no communication
+    assert ddp.stats.launch_order == []
+    ddp(x).sum().backward()
+    assert ddp.stats.launch_order == list(range(len(ddp.bucket_indices)))
+    expected = torch.autograd.grad(2 * model(x).sum(), model[1].weight)[0]
+    assert torch.allclose(model[1].weight.grad, expected)  # both backwards accumulated
+
+
+def test_find_unused_marks_unreachable_params_ready_at_backward_start(world_of_one):
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 1)
+            self.unused = nn.Linear(4, 1)  # registered last: in the first bucket
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = WithUnused()
+    ddp = BucketedDDP(model, bucket_cap_mb=1e-5, first_bucket_cap_mb=1e-5, find_unused_parameters=True)
+    first_bucket = [ddp.parameter_names[i] for i in ddp.bucket_indices[0]]
+    assert first_bucket[0].startswith("unused.")
+    ddp.zero_grad()
+    ddp(torch.randn(2, 4)).sum().backward()
+    assert ddp.stats.launch_grads_seen[0] == 0  # launched before any gradient was ready
+    assert model.unused.weight.grad is None and model.used.weight.grad is not None
