@@ -77,7 +77,7 @@ def grads_for(shapes, step, dtype):
 def test_adamw_fp32_matches_torch_over_many_steps(wd):
     state = make_state(SHAPES, torch.float32, master=False)
     leaves, opt = torch_adamw(state["params"], wd, foreach=False)
-    for step in range(40):
+    for step in range(25):
         lr = 1e-2 * (0.97 ** step)  # a schedule: lr changes every step
         grads = grads_for(SHAPES, step, torch.float32)
         for leaf, g in zip(leaves, grads):
@@ -86,11 +86,11 @@ def test_adamw_fp32_matches_torch_over_many_steps(wd):
         opt.step()
         fused_step(state, grads, lr, wd)
     for ours, ref in zip(state["params"], leaves):
-        # fp32 op order (FMA contraction) differs from torch's: a few ulp per step, 40 steps
+        # fp32 op order (FMA contraction) differs from torch's: a few ulp per step, 25 steps
         torch.testing.assert_close(ours, ref.detach(), rtol=2e-5, atol=2e-6)
     for ours, ref in zip(state["exp_avg_sqs"], leaves):
         torch.testing.assert_close(ours, opt.state[ref]["exp_avg_sq"], rtol=1e-5, atol=1e-12)
-    assert all(s.item() == 40.0 for s in state["state_steps"])
+    assert all(s.item() == 25.0 for s in state["state_steps"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -100,7 +100,7 @@ def test_adamw_master_weights_track_fp32_adamw(dtype, wd):
     (low-precision) grads, and every param is exactly its master rounded to nearest."""
     state = make_state(LOW_SHAPES, dtype, master=True)
     leaves, opt = torch_adamw(state["master_params"], wd, foreach=False)
-    for step in range(30):
+    for step in range(20):
         grads = grads_for(LOW_SHAPES, step, dtype)
         for leaf, g in zip(leaves, grads):
             leaf.grad = g.float()
@@ -239,8 +239,8 @@ def adamw_args(shapes=((5, 3), (7,)), master=False):
             s["state_steps"], torch.tensor(1e-3), 0.9, 0.999, 0.01, 1e-8]
 
 
-@pytest.mark.parametrize("extras", [(None, None), (torch.tensor(8.0), torch.zeros(1))])
-@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("master,extras", [(False, (None, None)),
+                                           (True, (torch.tensor(8.0), torch.zeros(1)))])
 def test_opcheck_adamw(master, extras):
     torch.library.opcheck(ops.adamw_.default, (*adamw_args(master=master), *extras))
 
