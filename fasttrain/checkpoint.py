@@ -12,12 +12,15 @@ Layout of `output_dir/checkpoint-<step>/`:
   manifest.json          written last: size and sha256 of every file above
 A save writes everything into a hidden temporary directory, fsyncs each file and the
 directory, then renames it into place, so a crash leaves the previous set or the new one.
-Bytes are hashed as they are written: verifying costs one read, saving no extra pass.
+Checksums (CRC-32, for corruption, not for trust: loading is safe by construction) are
+computed on the bytes being written, so saving makes no extra pass over the files.
+
+`AsyncSaver` runs the serialisation and the writes on a background thread: the training
+step only waits for a snapshot (a copy of the state into host memory).
 """
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -25,10 +28,12 @@ import os
 import pickle
 import re
 import shutil
-from typing import Optional
+import threading
+import zlib
+from typing import Callable, Optional
 
 import torch
-from safetensors.torch import load as st_load
+from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 logger = logging.getLogger("fasttrain")
@@ -59,32 +64,38 @@ class CheckpointWriter:
             raise _save_error(output_dir, e) from e
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        self._write(name, lambda f: f.write(data))
+
+    def write_torch(self, name: str, obj) -> None:
+        self._write(name, lambda f: torch.save(obj, f))  # streamed: no in-memory copy
+
+    def _write(self, name: str, produce) -> None:
         path = os.path.join(self.tmp, name)
         try:
-            with open(path, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            with open(path, "wb") as raw:
+                f = _ChecksummingWriter(raw)
+                produce(f)
+                raw.flush()
+                os.fsync(raw.fileno())
         except OSError as e:
             self.abort()
             raise _save_error(self.output_dir, e) from e
-        self.files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-    def write_torch(self, name: str, obj) -> None:
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        self.write_bytes(name, buf.getvalue())
+        self.files[name] = {"size": f.size, "crc32": f.crc}
 
     def write_json(self, name: str, obj) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
-    def write_model(self, state_dict: dict) -> None:
-        tensors, aliases = dedupe_shared(state_dict)
+    def write_model(self, state_dict: dict, aliases: Optional[dict] = None) -> None:
+        """Weights as safetensors; pass `dedupe_shared`'s output, or a state dict whose
+        shared tensors are then found here."""
+        if aliases is None:
+            state_dict, aliases = dedupe_shared(state_dict)
+        tensors = {k: v.contiguous() for k, v in state_dict.items()}
         data = st_save(tensors, metadata={"fasttrain_aliases": json.dumps(aliases)})
         self.write_bytes(MODEL_FILE, data)
 
     def commit(self, step: int) -> str:
-        self.write_json(MANIFEST, {"step": step, "files": self.files, "format": 1})
+        self.write_json(MANIFEST, {"step": step, "files": self.files, "format": 2})
         try:
             _fsync_dir(self.tmp)
             if os.path.exists(self.final):  # re-saving the same step: swap atomically
@@ -102,6 +113,25 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class _ChecksummingWriter(io.RawIOBase):
+    """A write-only file that checksums what passes through to the real file."""
+
+    def __init__(self, raw):
+        self.raw, self.crc, self.size = raw, 0, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.crc = zlib.crc32(b, self.crc)
+        n = self.raw.write(b)
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def _fsync_dir(path: str) -> None:
@@ -135,7 +165,7 @@ def dedupe_shared(state_dict: dict) -> tuple[dict, dict]:
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = t.detach().contiguous().cpu()
+        tensors[name] = t.detach()
     return tensors, aliases
 
 
@@ -174,11 +204,11 @@ def verify(path: str) -> None:
         if size != meta["size"]:
             raise CheckpointError(f"checkpoint {path!r}: {name} is {size} bytes, the manifest "
                                   f"says {meta['size']} (truncated or overwritten)")
-        digest = hashlib.sha256()
+        crc = 0
         with open(file_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        if digest.hexdigest() != meta["sha256"]:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                crc = zlib.crc32(block, crc)
+        if crc != meta.get("crc32"):
             raise CheckpointError(f"checkpoint {path!r}: {name} fails its checksum (corrupt bytes)")
 
 
@@ -201,7 +231,7 @@ def read_torch(path: str, name: str, required: bool = True):
             raise CheckpointError(f"checkpoint {path!r} is missing {name}")
         return None
     try:
-        return torch.load(file_path, map_location="cpu", weights_only=True)
+        return torch.load(file_path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {file_path!r}: it contains pickled objects other than tensors and "
@@ -226,12 +256,10 @@ def read_model_state(path: str) -> dict:
     file_path = os.path.join(path, MODEL_FILE)
     if not os.path.isfile(file_path):
         raise CheckpointError(f"checkpoint {path!r} is missing {MODEL_FILE}")
-    with open(file_path, "rb") as f:
-        data = f.read()
     try:
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+        with safe_open(file_path, framework="pt") as f:  # memory-mapped, no full read
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{file_path!r} is not a valid safetensors file: {e}") from None
     for alias, name in json.loads(meta.get("fasttrain_aliases", "{}")).items():
@@ -245,6 +273,60 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path!r} does not match the model: missing "
                               f"{sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+
+
+# ---------------------------------------------------------------- background saving
+class AsyncSaver:
+    """One background thread for checkpoint writes. At most one save is in flight: a new
+    one first waits for the previous. A failure is re-raised on the training thread at the
+    next `poll()`, `submit()` or `wait()`."""
+
+    def __init__(self):
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+
+        def run():
+            try:
+                job()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="fasttrain-checkpoint", daemon=True)
+        self._thread.start()
+
+    def poll(self) -> None:
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
+    def drain(self) -> None:
+        """Join without raising (for cleanup while another error propagates)."""
+        try:
+            self.wait()
+        except BaseException as e:  # noqa: BLE001
+            logger.error("a background checkpoint save also failed: %s", e)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def snapshot(obj):
+    """A host-memory copy of a state (nested dicts/lists of tensors), safe to serialise on
+    another thread while training goes on mutating the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
 
 
 # ---------------------------------------------------------------- rotation

@@ -67,6 +67,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                                                 self.optimizer, self.lr_scheduler)
         self._stop_signal = None
         self._logger = None
+        self._saver = ckpt.AsyncSaver()
         self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
 
     # ------------------------------------------------------------------ callbacks
@@ -304,7 +305,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         start_step = st.global_step
         try:
             self._run_epochs(loader, epoch, micro_done, num_epochs, steps_per_epoch, micro_per_epoch)
+            self._saver.wait()
         finally:
+            self._saver.drain()
             self._restore_signal_handler()
             self._logger.close()
         runtime = time.perf_counter() - start_time
@@ -375,9 +378,11 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             new_best = self._update_best(metrics)
             if args.save_strategy == "best" and new_best:
                 control.should_save = True
-        if control.should_save and args.save_strategy != "no":
-            self._save_checkpoint(metrics)
+        if control.should_save and (args.save_strategy != "no" or self._stop_signal is not None):
+            # a preemption save must be on disk before the process exits
+            self._save_checkpoint(metrics, blocking=self._stop_signal is not None)
             self._event("on_save")
+        self._saver.poll()  # a failed background save surfaces here, at the next step
         if self._stop_signal is not None:
             logger.warning("received %s: saved checkpoint-%d and stopped cleanly", self._stop_signal, step)
         control.should_log = control.should_evaluate = control.should_save = False

@@ -37,7 +37,9 @@ class CheckpointMixin:
             except OSError as e:
                 raise ValueError(f"cannot create output_dir {out!r}: {e}") from None
 
-    def _save_checkpoint(self, metrics=None) -> str:
+    def _save_checkpoint(self, metrics=None, blocking: bool = False) -> str:
+        """Snapshot the whole state into host memory (the only part the step waits for),
+        then write it on the background saver thread."""
         st, args = self.state, self.args
         self._check_weights_finite()
         path = os.path.join(args.output_dir, f"{ckpt.PREFIX}{st.global_step}")
@@ -47,23 +49,36 @@ class CheckpointMixin:
         st.stateful_callbacks = self.callback_handler.stateful_state()
         rng_states = self.dist.all_gather_object(rng_state())
         if self.dist.is_main:
-            writer = ckpt.CheckpointWriter(args.output_dir, st.global_step)
-            writer.write_model(self.model.state_dict())
-            writer.write_torch("optimizer.pt", self.optimizer.state_dict())
-            writer.write_torch("scheduler.pt", self.lr_scheduler.state_dict())
-            if self.scaler is not None:
-                writer.write_torch("scaler.pt", self.scaler.state_dict())
-            for rank, state in enumerate(rng_states):
-                writer.write_torch(f"rng_state_{rank}.pt", state)
-            writer.write_bytes("trainer_state.json", st.to_json_string().encode())
-            writer.write_json("data_state.json", self._data_state())
-            writer.write_json("training_args.json", args.to_dict())
-            config = _model_config(self.model)
-            if config is not None:
-                writer.write_json("config.json", config)
-            writer.commit(st.global_step)
-            ckpt.rotate(args.output_dir, args.save_total_limit,
-                        keep=st.best_model_checkpoint if args.load_best_model_at_end else None)
+            weights, aliases = ckpt.dedupe_shared(self.model.state_dict())
+            snap = ckpt.snapshot({
+                "weights": weights, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.lr_scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None})
+            files = {"trainer_state.json": st.to_json_string().encode(),
+                     "data_state.json": self._data_state(), "training_args.json": args.to_dict(),
+                     "config.json": _model_config(self.model)}
+            step, keep = st.global_step, st.best_model_checkpoint if args.load_best_model_at_end else None
+
+            def write():
+                writer = ckpt.CheckpointWriter(args.output_dir, step)
+                writer.write_model(snap["weights"], aliases)
+                writer.write_torch("optimizer.pt", snap["optimizer"])
+                writer.write_torch("scheduler.pt", snap["scheduler"])
+                if snap["scaler"] is not None:
+                    writer.write_torch("scaler.pt", snap["scaler"])
+                for rank, state in enumerate(rng_states):
+                    writer.write_torch(f"rng_state_{rank}.pt", state)
+                for name, value in files.items():
+                    if isinstance(value, bytes):
+                        writer.write_bytes(name, value)
+                    elif value is not None:
+                        writer.write_json(name, value)
+                writer.commit(step)
+                ckpt.rotate(args.output_dir, args.save_total_limit, keep=keep)
+
+            self._saver.submit(write)
+            if blocking:
+                self._saver.wait()
         self.dist.barrier()
         return path
 
