@@ -27,7 +27,6 @@ from fasttrain.compile import (
     configure_compile_cache,
     find_repeated_blocks,
 )
-from fasttrain.schedules import LRScheduler, get_multiplier
 
 B, T, C, V, H, L = 2, 16, 32, 64, 2, 2
 
@@ -110,6 +109,17 @@ def fresh_dynamo(tmp_path_factory, monkeypatch):
     yield
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = limit
+
+
+class TensorLRDecay:
+    """lr = base / (1 + step), written in place into the optimizer's tensor LR."""
+
+    def __init__(self, opt):
+        self.lr, self.base, self.step_count = opt.param_groups[0]["lr"], 1e-3, 0
+
+    def step(self):
+        self.step_count += 1
+        self.lr.fill_(self.base / (1 + self.step_count))
 
 
 def train_steps(model, opt, sched, steps, seed0=0, t=T):
@@ -207,13 +217,40 @@ def test_aot_eager_is_bitwise_equal_to_eager(per_block):
                     TOLERANCES["aot_eager"])
 
 
+def test_builtin_gpt_compiles_fullgraph_with_its_fused_loss():
+    from fasttrain.models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=V, block_size=T, n_layer=2, n_head=H, n_embd=C)
+    torch.manual_seed(0)
+    eager = GPT(cfg)
+    per_block, whole = GPT(cfg), GPT(cfg)
+    per_block.load_state_dict(eager.state_dict())
+    whole.load_state_dict(eager.state_dict())
+    apply_compile(per_block, fullgraph=True, backend=CountingBackend())
+    assert compiled_module_names(per_block) == ["transformer.h.0", "transformer.h.1"]
+    monitor = CompileMonitor().start()
+    # fullgraph=True: the linear cross-entropy custom op must trace without a graph break.
+    apply_compile(whole, per_block=False, fullgraph=True, backend="aot_eager")
+    idx = batch(0)[0]
+    results = []
+    for model in (eager, per_block, whole):
+        loss = model(idx, labels=idx).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    for loss, grads in results[1:]:
+        _assert_matches([loss], [grads], [results[0][0]], [results[0][1]],
+                        TOLERANCES["aot_eager"])
+    assert monitor.stats()["graph_breaks"] == 0
+    monitor.stop()
+
+
 # ---- recompiles ----------------------------------------------------------------------
 def _compiled_run(lr_in_tensor=False):
     torch.manual_seed(0)
     model = apply_compile(TinyGPT(), backend=CountingBackend())
-    if lr_in_tensor:  # fasttrain's device-side schedule: the LR tensor is updated in place
+    if lr_in_tensor:  # as fasttrain's device-side schedule: a tensor LR updated in place
         opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3), fused=True)
-        sched = LRScheduler(opt, get_multiplier("cosine", 2, 8))
+        sched = TensorLRDecay(opt)
     else:  # torch's schedulers: a Python float LR, used only by the (eager) optimizer
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
