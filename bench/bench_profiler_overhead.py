@@ -80,8 +80,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="timed steps per variant")
     ap.add_argument("--block", type=int, default=10, help="steps per alternation block")
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a shared, oversubscribed machine "
+                         "OpenMP spin-waiting makes multi-threaded step times swing by 10x)")
     ap.add_argument("--out", default=None, help="also write the result as JSON here")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     size = dict(MODEL_SIZES[args.model])

@@ -78,10 +78,12 @@ def worker_command(cfg: dict) -> list[str]:
             f"--nproc-per-node={cfg['ddp']}", "-m", "fasttrain.bench_worker", payload]
 
 
-def run_config(cfg: dict, timeout_s: float) -> dict:
+def run_config(cfg: dict, timeout_s: float, threads: int | None = None) -> dict:
     """Run one configuration in a fresh process; a failure becomes a row with `error`."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # a benchmark measures compiled kernels, never the interpreter
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     try:
         proc = subprocess.run(worker_command(cfg), capture_output=True, text=True,
@@ -183,13 +185,14 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path) -> tuple[Path, Pa
 def main(args: argparse.Namespace) -> int:
     matrix = build_matrix(args)
     meta = machine_info()
+    meta["omp_num_threads"] = args.threads or os.environ.get("OMP_NUM_THREADS")
     print(f"fasttrain bench: {len(matrix)} configuration(s), {args.warmup} warm-up + {args.steps} "
           f"timed steps each, one fresh process per configuration", flush=True)
     rows = []
     for i, cfg in enumerate(matrix, start=1):
         label = ", ".join(f"{k}={_cell(cfg, k)}" for k in AXES)
         print(f"[{i}/{len(matrix)}] {label}", flush=True)
-        rows.append(run_config(cfg, args.timeout))
+        rows.append(run_config(cfg, args.timeout, args.threads))
         if rows[-1].get("error"):
             print(f"    failed: {rows[-1]['error']}", flush=True)
     add_speedups(rows)
@@ -226,6 +229,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ddp", type=_ints("ddp"), default=[1], help="data-parallel processes (default: 1)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps, not timed (default: 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for each worker (default: inherit; per process under DDP)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration (default: 900)")
     p.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
     p.set_defaults(func=_checked_main)
@@ -238,6 +243,8 @@ def _checked_main(args: argparse.Namespace) -> int:
     unknown = [m for m in args.model if m not in MODEL_SIZES]
     if unknown:
         raise SystemExit(f"fasttrain bench: --model {unknown} unknown; choose from {sorted(MODEL_SIZES)}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"fasttrain bench: --threads {args.threads}: must be >= 1")
     if args.warmup < 0 or args.steps < 1:
         raise SystemExit(f"fasttrain bench: --warmup {args.warmup} / --steps {args.steps}: "
                          "need warmup >= 0 and steps >= 1")

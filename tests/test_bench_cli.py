@@ -49,6 +49,8 @@ def test_unknown_model_and_bad_steps_rejected():
         bench._checked_main(parse("--model", "huge"))
     with pytest.raises(SystemExit, match="need warmup >= 0 and steps >= 1"):
         bench._checked_main(parse("--steps", "0"))
+    with pytest.raises(SystemExit, match="--threads 0: must be >= 1"):
+        bench._checked_main(parse("--threads", "0"))
 
 
 def test_help_lists_every_axis(capsys):
@@ -88,7 +90,7 @@ def test_worker_failure_becomes_an_error_row(monkeypatch):
 @pytest.mark.slow
 def test_real_bench_run_prints_table_and_writes_files(tmp_path):
     cmd = [sys.executable, "-m", "fasttrain.bench", "bench", "--compile", "off", "--fused", "off",
-           "--seq-len", "32", "--batch", "2", "--warmup", "1", "--steps", "3",
+           "--seq-len", "32", "--batch", "2", "--warmup", "1", "--steps", "3", "--threads", "1",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -99,6 +101,7 @@ def test_real_bench_run_prints_table_and_writes_files(tmp_path):
     assert row["step_time_p20"] <= row["step_time_p50"] <= row["step_time_p80"]
     assert row["flops_per_token"] > 0 and row["peak_memory_source"] == "host peak RSS"
     assert result["machine"]["torch"].startswith("2.") and "git_commit" in result["machine"]
+    assert result["machine"]["omp_num_threads"] == 1
     assert next(tmp_path.glob("bench-*.csv")).read_text().startswith("# host: ")
 
 
