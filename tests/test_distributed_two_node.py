@@ -53,5 +53,5 @@ def test_launcher_command_line():
     config = LaunchConfig(nproc_per_node=4)
     cmd = torchrun_command(config, ["train", "--config", "x.yaml"], python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=1",
-                   "--max-restarts=0", "--standalone", "-m", "fasttrain.cli", "train", "--config", "x.yaml"]
+                   "--max-restarts=0", "--standalone", "-m", "fasttrain", "train", "--config", "x.yaml"]
     assert sys.executable  # the default interpreter is the running one

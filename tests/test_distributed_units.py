@@ -239,3 +239,15 @@ def test_find_unused_marks_unreachable_params_ready_at_backward_start(world_of_o
     ddp(torch.randn(2, 4)).sum().backward()
     assert ddp.stats.launch_grads_seen[0] == 0  # launched before any gradient was ready
     assert model.unused.weight.grad is None and model.used.weight.grad is not None
+
+
+def test_relaunch_rejects_elastic_node_ranges_and_use_cuda_conflicts(monkeypatch):
+    from fasttrain.distributed.launch import relaunch_with_torchrun
+
+    with pytest.raises(ValueError, match="elastic MIN:MAX"):
+        relaunch_with_torchrun(2, "1:2", None, ["train"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match="contradicts use_cuda"):
+        init_distributed(backend="gloo", use_cuda=True)

@@ -17,7 +17,13 @@ from fasttrain.distributed.env import (
     is_local_main_process,
     is_main_process,
 )
-from fasttrain.distributed.launch import LaunchConfig, exec_torchrun, pop_launch_args, torchrun_command
+from fasttrain.distributed.launch import (
+    LaunchConfig,
+    exec_torchrun,
+    pop_launch_args,
+    relaunch_with_torchrun,
+    torchrun_command,
+)
 from fasttrain.distributed.sampler import ShardedSampler
 
 __all__ = [
@@ -42,5 +48,6 @@ __all__ = [
     "order_from_ready",
     "plan_buckets",
     "pop_launch_args",
+    "relaunch_with_torchrun",
     "torchrun_command",
 ]

@@ -44,9 +44,12 @@ def _env_int(name: str) -> int:
         ) from None
 
 
-def _pick_backend(backend: str | None) -> str:
+def _pick_backend(backend: str | None, use_cuda: bool | None) -> str:
     if backend is None:
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+        backend = "nccl" if cuda else "gloo"
+    elif use_cuda is not None and use_cuda != (backend == "nccl"):
+        raise ValueError(f"backend={backend!r} contradicts use_cuda={use_cuda}; pass only one of them")
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl', 'gloo' or None (automatic), got {backend!r}")
     if backend == "nccl" and not torch.cuda.is_available():
@@ -71,8 +74,12 @@ def init_distributed(
     timeout_s: float = 1800.0,
     backend: str | None = None,
     init_method: str = "env://",
+    use_cuda: bool | None = None,
 ) -> DistributedState:
     """Create the default process group from the torchrun environment.
+
+    backend: "nccl", "gloo", or None to choose from `use_cuda` (None: CUDA if available);
+    NCCL binds this process to GPU LOCAL_RANK.
 
     `timeout_s` bounds every collective: if a peer dies or hangs, the others raise after
     at most this long instead of waiting forever (NCCL: the watchdog aborts the process).
@@ -80,8 +87,9 @@ def init_distributed(
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive seconds, got {timeout_s!r}")
     world_size = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
+    backend = _pick_backend(backend, use_cuda) if world_size > 1 else backend
     if world_size <= 1:
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() and use_cuda is not False
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         return DistributedState(0, 0, 1, 1, device, None)
     missing = [name for name in _REQUIRED_ENV if name not in os.environ]
@@ -96,7 +104,6 @@ def init_distributed(
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise RuntimeError(f"{name} is not set; torchrun sets it, or export it yourself")
-    backend = _pick_backend(backend)
     device = _device_for(backend, local_rank)
     if dist.is_initialized():
         raise RuntimeError("a default process group already exists; call destroy_distributed() first")

@@ -2,7 +2,7 @@
 
 The CLI pops the launch flags from its arguments with `pop_launch_args` and, when they ask
 for more than one process and we are not already a torchrun worker, replaces itself with
-`python -m torch.distributed.run ... -m fasttrain.cli train <the same train arguments>`.
+`python -m torch.distributed.run ... -m fasttrain train <the same train arguments>`.
 One node uses torchrun's `--standalone` (a free local port); several nodes use c10d
 rendezvous at `--rdzv-endpoint` (any node's reachable address; start the same command on
 every node).
@@ -102,7 +102,7 @@ def pop_launch_args(argv: Sequence[str]) -> tuple[LaunchConfig | None, list[str]
 def torchrun_command(
     config: LaunchConfig,
     train_argv: Sequence[str],
-    module: str = "fasttrain.cli",
+    module: str = "fasttrain",
     python: str = sys.executable,
 ) -> list[str]:
     """The torchrun command line that runs `python -m <module> <train_argv>` per worker."""
@@ -117,9 +117,29 @@ def torchrun_command(
     return [*cmd, "-m", module, *train_argv]
 
 
-def exec_torchrun(config: LaunchConfig, train_argv: Sequence[str], module: str = "fasttrain.cli") -> NoReturn:
+def exec_torchrun(config: LaunchConfig, train_argv: Sequence[str], module: str = "fasttrain") -> NoReturn:
     """Replace this process with torchrun running `module` with `train_argv` on every worker."""
     cmd = torchrun_command(config, train_argv, module)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)
+
+
+def relaunch_with_torchrun(
+    nproc_per_node: int,
+    nnodes: int | str,
+    rdzv_endpoint: str | None,
+    argv: Sequence[str],
+    module: str = "fasttrain",
+) -> NoReturn:
+    """The CLI's entry: replace this process with torchrun running `python -m fasttrain <argv>`.
+
+    `argv` may keep the launch flags: workers see LOCAL_RANK and never relaunch.
+    """
+    try:
+        nodes = int(nnodes)
+    except ValueError:
+        raise ValueError(f"--nnodes must be a number of nodes, got {nnodes!r} (elastic MIN:MAX ranges "
+                         "are not supported)") from None
+    config = LaunchConfig(nproc_per_node=nproc_per_node, nnodes=nodes, rdzv_endpoint=rdzv_endpoint)
+    exec_torchrun(config, argv, module)
