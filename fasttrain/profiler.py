@@ -215,8 +215,11 @@ class Profiler:
                             "computed from batch shapes, never tensors (that would sync)")
         begin, host_begin, phases, data_s = self._current
         self._current = None
-        measured = self.step > self.config.warmup_steps and not exclude
-        self._excluded += 0 if measured or self.step <= self.config.warmup_steps else 1
+        traced = self._trace is not None and self._trace.first <= self.step <= self._trace.last
+        warm = self.step <= self.config.warmup_steps
+        measured = not (warm or exclude or traced)  # traced steps carry torch.profiler's overhead
+        if not (measured or warm):
+            self._excluded += 1
         record = (begin, self._timer.mark(), perf_counter() - host_begin, data_s, phases,
                   tokens, samples, measured)
         self._pending.append(record)

@@ -138,8 +138,10 @@ def test_torch_profiler_trace_window(tmp_path):
         with prof.phase("forward"):
             torch.mm(a, a)
         prof.step_end(tokens=1, samples=1)
-    trace = prof.summary()["trace"]
+    summary = prof.summary()
+    trace = summary["trace"]
     prof.close()
+    assert summary["steps"] == {"total": 5, "warmup": 0, "excluded": 2, "measured": 3}
     assert trace is not None and trace.startswith(str(tmp_path / "profiler"))
     assert trace.endswith(".pt.trace.json")
     events = json.loads(open(trace).read())["traceEvents"]
