@@ -11,6 +11,7 @@ The references are also what the tests and `bench/bench_adamw.py` compare agains
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -59,6 +60,24 @@ def available() -> bool:
     if _loaded is None:
         _loaded = _load()
     return _loaded
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel(op_name: str, device_type: str) -> bool:
+    key = _DISPATCH_KEYS.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fasttrain::{op_name}", key)
+
+
+def has_kernel(op_name: str, tensors: Tensors) -> bool:
+    """True when the library is loaded and `op_name` has a kernel for the tensors' device
+    (a CPU-only build has no CUDA kernels: its CUDA callers take the fallback)."""
+    if not available() or len(tensors) == 0:
+        return False
+    return _has_kernel(op_name, tensors[0].device.type)
 
 
 def library_path() -> Optional[str]:
@@ -168,7 +187,7 @@ def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs
     lr = _lr_tensor(lr)
     args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(master_params),
             list(state_steps))
-    if available():
+    if has_kernel("adamw_", args[0]):
         torch.ops.fasttrain.adamw_(*args, lr, float(beta1), float(beta2), float(weight_decay),
                                    float(eps), grad_scale, found_inf)
         return
@@ -187,7 +206,7 @@ def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs
 def unscale_and_check_(grads: Tensors, inv_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
     """grads *= inv_scale in place; found_inf (1-element fp32) set to 1.0 on any inf/NaN."""
     grads = list(grads)
-    if available():
+    if has_kernel("unscale_and_check_", grads):
         torch.ops.fasttrain.unscale_and_check_(grads, inv_scale, found_inf)
     elif grads:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
@@ -197,6 +216,6 @@ def unscale_and_check_(grads: Tensors, inv_scale: torch.Tensor, found_inf: torch
 def grad_norm(tensors: Tensors, norm_type: float = 2.0) -> torch.Tensor:
     """Global `norm_type`-norm (2.0, inf, or any p > 0) over all tensors as a 0-d fp32 tensor."""
     tensors = list(tensors)
-    if available() and tensors:  # an empty list gives the dispatcher no device to pick
+    if has_kernel("grad_norm", tensors):  # [] has no device: the fallback returns 0
         return torch.ops.fasttrain.grad_norm(tensors, float(norm_type))
     return reference_grad_norm(tensors, norm_type)

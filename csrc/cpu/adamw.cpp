@@ -78,12 +78,17 @@ void adamw_chunk(const Slot& s, const Chunk& chunk, const Hyper& h, bool scaled)
   }
 }
 
-void check_on_cpu(at::TensorList params, at::TensorList state_steps, const at::Tensor& lr) {
+void check_on_cpu(at::TensorList params, at::TensorList state_steps, const at::Tensor& lr,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].is_cpu() && state_steps[i].is_cpu(), "fasttrain::adamw_: params[", i,
                 "] and state_steps[", i, "] must be CPU tensors for the CPU kernel");
   }
-  TORCH_CHECK(lr.is_cpu(), "fasttrain::adamw_: lr must be a CPU tensor for the CPU kernel");
+  TORCH_CHECK(lr.is_cpu() && (!grad_scale || grad_scale->is_cpu()) &&
+                  (!found_inf || found_inf->is_cpu()),
+              "fasttrain::adamw_: lr, grad_scale and found_inf must be CPU tensors for the CPU "
+              "kernel");
 }
 
 void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -93,7 +98,7 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                const std::optional<at::Tensor>& found_inf) {
   check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, lr, beta1,
                    beta2, eps, grad_scale, found_inf);
-  check_on_cpu(params, state_steps, lr);
+  check_on_cpu(params, state_steps, lr, grad_scale, found_inf);
   if (found_inf && found_inf->item<float>() != 0.0f) return;  // skipped step: touch nothing
   const double lr_value = lr.item<float>();
   const Hyper h{static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
@@ -107,11 +112,17 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     const StepConstants k{static_cast<float>(1.0 - lr_value * weight_decay),
                           static_cast<float>(lr_value / (1.0 - std::pow(beta1, t))),
                           static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)))};
-    float* master = master_params.empty() ? nullptr : master_params[i].data_ptr<float>();
-    slots[i] = Slot{params[i].data_ptr(),     grads[i].data_ptr(),          exp_avgs[i].data_ptr(),
-                    exp_avg_sqs[i].data_ptr(), master,                      params[i].scalar_type(),
-                    grads[i].scalar_type(),    exp_avgs[i].scalar_type(),  exp_avg_sqs[i].scalar_type(),
-                    k};
+    Slot& slot = slots[i];
+    slot.param = params[i].data_ptr();
+    slot.grad = grads[i].data_ptr();
+    slot.exp_avg = exp_avgs[i].data_ptr();
+    slot.exp_avg_sq = exp_avg_sqs[i].data_ptr();
+    slot.master = master_params.empty() ? nullptr : master_params[i].data_ptr<float>();
+    slot.param_t = params[i].scalar_type();
+    slot.grad_t = grads[i].scalar_type();
+    slot.exp_avg_t = exp_avgs[i].scalar_type();
+    slot.exp_avg_sq_t = exp_avg_sqs[i].scalar_type();
+    slot.k = k;
   }
   const bool scaled = grad_scale.has_value();
   for_each_chunk(make_chunks(params),
