@@ -1,7 +1,7 @@
 """Training step of the built-in GPT: eager vs per-block compile vs whole-model compile.
 
     python3 bench/bench_compile.py [--rounds 15] [--batch 8] [--seq-len 256] [--n-layer 4]
-                                   [--n-embd 128] [--n-head 4] [--no-cache-runs]
+                                   [--n-embd 128] [--n-head 4] [--threads N] [--no-cache-runs]
 
 Part 1, side by side in one process: three copies of one GPT (same weights), each with its
 own fused AdamW, run one full training step (forward, backward, optimizer, zero_grad) each
@@ -131,7 +131,7 @@ def cache_runs(args) -> list[dict]:
 def child_args(args) -> list[str]:
     return ["--batch", str(args.batch), "--seq-len", str(args.seq_len),
             "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd),
-            "--n-head", str(args.n_head)]
+            "--n-head", str(args.n_head), "--threads", str(args.threads)]
 
 
 def child(args, config: GPTConfig) -> None:
@@ -173,10 +173,13 @@ def main() -> None:
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=128)
     ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--no-cache-runs", action="store_true", help="skip cold/warm processes")
     ap.add_argument("--child", choices=["per-block", "whole-model"], help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_embd=args.n_embd,
                        n_head=args.n_head)
     if args.child:
