@@ -153,6 +153,9 @@ class FusedAdamW(torch.optim.Optimizer):
         # torch.amp.GradScaler sets these attributes instead of passing arguments
         grad_scale = grad_scale if grad_scale is not None else getattr(self, "grad_scale", None)
         found_inf = found_inf if found_inf is not None else getattr(self, "found_inf", None)
+        if grad_scale is not None and not isinstance(grad_scale, torch.Tensor):
+            raise TypeError(f"grad_scale must be a 0-d float32 tensor on the params' device "
+                            f"(the loss scale), got {type(grad_scale).__name__}")
         for group in self.param_groups:
             if group.get("amsgrad") or group.get("maximize"):
                 raise ValueError("FusedAdamW supports neither amsgrad nor maximize; use "

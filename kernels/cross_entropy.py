@@ -270,6 +270,6 @@ def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss
     if x.stride(-1) != 1:
         x = x.contiguous()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _cross_entropy_op(x, target.reshape(-1), int(ignore_index), float(label_smoothing),
+    loss, _ = _cross_entropy_op(x, target.reshape(-1).long(), int(ignore_index), float(label_smoothing),
                                 float(z_loss), reduction, compute_grad)
     return loss.view(target.shape) if reduction == "none" else loss
