@@ -25,7 +25,7 @@ from fasttrain.bench_worker import RESULT_PREFIX
 AXES = ("model", "seq_len", "batch", "precision", "compile", "fused", "ddp")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COLUMNS = ("model", "seq_len", "batch", "precision", "compile", "fused", "ddp", "tokens_per_second",
-           "step_time_p50", "mfu", "peak_memory_gib", "compile_time_s", "speedup", "error")
+           "step_time_p50", "mfu", "peak_memory_gib", "compile_time_s", "speedup", "note", "error")
 
 
 def _ints(name: str):
@@ -160,7 +160,7 @@ def _cell(row: dict, column: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = [c for c in COLUMNS if c != "error" or any(r.get("error") for r in rows)]
+    columns = [c for c in COLUMNS if c not in ("note", "error") or any(r.get(c) for r in rows)]
     cells = [[_cell(r, c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))

@@ -65,6 +65,15 @@ def make_timer_callback(warmup: int, steps: int, device: torch.device):
     return StepTimer()
 
 
+def _dynamo_graphs() -> int:
+    """Graphs Dynamo compiled in this process (0 when torch.compile never ran)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -79,7 +88,7 @@ def _training_args(cfg: dict, output_dir: str):
     kwargs = dict(
         output_dir=output_dir, max_steps=cfg["warmup"] + cfg["steps"],
         per_device_train_batch_size=cfg["batch"], learning_rate=3e-4, lr_scheduler_type="constant",
-        logging_steps=10 ** 9, save_strategy="no", eval_strategy="no", report_to="none",
+        logging_steps=cfg["warmup"] + cfg["steps"],  # one record, at the last step save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, seed=0, dataloader_drop_last=True,
         bf16=cfg["precision"] == "bf16", fp16=cfg["precision"] == "fp16",
         torch_compile=cfg["compile"], fused_loss=fused,
@@ -126,9 +135,14 @@ def run(cfg: dict) -> dict | None:
     fpt = flops_per_token_for(model, cfg["seq_len"])
     warmup_s = timer.t_warm - timer.t_begin
     p50 = _percentile(step_times, 0.5)
-    compile_s = output.metrics.get("compile_time_s") if hasattr(output, "metrics") else None
-    if compile_s is None and cfg["compile"]:
-        compile_s = max(0.0, warmup_s - cfg["warmup"] * p50)  # estimate: warm-up beyond steady state
+    graphs = _dynamo_graphs()
+    note = None
+    if cfg["compile"] and not graphs:
+        note = "torch_compile=True but Dynamo compiled no graph: the Trainer did not compile"
+    logged = [r["compile_time_s"] for r in trainer.state.log_history if "compile_time_s" in r]
+    compile_s, compile_source = (logged[-1], "trainer") if logged else (None, None)
+    if compile_s is None and cfg["compile"]:  # estimate: warm-up time beyond steady state
+        compile_s, compile_source = max(0.0, warmup_s - cfg["warmup"] * p50), "estimate"
     if device.type == "cuda":
         mem, mem_source = torch.cuda.max_memory_allocated(device) / GIB, "cuda max allocated"
     else:
@@ -139,7 +153,9 @@ def run(cfg: dict) -> dict | None:
         "step_time_p80": _percentile(step_times, 0.8),
         "mfu": None if peak is None else fpt.value * tps_device / peak,
         "flops_per_token": fpt.value, "peak_memory_gib": mem, "peak_memory_source": mem_source,
-        "warmup_time_s": warmup_s, "compile_time_s": compile_s, "world_size": world,
+        "warmup_time_s": warmup_s, "compile_time_s": compile_s,
+        "compile_time_source": compile_source, "compiled_graphs": graphs, "note": note,
+        "world_size": world,
         "device": device_name_of(device) or device.type,
         "final_loss": float(output.training_loss) if output.training_loss is not None else None,
     }
