@@ -251,3 +251,33 @@ def test_relaunch_rejects_elastic_node_ranges_and_use_cuda_conflicts(monkeypatch
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ValueError, match="contradicts use_cuda"):
         init_distributed(backend="gloo", use_cuda=True)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_including_the_first_ready_layer(world_of_one, use_reentrant):
+    """With reentrant checkpointing the first gradients arrive inside a nested backward; the
+    end-of-backward step must wait for the outer one, not finish at the nested one's end."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x):
+            for layer in self.layers:  # every layer, the last one included, is checkpointed
+                x = checkpoint(layer, torch.tanh(x), use_reentrant=use_reentrant)
+            return x
+
+    torch.manual_seed(0)
+    model, ref = Net(), Net()
+    ref.load_state_dict(model.state_dict())
+    ddp = BucketedDDP(model, bucket_cap_mb=1e-5, first_bucket_cap_mb=1e-5)
+    x = torch.randn(2, 4, requires_grad=True)
+    for _ in range(2):
+        ddp.zero_grad()
+        ddp(x).sum().backward()
+    ref(x).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad)
+    assert ddp.stats.launch_order == list(range(len(ddp.bucket_indices)))

@@ -137,6 +137,14 @@ class BucketedDDP(nn.Module):
 
     # ----------------------------------------------------------------- public surface
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._backward_started and self._sync_this_backward:
+            pending = [self._names[i] for i, ready in enumerate(self._ready) if not ready][:10]
+            raise RuntimeError(
+                "BucketedDDP: the previous backward did not finish synchronising gradients "
+                f"(still waiting for {pending}). Causes: an exception inside backward, or "
+                "parameters without gradient under reentrant checkpointing; use "
+                "torch.utils.checkpoint(..., use_reentrant=False) or find_unused_parameters=True"
+            )
         self._reset_backward_state()
         self._sync_this_backward = self._sync_enabled
         output = self.module(*args, **kwargs)
@@ -227,6 +235,7 @@ class BucketedDDP(nn.Module):
         self._next_launch = 0
         self._works: list[tuple[int, Any]] = []
         self._finalizer_queued = False
+        self._backward_started = False
         self._unused_from_graph: list[int] = []
         if not hasattr(self, "_used"):
             self._used = [False] * len(self._params)
@@ -241,6 +250,8 @@ class BucketedDDP(nn.Module):
         if not self._finalizer_queued:
             self._finalizer_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize_backward)
+        if not self._backward_started:
+            self._backward_started = True
             if self._sync_this_backward:
                 self.stats.reset()
                 for unused in self._unused_from_graph:
@@ -311,6 +322,11 @@ class BucketedDDP(nn.Module):
                 bucket.flat.copy_(bucket.comm)
 
     def _finalize_backward(self) -> None:
+        if _inside_reentrant_backward() and not (self._sync_this_backward and all(self._ready)):
+            # The end of a nested backward (torch.utils.checkpoint with use_reentrant=True):
+            # the outer backward may still produce gradients. The next hook queues us again.
+            self._finalizer_queued = False
+            return
         try:
             self._recording = False
             if self._sync_this_backward:
@@ -345,6 +361,12 @@ class BucketedDDP(nn.Module):
             for index in (used == 0).nonzero().flatten().tolist():  # sync: find_unused_parameters only
                 self._params[index].grad = None  # unused on every rank: no update, as in torch DDP
         return ""
+
+
+def _inside_reentrant_backward() -> bool:
+    """True while a backward runs nested inside another one's node (reentrant checkpointing)."""
+    current_node = getattr(torch._C, "_current_autograd_node", None)
+    return current_node is not None and current_node() is not None
 
 
 def _trainable_parameters(module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
