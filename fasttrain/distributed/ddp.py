@@ -265,8 +265,9 @@ class BucketedDDP(nn.Module):
         if self._ready[index]:
             raise RuntimeError(
                 f"BucketedDDP: parameter '{self._names[index]}' received a gradient twice in one "
-                "backward (or after its bucket was sent). Reentrant activation checkpointing does "
-                "this: use torch.utils.checkpoint(..., use_reentrant=False)"
+                "synchronising backward (or after its bucket was sent): run one backward per "
+                "forward of the wrapper (no retain_graph re-use), and call the wrapper, not "
+                "wrapper.module, for the forward"
             )
         view = self._views[index]
         if param.grad is not view:  # someone replaced .grad (e.g. set_to_none): adopt it
