@@ -87,6 +87,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    result = measure(args)
+    report(args, result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     size = dict(MODEL_SIZES[args.model])
     size["block_size"] = max(size.get("block_size", 0), args.seq_len)
@@ -116,6 +123,10 @@ def main() -> None:
             "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                      cwd=Path(__file__).parent).stdout.strip()},
     }
+    return result
+
+
+def report(args: argparse.Namespace, result: dict) -> None:
     print(f"model {args.model}, B={args.batch}, T={args.seq_len}, {args.steps} steps per variant, "
           f"alternating blocks of {args.block}")
     print(f"{'variant':10s} {'p20 ms':>10s} {'p50 ms':>10s} {'p80 ms':>10s}")
@@ -127,8 +138,6 @@ def main() -> None:
     print(f"on/off per adjacent block pair: p20 {pr['p20']:.4f}  p50 {pr['p50']:.4f}  p80 {pr['p80']:.4f}")
     print(f"profiler calls on an empty step: {result['empty_step_profiler_cost_us']:.1f} us")
     print(f"machine: {result['machine']}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -100,9 +100,7 @@ def _training_args(cfg: dict, output_dir: str):
 def run(cfg: dict) -> dict | None:
     """Train one configuration; returns the result dict on rank 0, None elsewhere."""
     from fasttrain import Trainer
-    from fasttrain.flops import device_name_of, flops_per_token_for, peak_flops
     from fasttrain.models import GPT, MODEL_SIZES, GPTConfig
-    from fasttrain.profiler_sampler import peak_rss_bytes
 
     if cfg["model"] not in MODEL_SIZES:
         raise ValueError(f"model={cfg['model']!r}: known sizes are {sorted(MODEL_SIZES)}")
@@ -126,6 +124,15 @@ def run(cfg: dict) -> dict | None:
     if timer.t_end is None:
         raise RuntimeError(f"only {trainer.state.global_step} of {total} steps ran: the dataset "
                            "ran out; this is a bug in the bench worker")
+    return summarize(cfg, trainer, timer, model, world, output.training_loss)
+
+
+def summarize(cfg: dict, trainer, timer, model, world: int, training_loss) -> dict:
+    """Throughput, MFU, memory and compile time of one finished configuration."""
+    from fasttrain.flops import device_name_of, flops_per_token_for, peak_flops
+    from fasttrain.profiler_sampler import peak_rss_bytes
+
+    device = trainer.device
     elapsed = timer.t_end - timer.t_warm
     step_times = [b - a for a, b in zip([timer.t_warm] + timer.step_ends[:-1], timer.step_ends)]
     tokens_per_rank = cfg["steps"] * cfg["batch"] * cfg["seq_len"]
@@ -157,7 +164,7 @@ def run(cfg: dict) -> dict | None:
         "compile_time_source": compile_source, "compiled_graphs": graphs, "note": note,
         "world_size": world,
         "device": device_name_of(device) or device.type,
-        "final_loss": float(output.training_loss) if output.training_loss is not None else None,
+        "final_loss": None if training_loss is None else float(training_loss),
     }
 
 
