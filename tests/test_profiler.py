@@ -256,3 +256,55 @@ def test_profiler_from_training_args(tmp_path):
     prof = profiler_from_args(args, model, torch.device("cpu"))
     assert prof.flops_per_token.value == 123.0 and not prof.config.enabled
     prof.close()
+
+
+class FakeCudaEvent:
+    """FAKE torch.cuda.Event (no GPU here): records the controlled clock; `device_at` says how
+    far the fake device has executed. Counts synchronize() calls, the only blocking call."""
+
+    device_at = 0.0
+    syncs = 0
+    created = 0
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        FakeCudaEvent.created += 1
+
+    def record(self, stream=None):
+        self.t = profiler_mod.perf_counter()
+
+    def query(self):
+        return self.t <= FakeCudaEvent.device_at
+
+    def synchronize(self):
+        FakeCudaEvent.syncs += 1
+        FakeCudaEvent.device_at = max(FakeCudaEvent.device_at, self.t)
+
+    def elapsed_time(self, end):
+        assert self.query() and end.query(), "elapsed_time before the events completed"
+        return (end.t - self.t) * 1e3
+
+
+def test_cuda_event_path_syncs_only_on_logging_steps(tmp_path, clock, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("device-wide sync"))
+    FakeCudaEvent.device_at, FakeCudaEvent.syncs, FakeCudaEvent.created = 0.0, 0, 0
+    prof = make(tmp_path, warmup_steps=1)
+    prof._timer = timing_mod.CudaTimer()  # the GPU timer, driven by the fake events
+    for _ in range(4):
+        run_step(prof, clock, 0.1, 0.2, 0.3, 0.4)  # 1.0 s steps; the "device" lags behind
+    assert FakeCudaEvent.syncs == 0 and len(prof._pending) == 4
+    FakeCudaEvent.device_at = clock.now  # the device catches up: drained without a sync
+    run_step(prof, clock, 0.1, 0.2, 0.3, 0.4)
+    assert FakeCudaEvent.syncs == 0 and len(prof._pending) == 1
+    m = prof.log_metrics()
+    assert FakeCudaEvent.syncs == 1 and not prof._pending  # the logging step's one sync
+    assert m["step_time_p50"] == pytest.approx(1.0) and m["phase_optimizer_s"] == pytest.approx(0.4)
+    assert m["tokens_per_second"] == pytest.approx(1000.0)
+    assert FakeCudaEvent.created == 5 * 12  # per step: begin, end, 5 phases x 2 (data is host)
+    for _ in range(3):
+        FakeCudaEvent.device_at = clock.now
+        run_step(prof, clock, 0.1, 0.2, 0.3, 0.4)
+    assert FakeCudaEvent.created == 60  # events come back to the pool once read: none created
+    assert FakeCudaEvent.syncs == 1
+    prof.close()
