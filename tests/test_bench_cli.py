@@ -88,10 +88,11 @@ def test_worker_failure_becomes_an_error_row(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_real_bench_run_prints_table_and_writes_files(tmp_path):
     cmd = [sys.executable, "-m", "fasttrain.bench", "bench", "--compile", "off", "--fused", "off",
            "--seq-len", "32", "--batch", "2", "--warmup", "1", "--steps", "3", "--threads", "1",
-           "--out", str(tmp_path)]
+           "--ddp", "1,2", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "tokens_per_second" in proc.stdout and "1.00x" in proc.stdout
@@ -103,6 +104,10 @@ def test_real_bench_run_prints_table_and_writes_files(tmp_path):
     assert result["machine"]["torch"].startswith("2.") and "git_commit" in result["machine"]
     assert result["machine"]["omp_num_threads"] == 1
     assert next(tmp_path.glob("bench-*.csv")).read_text().startswith("# host: ")
+    ddp = result["rows"][1]  # two gloo processes under torchrun: tokens of both ranks counted
+    assert "error" not in ddp, ddp.get("error")
+    assert ddp["world_size"] == 2 and ddp["tokens_per_second"] == pytest.approx(
+        2 * ddp["tokens_per_second_per_device"])
 
 
 def test_worker_commands_single_and_ddp():
