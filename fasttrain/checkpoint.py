@@ -77,9 +77,12 @@ class CheckpointWriter:
                 produce(f)
                 raw.flush()
                 os.fsync(raw.fileno())
-        except OSError as e:
+        except Exception as e:  # torch.save turns a failed write into a RuntimeError
             self.abort()
-            raise _save_error(self.output_dir, e) from e
+            os_error = _os_error_in(e)
+            if os_error is None:
+                raise
+            raise _save_error(self.output_dir, os_error) from e
         self.files[name] = {"size": f.size, "crc32": f.crc}
 
     def write_json(self, name: str, obj) -> None:
@@ -132,6 +135,14 @@ class _ChecksummingWriter(io.RawIOBase):
 
     def flush(self) -> None:
         self.raw.flush()
+
+
+def _os_error_in(e: BaseException) -> Optional[OSError]:
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _fsync_dir(path: str) -> None:

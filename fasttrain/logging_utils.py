@@ -23,7 +23,10 @@ def _jsonable(value):
 
 
 class MetricsLogger:
-    def __init__(self, args, is_main: bool, total_steps: int, resume: bool = False):
+    def __init__(self, args, is_main: bool, total_steps: int, resume: bool = False,
+                 history: Optional[list] = None):
+        """`history`: on resume, the restored log history; the JSONL file is rewritten to
+        it, dropping records the interrupted run wrote after its checkpoint."""
         self.enabled = is_main
         self.args = args
         self.tb = None
@@ -32,8 +35,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         os.makedirs(args.output_dir, exist_ok=True)
-        if not resume:
-            open(self.jsonl_path, "w", encoding="utf-8").close()
+        if not resume or history is not None:
+            tmp = self.jsonl_path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                for record in history or []:
+                    f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            os.replace(tmp, self.jsonl_path)
         if not args.disable_tqdm and total_steps:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, leave=True)

@@ -297,7 +297,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         epoch, micro_done = 0, 0
         if resume_from_checkpoint:
             epoch, micro_done = self._resume(resume_from_checkpoint)
-        self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint))
+        self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint),
+                                     history=st.log_history if resume_from_checkpoint else None)
         self._install_signal_handler()
         self.model_wrapped.train()  # evaluation restores the mode it found
         self._event("on_train_begin")

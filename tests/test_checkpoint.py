@@ -39,7 +39,7 @@ def _wait_for(path, proc, timeout=120):
 
 def _losses(out_dir):
     with open(os.path.join(out_dir, "log_history.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +52,21 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigkill_mid_run_then_resume_is_bit_exact(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    proc = _spawn(out, "--pause-at", "7")  # checkpoints at 3 and 6; killed inside step 7's end
+    proc = _spawn(out, "--pause-at", "7")  # saves at 3 and 6; killed inside step 7's end
     _wait_for(tmp_path / "paused-7", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert [os.path.basename(p) for p in ckpt.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6"]
+    # checkpoint-6 may still have been in flight on the saver thread: then it must not exist
+    names = [os.path.basename(p) for p in ckpt.list_checkpoints(out)]
+    assert names in (["checkpoint-3"], ["checkpoint-3", "checkpoint-6"])
+    for p in ckpt.list_checkpoints(out):
+        ckpt.verify(p)
     resumed = _spawn(out, "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
 
     ref_losses, got_losses = _losses(uninterrupted), _losses(out)
-    assert sorted(got_losses) == list(range(1, MAX_STEPS + 1))
+    assert [s for s, _ in got_losses] == list(range(1, MAX_STEPS + 1))  # no replayed records
     assert got_losses == ref_losses  # every per-step loss, exactly
     ref = torch.load(uninterrupted / "final_weights.pt")
     got = torch.load(out / "final_weights.pt")
