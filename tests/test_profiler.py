@@ -93,6 +93,7 @@ def test_log_metrics_during_warmup_has_no_throughput(tmp_path, clock):
 def test_real_training_loop_on_cpu(tmp_path, capsys, monkeypatch):
     import fasttrain.models.gpt as gpt
     monkeypatch.setattr(gpt, "linear_cross_entropy", None)  # plain torch loss: no interpreter
+    torch.set_num_threads(1)  # tiny ops: OpenMP spin-waits on a shared 2-core box (restored by conftest)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
