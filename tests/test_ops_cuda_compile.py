@@ -48,12 +48,70 @@ def compiled(tmp_path_factory):
          str(CUDA_DIR / "adamw.cu"), "-o", str(out / "adamw.ptx")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     jobs["glue"] = _compile_glue(out)
+    (out / "harness.cu").write_text(LAUNCHER_HARNESS)
+    jobs["harness"] = subprocess.Popen(
+        f"{NVCC} -std=c++17 -O1 -I{ROOT / 'csrc'} -arch=sm_90 {out / 'harness.cu'} "
+        f"-o {out / 'harness'} && {out / 'harness'}", shell=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = {}
     for name, proc in jobs.items():
         text, _ = proc.communicate(timeout=300)
         results[name] = {"rc": proc.returncode, "output": text}
     results["adamw.ptx"]["ptx"] = (out / "adamw.ptx").read_text() if (out / "adamw.ptx").exists() else ""
     return results
+
+
+# Host-only check of the launcher's bookkeeping (no GPU needed): a recording `launch` must see
+# every chunk of every tensor exactly once, within the per-launch limits, with the right
+# addresses and sizes, also when a tensor is split across launches.
+LAUNCHER_HARNESS = r"""
+#include "cuda/multi_tensor_apply.cuh"
+#include <cstdio>
+#include <vector>
+using namespace fasttrain::cuda;
+
+template <int DEPTH>
+int check(const std::vector<int64_t>& sizes) {
+  std::vector<std::vector<int>> seen(sizes.size());
+  for (size_t t = 0; t < sizes.size(); ++t) seen[t].assign((sizes[t] + kChunkSize - 1) / kChunkSize, 0);
+  int launches = 0, bad = 0;
+  auto numel = [&](int t) { return sizes[t]; };
+  auto addresses_of = [&](int t, TensorListMeta<DEPTH>& meta, int slot) {
+    for (int d = 0; d < DEPTH; ++d) meta.addresses[d][slot] = reinterpret_cast<void*>(uintptr_t(t) * 16 + d + 1);
+  };
+  auto launch = [&](const TensorListMeta<DEPTH>& meta, int blocks) -> const char* {
+    ++launches;
+    bad += blocks < 1 || blocks > kMaxBlocks;
+    for (int b = 0; b < blocks; ++b) {
+      const int slot = meta.block_to_tensor[b];
+      bad += slot >= TensorListMeta<DEPTH>::kMaxTensors;
+      const uintptr_t a0 = reinterpret_cast<uintptr_t>(meta.addresses[0][slot]) - 1;
+      const size_t t = a0 / 16;
+      for (int d = 0; d < DEPTH; ++d) bad += reinterpret_cast<uintptr_t>(meta.addresses[d][slot]) != t * 16 + d + 1;
+      if (t >= sizes.size() || meta.numel[slot] != sizes[t]) { ++bad; continue; }
+      const int chunk = meta.block_to_chunk[b];
+      if (chunk < 0 || chunk >= int(seen[t].size())) { ++bad; continue; }
+      seen[t][chunk] += 1;
+    }
+    return nullptr;
+  };
+  if (multi_tensor_apply<DEPTH>(int(sizes.size()), numel, addresses_of, launch) != nullptr) ++bad;
+  for (const auto& chunks : seen) for (int count : chunks) bad += count != 1;
+  std::printf("depth %d: %zu tensors, %d launches, %d errors\n", DEPTH, sizes.size(), launches, bad);
+  return bad;
+}
+
+int main() {
+  std::vector<int64_t> sizes;
+  for (int i = 0; i < 250; ++i) sizes.push_back(i % 17 == 0 ? 0 : 1 + (i * 7919) % 150000);
+  sizes.push_back(kChunkSize * 700 + 5);  // spans three launches by block count
+  sizes.push_back(0);
+  sizes.push_back(3);
+  int bad = check<6>(sizes) + check<1>(sizes) + check<6>({0, 0}) + check<1>({kChunkSize});
+  std::printf(bad == 0 ? "LAUNCHER OK\n" : "LAUNCHER BROKEN\n");
+  return bad != 0;
+}
+"""
 
 
 def _compile_glue(out: Path) -> subprocess.Popen:
@@ -89,6 +147,13 @@ def test_adamw_kernel_uses_16_byte_accesses(compiled):
     assert compiled["adamw.ptx"]["rc"] == 0, compiled["adamw.ptx"]["output"]
     assert re.search(r"ld\.global(\.\w+)*\.v4\.(f32|b32|u32)", ptx), "no 16-byte fp32 loads"
     assert re.search(r"st\.global(\.\w+)*\.v4\.(f32|b32|u32)", ptx), "no 16-byte fp32 stores"
+
+
+@needs_nvcc
+def test_launcher_covers_every_chunk_once_within_limits(compiled):
+    result = compiled["harness"]
+    assert result["rc"] == 0 and "LAUNCHER OK" in result["output"], result["output"]
+    assert re.search(r"depth 6: 253 tensors, [3-9] launches, 0 errors", result["output"])
 
 
 @needs_nvcc

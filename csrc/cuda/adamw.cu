@@ -69,6 +69,7 @@ const char* launch_adamw(const AdamwTensor* tensors, int n, const AdamwArgs& arg
   };
   auto launch = [&](const AdamwMeta& meta, int blocks) {
     adamw_kernel<<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(meta, args);
+    return launch_error("fasttrain: adamw kernel launch failed");
   };
   return multi_tensor_apply<6>(n, numel, addresses_of, launch);
 }

@@ -95,6 +95,7 @@ const char* launch_grad_norm_partials(const GradTensor* tensors, int n, DType dt
     norm_partials_kernel<<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         meta, dtype, kind, p, partials + written);
     written += blocks;
+    return launch_error("fasttrain: grad_norm kernel launch failed");
   };
   return multi_tensor_apply<1>(n, numel, addresses_of, launch);
 }
@@ -103,7 +104,7 @@ const char* launch_grad_norm_finish(const float* partials, int64_t n_partials, N
                                     float p, float* out, void* stream) {
   norm_finish_kernel<<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(partials, n_partials,
                                                                             kind, p, out);
-  return cudaGetLastError() == cudaSuccess ? nullptr : "fasttrain: grad_norm finish launch failed";
+  return launch_error("fasttrain: grad_norm finish launch failed");
 }
 
 }  // namespace fasttrain::cuda

@@ -36,8 +36,10 @@ struct TensorListMeta {
 static_assert(sizeof(TensorListMeta<6>) <= 3900, "kernel parameter buffer is 4 KB");
 static_assert(sizeof(TensorListMeta<1>) <= 3900, "kernel parameter buffer is 4 KB");
 
-// Calls launch(meta, n_blocks) once per full parameter buffer. numel(t) is tensor t's size;
-// addresses_of(t, meta, slot) writes its DEPTH pointers into meta.addresses[*][slot].
+// Calls launch(meta, n_blocks) once per full parameter buffer; launch returns nullptr or an
+// error, which stops the walk. numel(t) is tensor t's size; addresses_of(t, meta, slot)
+// writes its DEPTH pointers into meta.addresses[*][slot]. Host-only logic: a test runs it
+// with a recording `launch` on a machine without a GPU.
 template <int DEPTH, typename Numel, typename AddressesOf, typename Launch>
 const char* multi_tensor_apply(int n, const Numel& numel, const AddressesOf& addresses_of,
                                const Launch& launch) {
@@ -57,8 +59,7 @@ const char* multi_tensor_apply(int n, const Numel& numel, const AddressesOf& add
       const bool tensor_done = c == chunks - 1;
       if (n_blocks == kMaxBlocks || (tensor_done && n_tensors == Meta::kMaxTensors) ||
           (tensor_done && t == last)) {
-        launch(meta, n_blocks);
-        if (cudaGetLastError() != cudaSuccess) return "fasttrain: CUDA kernel launch failed";
+        if (const char* error = launch(meta, n_blocks)) return error;
         n_blocks = 0;
         if (tensor_done) {
           n_tensors = 0;
@@ -71,6 +72,10 @@ const char* multi_tensor_apply(int n, const Numel& numel, const AddressesOf& add
     }
   }
   return nullptr;
+}
+
+inline const char* launch_error(const char* what) {
+  return cudaGetLastError() == cudaSuccess ? nullptr : what;
 }
 
 // ---- element access in fp32 whatever the storage dtype (dtype uniform per launch)

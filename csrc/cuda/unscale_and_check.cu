@@ -39,6 +39,7 @@ const char* launch_unscale_and_check(const GradTensor* tensors, int n, DType dty
   auto launch = [&](const GradMeta& meta, int blocks) {
     unscale_kernel<<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(meta, dtype, inv_scale,
                                                                                found_inf);
+    return launch_error("fasttrain: unscale_and_check kernel launch failed");
   };
   return multi_tensor_apply<1>(n, numel, addresses_of, launch);
 }
