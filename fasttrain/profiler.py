@@ -354,8 +354,7 @@ class Profiler:
         if self.config.record_memory_history and self.device.type == "cuda":
             torch.cuda.memory._record_memory_history(enabled=None)
         if self._sampler is not None:
-            self._sampler.stop()
-            self._sampler = None
+            self._sampler.stop()  # idempotent; its aggregates stay readable for summary()/write()
 
     # ---------------------------------------------------------------- OOM
     def _write_oom_snapshot(self) -> None:

@@ -117,10 +117,12 @@ def test_real_training_loop_on_cpu(tmp_path, capsys, monkeypatch):
     assert m["tokens_per_second"] > 0 and 0 < m["data_wait_fraction"] < 1
     phases = sum(m[f"phase_{p}_s"] for p in ("data", "forward", "backward", "optimizer"))
     assert phases <= m["step_time_p90"] * 1.0001 * 5 and m["phase_backward_s"] > 0
+    prof.close()  # the Trainer may close before writing: the summary must survive it
     path = prof.write()
     prof.print_summary()
     prof.close()
     saved = json.loads(path.read_text())
+    assert saved["hardware"]["host_rss_gib_max"] > 0
     assert path == tmp_path / "profile.json"
     assert saved["steps"]["measured"] == 5 and saved["device"]["name"] == "cpu"
     assert saved["mfu"]["value"] is None and "no peak FLOP/s known for 'cpu'" in saved["mfu"]["note"]
