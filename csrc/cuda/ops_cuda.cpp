@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <map>
 #include <vector>
 
@@ -109,6 +110,7 @@ at::Tensor grad_norm_cuda(at::TensorList tensors, double norm_type) {
   constexpr const char* op = "fasttrain::grad_norm";
   check_norm_type(op, norm_type);
   check_tensor_list(op, tensors, "tensors");
+  TORCH_CHECK(!tensors.empty(), op, ": got no tensors; the norm of nothing is 0");
   const at::Device device = tensors[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const NormKind kind = std::isinf(norm_type) ? NormKind::kInf
