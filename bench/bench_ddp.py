@@ -4,8 +4,8 @@
 
 For each bucket size of the sweep, the same model (an MLP-block stack, residual, LayerNorm)
 is trained with SGD by BucketedDDP, torch DDP (same bucket_cap_mb, 1 MiB first bucket), and
-BucketedDDP with bf16 communication; the runs alternate in rounds so machine noise hits
-all of them alike. Reported per variant: step time p20/p50/p80 (ms), the ratio of medians
+BucketedDDP with bf16 communication; the variants alternate step by step (rotating which
+goes first) so machine noise hits all of them alike. Reported per variant: step time p20/p50/p80 (ms), the ratio of medians
 against torch DDP, and for BucketedDDP the fraction of all-reduce bytes launched while
 gradients were still being computed (before the last gradient of the backward was ready)
 and the share launched at least 1 ms before backward ended.
@@ -70,7 +70,7 @@ def make_variant(kind: str, args, cap_mb: float):
     return wrapped, opt
 
 
-def run_steps(kind, wrapped, opt, x, steps, times, fractions):
+def run_steps(wrapped, opt, x, steps, times, fractions):
     for _ in range(steps):
         start = time.perf_counter()
         if isinstance(wrapped, BucketedDDP):
@@ -83,8 +83,6 @@ def run_steps(kind, wrapped, opt, x, steps, times, fractions):
         if isinstance(wrapped, BucketedDDP):
             stats = wrapped.stats
             fractions.append((stats.fraction_bytes_launched_early, stats.fraction_bytes_launched_before_end(1e-3)))
-    if kind != "local":
-        dist.barrier()
 
 
 def bench_cap(args, cap_mb: float) -> dict:
@@ -94,10 +92,10 @@ def bench_cap(args, cap_mb: float) -> dict:
     times = {k: [] for k in kinds}
     fractions = {k: [] for k in kinds}
     for k in kinds:  # warm-up (and BucketedDDP's bucket rebuild after iteration 1)
-        run_steps(k, *variants[k], x, 2, [], [])
-    for _ in range(args.rounds):
-        for k in kinds:
-            run_steps(k, *variants[k], x, args.steps, times[k], fractions[k])
+        run_steps(*variants[k], x, 2, [], [])
+    for i in range(args.rounds * args.steps):  # interleaved step by step, rotating who goes first
+        for k in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
+            run_steps(*variants[k], x, 1, times[k], fractions[k])
     out = {k: quantiles(times[k]) for k in kinds}
     for k in ("fasttrain", "fasttrain_bf16"):
         out[k]["fraction_bytes_launched_early"] = statistics.mean(f[0] for f in fractions[k])
