@@ -116,7 +116,10 @@ def _datasets(ns, seq_len: int):
 def cmd_train(ns: argparse.Namespace) -> int:
     if ns.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         from fasttrain.distributed.launch import relaunch_with_torchrun
-        return relaunch_with_torchrun(ns.nproc_per_node, ns.nnodes, ns.rdzv_endpoint, sys.argv[1:])
+        argv = list(sys.argv[1:])
+        if ns.name is None:  # every rank must write to the same run directory
+            argv += ["--name", time.strftime("gpt-%Y%m%d-%H%M%S")]
+        return relaunch_with_torchrun(ns.nproc_per_node, ns.nnodes, ns.rdzv_endpoint, argv)
     import torch
     from fasttrain import Trainer
     from fasttrain.models import GPT, GPTConfig, MODEL_SIZES
@@ -133,7 +136,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
     trainer = Trainer(model, args, train_dataset=train_ds, eval_dataset=eval_ds)
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    last_eval = next((r for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
+    if eval_ds is not None and (last_eval is None or last_eval["step"] != out.global_step):
+        last_eval = trainer.evaluate()
+    eval_loss = last_eval["eval_loss"] if last_eval is not None else None
     trainer.save_model(args.output_dir)
     wall = time.perf_counter() - start
     if trainer.dist.is_main:

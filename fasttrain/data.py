@@ -140,15 +140,19 @@ class ResumableSampler(Sampler[int]):
     (seed, epoch), and the position is the number of this rank's samples consumed."""
 
     def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False):
+                 world_size: int = 1, drop_last: bool = False, pad: bool = True):
+        """pad: repeat samples so every rank gets the same count (training, where ranks must
+        step together); pad=False gives uneven shards with each sample exactly once (eval)."""
         if num_samples < 1:
             raise ValueError("the dataset is empty (0 samples); pass a dataset with at least one example")
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.rank, self.world_size, self.drop_last, self.pad = rank, world_size, drop_last, pad
         self.epoch = 0
         self.start = 0
 
     def per_rank(self) -> int:
+        if not self.pad and not self.drop_last:
+            return len(range(self.rank, self.num_samples, self.world_size))
         if self.drop_last:
             return self.num_samples // self.world_size
         return -(-self.num_samples // self.world_size)
@@ -162,6 +166,8 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
+        if not self.pad and not self.drop_last:
+            return order[self.rank::self.world_size]
         total = self.per_rank() * self.world_size
         order = order[:total] if self.drop_last else (order * (total // len(order) + 1))[:total]
         return order[self.rank:total:self.world_size]

@@ -26,8 +26,11 @@ from fasttrain.callbacks import CallbackHandler, TrainerControl, TrainerState
 from fasttrain.data import ResumableSampler, count_valid_labels, default_data_collator
 from fasttrain.logging_utils import MetricsLogger
 from fasttrain.optim_factory import build_optimizer, step_unless
+from fasttrain.precision import (DynamicLossScaler, autocast_context, cast_floating_params_,
+                                 needs_loss_scaler)
 from fasttrain.schedules import LRScheduler, get_multiplier
 from fasttrain.trainer_eval import EvaluationMixin
+from fasttrain.trainer_instruments import Instruments
 from fasttrain.trainer_state_io import CheckpointMixin
 from fasttrain.trainer_utils import (TrainOutput, extract_loss, forward_arg_names, set_seed,
                                      to_device, uses_label_shift)
@@ -90,6 +93,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
 
     def create_optimizer(self):
         if self.optimizer is None:
+            if self.args.master_weights:  # low-precision weights, fp32 masters in FusedAdamW
+                cast_floating_params_(self.model, torch.bfloat16 if self.args.bf16 else torch.float16)
             self.optimizer = build_optimizer(self.args, self.model)
         return self.optimizer
 
@@ -108,16 +113,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.create_scheduler(num_training_steps, self.optimizer)
 
     def _build_scaler(self):
-        if not self.args.fp16:
-            return None
-        from fasttrain.precision import DynamicLossScaler
-        return DynamicLossScaler()
+        return DynamicLossScaler() if needs_loss_scaler(self.args.bf16, self.args.fp16) else None
 
     def _autocast(self):
-        if not (self.args.bf16 or self.args.fp16):
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast_context(self.device.type, bf16=self.args.bf16, fp16=self.args.fp16)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -204,7 +203,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             last = i == len(batches) - 1
             with self.dist.no_sync(model, enabled=not last):
                 batch = to_device(batch, self.device)
-                with self._autocast():
+                with self._instruments.phase("forward"), self._autocast():
                     loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
                 if num_items is None:  # no labels: the model's own mean, averaged over micro-batches
                     loss = loss / len(batches)
@@ -213,10 +212,12 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 # ranks, so multiply back by the world size to get the global sum / count.
                 scaled = loss * self.dist.world_size
                 scaled = self.scaler.scale(scaled) if self.scaler is not None else scaled
-                scaled.backward()
+                with self._instruments.phase("backward"):
+                    scaled.backward()
             if not last:
                 self._event("on_substep_end")
-        self._optimizer_step(step_loss)
+        with self._instruments.phase("optimizer"):
+            self._optimizer_step(step_loss)
         return step_loss
 
     def _step_token_count(self, batches: list) -> Optional[torch.Tensor]:
@@ -280,6 +281,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             num_epochs = math.ceil(args.num_train_epochs)
         self.create_optimizer_and_scheduler(max_steps)
         self.scaler = self._build_scaler()
+        self._instruments = Instruments(args, self.model, self.dist, self.train_dataset)
         self.model_wrapped = self.dist.wrap(self.model, args)
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
         self.callback_handler.train_dataloader = loader
@@ -305,12 +307,14 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         start_time = time.perf_counter()
         start_step = st.global_step
         try:
-            self._run_epochs(loader, epoch, micro_done, num_epochs, steps_per_epoch, micro_per_epoch)
+            with self._instruments.oom_guard():
+                self._run_epochs(loader, epoch, micro_done, num_epochs, steps_per_epoch, micro_per_epoch)
             self._saver.wait()
         finally:
             self._saver.drain()
             self._restore_signal_handler()
             self._logger.close()
+            self.profile_summary = self._instruments.finish(self.dist.is_main, quiet=args.disable_tqdm)
         runtime = time.perf_counter() - start_time
         if args.load_best_model_at_end and st.best_model_checkpoint:
             ckpt.load_model_weights(self.model, st.best_model_checkpoint)
@@ -330,13 +334,17 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             control._new_epoch()
             self._event("on_epoch_begin")
             iterator = iter(loader)
+            inst = self._instruments
             while micro_done < micro_per_epoch and st.global_step < st.max_steps:
                 self._event("on_step_begin")
-                batches = [next(iterator) for _ in range(min(ga, micro_per_epoch - micro_done))]
+                inst.step_begin()
+                with inst.phase("data"):
+                    batches = [next(iterator) for _ in range(min(ga, micro_per_epoch - micro_done))]
                 micro_done += len(batches)
                 self._micro_done = micro_done
                 step_loss = self.training_step(batches)
                 tokens = sum(_tokens_in(b) for b in batches)
+                inst.step_end(st.global_step + 1, tokens, sum(_samples_in(b) for b in batches))
                 st.global_step += 1
                 st.epoch = epoch + micro_done / micro_per_epoch
                 st.num_input_tokens_seen += tokens * self.dist.world_size
@@ -375,7 +383,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             self._log_training(self._window.flush(self.dist))
         metrics = None
         if control.should_evaluate and self.eval_dataset is not None:
-            metrics = self.evaluate()
+            with self._instruments.expect_compiles("evaluation (dropout off)"):
+                metrics = self.evaluate()
             new_best = self._update_best(metrics)
             if args.save_strategy == "best" and new_best:
                 control.should_save = True
@@ -402,6 +411,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if self.scaler is not None:
             record["loss_scale"] = float(self.scaler.get_scale())  # sync: logging step
             self.scaler.check_divergence()
+        record.update(self._instruments.log_metrics())
         if self.args.nonfinite_loss_policy == "stop":
             run = int(self._nonfinite_run.item())  # sync: logging step
             if run >= self.args.max_consecutive_nonfinite:
@@ -474,6 +484,11 @@ class _LogWindow:
                "tokens_per_second": self.tokens * dist.world_size / max(elapsed, 1e-9)}
         self.reset()
         return out
+
+
+def _samples_in(batch: dict) -> int:
+    first = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    return int(first.shape[0]) if first is not None else 0
 
 
 def _tokens_in(batch: dict) -> int:

@@ -6,6 +6,7 @@ torch's DDP with ddp_backend="torch").
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 
@@ -22,8 +23,15 @@ class DistContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         use_cuda = torch.cuda.is_available() and not args.use_cpu
         if world > 1:
-            from fasttrain.distributed import init_distributed
+            import torch.distributed as dist
+            from fasttrain.distributed import destroy_distributed, init_distributed
+            if dist.is_initialized():  # the user (or a previous Trainer) set it up: reuse it
+                rank = dist.get_rank()
+                local = int(os.environ.get("LOCAL_RANK", "0"))
+                device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+                return cls(rank, local, dist.get_world_size(), device)
             info = init_distributed(timeout_s=args.ddp_timeout, use_cuda=use_cuda)
+            atexit.register(destroy_distributed)  # torn down when the program ends
             return cls(info.rank, info.local_rank, info.world_size, info.device)
         device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         return cls(0, 0, 1, device)
@@ -54,8 +62,9 @@ class DistContext:
         return contextlib.nullcontext()
 
     def zero_grad(self, model, optimizer) -> None:
-        if hasattr(model, "zero_grad_buffers"):
-            model.zero_grad_buffers()  # BucketedDDP owns flat gradient buffers: zero, keep views
+        from fasttrain.distributed import BucketedDDP
+        if isinstance(model, BucketedDDP):
+            model.zero_grad()  # it owns flat gradient buffers: zero them, keep the .grad views
         else:
             optimizer.zero_grad(set_to_none=True)
 

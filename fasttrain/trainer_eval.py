@@ -28,7 +28,7 @@ class EvaluationMixin:
         from fasttrain.trainer import _dataset_len
         n = _dataset_len(dataset, "eval_dataset")
         sampler = ResumableSampler(n, shuffle=False, rank=self.dist.rank,
-                                   world_size=self.dist.world_size, drop_last=False)
+                                   world_size=self.dist.world_size, drop_last=False, pad=False)
         return self._loader(dataset, sampler, self.args.per_device_eval_batch_size, False), n
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
@@ -145,19 +145,18 @@ def _to_numpy(t):
 
 
 def _gather(dist, arrays: list, n_examples: int) -> Optional[np.ndarray]:
-    if not arrays and not dist.enabled:
-        return None
+    """Concatenate this rank's batches and, under data parallelism, every rank's, back in
+    dataset order: rank r evaluated examples r, r+W, r+2W, ... (no padding repeats)."""
     if arrays and isinstance(arrays[0], tuple):
         return tuple(_gather(dist, [a[i] for a in arrays], n_examples) for i in range(len(arrays[0])))
     local = pad_and_concat(arrays) if arrays else None
     if not dist.enabled:
         return local
-    parts = [p for p in dist.all_gather_object(local) if p is not None]
-    if not parts:
+    parts = dist.all_gather_object(local)
+    if any(p is None for p in parts):
         return None
-    # ResumableSampler gives rank r the examples r, r+W, r+2W, ...: interleave back into
-    # dataset order and drop the padding repeats at the end.
     merged = pad_and_concat(parts)
-    per_rank = parts[0].shape[0]
-    order = np.arange(per_rank * len(parts)).reshape(len(parts), per_rank).T.reshape(-1)
-    return merged[order][:n_examples]
+    positions = np.concatenate([np.arange(r, n_examples, len(parts)) for r in range(len(parts))])
+    out = np.empty_like(merged)
+    out[positions] = merged
+    return out

@@ -1,0 +1,81 @@
+"""The Trainer's measuring instruments behind one object: the profiler (throughput, MFU,
+step breakdown, memory) and the compile monitor (compiles, recompiles and their causes).
+
+Per step nothing here synchronises with the device; `log_metrics()` runs on logging steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("fasttrain")
+
+
+def _seq_len_of(dataset) -> Optional[int]:
+    try:
+        ids = dataset[0].get("input_ids")
+    except Exception:  # noqa: BLE001 - iterable or exotic datasets: MFU then needs flops_per_token
+        return None
+    return len(ids) if ids is not None else None
+
+
+class Instruments:
+    def __init__(self, args, model: torch.nn.Module, dist, train_dataset):
+        from fasttrain.compile import compile_from_args
+        from fasttrain.profiler import profiler_from_args
+        self.args = args
+        self.monitor = compile_from_args(model, args)  # compiles model in place; None when off
+        self.profiler = profiler_from_args(args, model, dist.device, num_devices=dist.world_size,
+                                           rank=dist.rank, seq_len=_seq_len_of(train_dataset))
+        self.enabled = bool(args.profile)
+        self._warm = False
+
+    def step_begin(self) -> None:
+        if self.enabled:
+            self.profiler.step_begin()
+
+    def phase(self, name: str):
+        return self.profiler.phase(name) if self.enabled else contextlib.nullcontext()
+
+    def step_end(self, global_step: int, tokens: int, samples: int) -> None:
+        if self.enabled:
+            self.profiler.step_end(tokens, samples)
+        if self.monitor is not None and not self._warm and global_step >= self.args.profile_warmup_steps:
+            self.monitor.end_warmup()  # a recompile from now on is warned about, with its cause
+            self._warm = True
+
+    def expect_compiles(self, why: str):
+        """Evaluation switches dropout off: its compiles are expected, not regressions."""
+        if self.monitor is None:
+            return contextlib.nullcontext()
+        return self.monitor.expect_compiles(why)
+
+    def log_metrics(self) -> dict:
+        out = {}
+        if self.enabled:
+            out.update(self.profiler.log_metrics())
+        if self.monitor is not None:
+            out.update({f"compile_{k}" if not k.startswith("compile") else k: v
+                        for k, v in self.monitor.stats().items()})
+        return out
+
+    def oom_guard(self):
+        return self.profiler.oom_guard() if self.enabled else contextlib.nullcontext()
+
+    def finish(self, is_main: bool, quiet: bool) -> Optional[dict]:
+        summary = None
+        if self.monitor is not None:
+            stats = self.monitor.stats()
+            self.profiler.add_compile_time(stats.get("compile_time_s", 0.0) or 0.0)
+            self.monitor.stop()
+        if self.enabled:
+            summary = self.profiler.summary()
+            if is_main:
+                self.profiler.write(self.args.output_dir)
+                if not quiet:
+                    self.profiler.print_summary()
+        self.profiler.close()
+        return summary

@@ -1,0 +1,50 @@
+"""The Trainer launched by torchrun with two gloo processes equals one process on the
+global batch: exact token normalisation across ranks, every eval example seen once."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out, nproc, backend):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "tests._trainer_ddp_worker", str(out), backend]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+               "-m", "tests._trainer_ddp_worker", str(out), backend]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("single"), 1, "fasttrain")
+
+
+@pytest.mark.parametrize("backend", ["fasttrain", "torch"])
+def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, single, backend):
+    two = _run(tmp_path, 2, backend)
+    for k, v in single["weights"].items():
+        torch.testing.assert_close(two["weights"][k], v, rtol=0, atol=1e-5, msg=k)
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(single["losses"]),
+                               rtol=1e-5, atol=1e-6)
+    assert two["seen"]["n"] == single["seen"]["n"] == 11  # every eval example exactly once
+    assert two["seen"]["first_labels"] == single["seen"]["first_labels"]  # in dataset order
+    assert two["eval"]["eval_loss"] == pytest.approx(single["eval"]["eval_loss"], rel=1e-5)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoint-4")).count("rng_state_1.pt") == 1
