@@ -58,10 +58,27 @@ def _rows(shapes, device):
             opts["apex FusedAdam"] = FusedAdam(_params(shapes, device), adam_w_mode=True, **HP)
         except ImportError:
             pass
-    else:
+    rows = {name: opt.step for name, opt in opts.items()}
+    if device == "cpu":
         path = "compiled op" if _compiled_ops() is not None else "torch fused fallback"
-        opts[f"fasttrain ({path})"] = opts.pop("fasttrain")
-    return {name: opt.step for name, opt in opts.items()}
+        rows[f"fasttrain ({path})"] = rows.pop("fasttrain")
+        if _compiled_ops() is not None:  # also time the fallback used where it is not built
+            fallback = FusedAdamW(_params(shapes, device), **dict(HP, lr=lr))
+            rows["fasttrain (torch fused fallback)"] = _without_compiled_ops(fallback.step)
+    return rows
+
+
+def _without_compiled_ops(step):
+    import fasttrain.optim as optim_mod
+
+    def run():
+        real = optim_mod._compiled_ops
+        optim_mod._compiled_ops = lambda: None
+        try:
+            step()
+        finally:
+            optim_mod._compiled_ops = real
+    return run
 
 
 def main():

@@ -14,8 +14,8 @@ kernel arguments, so there is no 4 KB limit): a per-tensor table of addresses
 (param, grad, exp_avg, exp_avg_sq, master, step, numel) copied host-to-device without a sync
 each step, and a per-program table of (tensor, block) cached per list of sizes.
 Bytes per element, fp32 params: read p, g, m, v and write p, m, v = 28 B; bf16 params with
-fp32 master: read p(2 B is skipped: master is read instead) g 2, master 4, m 4, v 4, write
-p 2, master 4, m 4, v 4 = 28 B. Memory bound: 124M fp32 params move 3.5 GB, ~1.0 ms at the
+fp32 master: read g 2, master 4, m 4, v 4, write master 4, m 4, v 4, p 2 = 28 B.
+Memory bound: 124M fp32 params move 3.5 GB, ~1.0 ms at the
 H100's 3.35 TB/s. Full blocks take an unmasked path so accesses vectorise to 16 bytes; the
 host sends tensors that are not 16-byte aligned to a separate unaligned launch.
 """
