@@ -2,7 +2,11 @@
 weights with fp32 masters; fp16 + torch.amp.GradScaler as the peer for the scaler.
 
     python3 bench/bench_precision.py [--reps 15] [--warmup 3] [--threads N] [--device cpu]
-        [--n-layer 4 --n-embd 256 --n-head 4 --vocab 4096 --seq-len 128 --batch 8]
+        [--n-layer 2 --n-embd 256 --n-head 4 --vocab 4096 --seq-len 64 --batch 4]
+
+The default model is small because CPUs without native bf16/fp16 matmul (AVX2-only, as
+on this project's machines) run half-precision GEMMs ~10x slower than fp32; pass a
+GPT-2-sized config on a GPU or an AMX/AVX512-BF16 CPU.
 
 A step is the Trainer's precision path written out: forward under autocast_context, fp32
 loss (the model's fused linear cross-entropy returns fp32), scaled backward, unscale_, clip
@@ -138,6 +142,10 @@ def rss_bytes() -> int:
 def peak_memory_child(name: str, cfg: GPTConfig, args, device) -> int:
     """In a fresh process: peak bytes above the pre-model baseline while building `name`
     and training it (CPU: current RSS sampled every millisecond; CUDA: the allocator)."""
+    # Load every library and lazy kernel on a throwaway model first: the baseline then
+    # excludes them and the peak above it is this row's model, optimizer and activations.
+    tiny = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    Row(name, tiny, device).step(make_batch(tiny, 1, 8, device))
     baseline, peak, done = rss_bytes(), [0], threading.Event()
 
     def sample():
@@ -189,12 +197,12 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-layer", type=int, default=2)
     ap.add_argument("--n-embd", type=int, default=256)
     ap.add_argument("--n-head", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
