@@ -210,3 +210,32 @@ def test_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert ranks[0][2]["params"] == ranks[0][1]["params"]  # the skipped step moved nothing
     assert ranks[0][3]["params"] != ranks[0][2]["params"]
     assert [r["scale"] for r in ranks[0]] == [2.0**10, 2.0**10, 2.0**9, 2.0**9, 2.0**9, 2.0**10]
+
+
+def test_fp16_resume_restores_the_scaler_exactly(tmp_path, monkeypatch):
+    """Stop at step 6 of 12 and resume: the scale, its trackers and the weights continue
+    as in the uninterrupted run (a scaler rebuilt from 2**24 would skip steps again)."""
+    from fasttrain.precision import DynamicLossScaler
+
+    monkeypatch.setattr(Trainer, "_build_scaler",
+                        lambda self: DynamicLossScaler(2.0**24, growth_interval=3))
+    torch.set_num_threads(1)
+    data = permutation_examples(8 * 12)
+
+    def trainer(name, max_steps):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / name), disable_tqdm=True, report_to="none",
+            save_strategy="steps", save_steps=6, logging_steps=1, learning_rate=1e-2,
+            max_steps=max_steps, per_device_train_batch_size=8, optim="adamw_torch_fused",
+            lr_scheduler_type="constant", seed=5, use_cpu=True, fp16=True)
+        return Trainer(tiny_gpt(seed=3), args, train_dataset=data)
+
+    full = trainer("full", 12)
+    full.train()
+    trainer("part", 6).train()
+    resumed = trainer("part", 12)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-6"))
+    assert resumed.scaler.state_dict() == full.scaler.state_dict()
+    assert full.scaler.state_dict()["_skipped_steps"] >= 1
+    for a, b in zip(resumed.model.parameters(), full.model.parameters()):
+        assert torch.equal(a, b)
