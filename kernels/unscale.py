@@ -21,6 +21,8 @@ guarantees the 16-byte alignment that path assumes (misaligned views get their o
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -143,11 +145,14 @@ def _launch(grads: list[torch.Tensor], inv_scale, found_inf, aligned: bool) -> N
     tensor_table = _to_device(tensor_table, device)
     block_table = _block_table(numels, device)
     unscale = inv_scale is not None
-    _unscale_kernel[(block_table.shape[0],)](
-        tensor_table, block_table, inv_scale if unscale else found_inf, found_inf,
-        GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BLOCK=BLOCK, UNSCALE=unscale, ALIGNED=aligned,
-        num_warps=NUM_WARPS,
-    )
+    # Triton launches on the current CUDA device: make it the gradients' one.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        _unscale_kernel[(block_table.shape[0],)](
+            tensor_table, block_table, inv_scale if unscale else found_inf, found_inf,
+            GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BLOCK=BLOCK, UNSCALE=unscale,
+            ALIGNED=aligned, num_warps=NUM_WARPS,
+        )
 
 
 def _check_args(grads, inv_scale, found_inf) -> torch.device:
