@@ -95,8 +95,12 @@ def unscale_and_check_(grads: list[torch.Tensor], inv_scale: Optional[torch.Tens
     strided = [g for g in grads if not g.is_contiguous()]
     grads = [g for g in grads if g.is_contiguous()]
     if backend == "triton" and grads:
-        from fasttrain.kernels.unscale import unscale_and_check_ as triton_unscale_
-        triton_unscale_(grads, inv_scale, found_inf)
+        try:
+            from fasttrain.kernels.unscale import unscale_and_check_ as triton_unscale_
+        except ImportError:  # no Triton on this platform: torch's foreach kernel below
+            strided += grads
+        else:
+            triton_unscale_(grads, inv_scale, found_inf)
         grads = []
     if backend == "ops" and grads:
         try:
