@@ -26,10 +26,13 @@ from fasttrain import Trainer, TrainingArguments  # noqa: E402
 from fasttrain.data import default_data_collator  # noqa: E402
 
 
+WIDTH = 16  # --width: 16 is "compute close to zero"; larger widths show how the gap closes
+
+
 class Tiny(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.lin = torch.nn.Linear(16, 16)
+        self.lin = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(4)])
 
     def forward(self, x, y):
         return {"loss": F.mse_loss(self.lin(x), y)}
@@ -37,14 +40,21 @@ class Tiny(torch.nn.Module):
 
 def dataset(n: int):
     g = torch.Generator().manual_seed(0)
-    return [{"x": torch.randn(16, generator=g), "y": torch.randn(16, generator=g)} for _ in range(n)]
+    return [{"x": torch.randn(WIDTH, generator=g), "y": torch.randn(WIDTH, generator=g)} for _ in range(n)]
 
 
-def run_fasttrain(data, steps: int, out_dir: str) -> float:
+def make_optimizer(name: str, params):
+    if name == "fasttrain_adamw":
+        from fasttrain.optim import FusedAdamW
+        return FusedAdamW(params, lr=1e-3)
+    return torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+
+def run_fasttrain(data, steps: int, out_dir: str, optim: str = "adamw_torch_fused") -> float:
     torch.manual_seed(0)
     args = TrainingArguments(output_dir=out_dir, overwrite_output_dir=True, max_steps=steps,
                              per_device_train_batch_size=8, learning_rate=1e-3, max_grad_norm=1.0,
-                             optim="adamw_torch_fused", lr_scheduler_type="linear", logging_steps=100,
+                             optim=optim, lr_scheduler_type="linear", logging_steps=100,
                              save_strategy="no", disable_tqdm=True, report_to="none",
                              dataloader_pin_memory=False, profile=False)
     trainer = Trainer(Tiny(), args, train_dataset=data)
@@ -53,10 +63,10 @@ def run_fasttrain(data, steps: int, out_dir: str) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def run_plain(data, steps: int) -> float:
+def run_plain(data, steps: int, optim: str = "adamw_torch_fused") -> float:
     torch.manual_seed(0)
     model = Tiny()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    opt = make_optimizer(optim, model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     loader = DataLoader(data, batch_size=8, shuffle=True, collate_fn=default_data_collator)
     t0 = time.perf_counter()
@@ -81,22 +91,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--optim", default="adamw_torch_fused", choices=["adamw_torch_fused", "fasttrain_adamw"],
+                   help="the fused AdamW both sides use")
+    p.add_argument("--width", type=int, default=16, help="hidden width of the 4-layer MLP")
     p.add_argument("--json", help="also write the result here")
     ns = p.parse_args()
+    global WIDTH
+    WIDTH = ns.width
     data = dataset(8 * ns.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        run_fasttrain(data, 20, tmp)  # warm-up both paths once
-        run_plain(data, 20)
+        run_fasttrain(data, 20, tmp, ns.optim)  # warm-up both paths once
+        run_plain(data, 20, ns.optim)
         ft, plain = [], []
         for _ in range(ns.repeats):
-            ft.append(run_fasttrain(data, ns.steps, tmp))
-            plain.append(run_plain(data, ns.steps))
+            ft.append(run_fasttrain(data, ns.steps, tmp, ns.optim))
+            plain.append(run_plain(data, ns.steps, ns.optim))
     s_ft, s_plain = spread(ft), spread(plain)
     ratios = spread([a / b for a, b in zip(ft, plain)])
-    result = {"env": environment(), "steps": ns.steps, "repeats": ns.repeats,
+    result = {"env": environment(), "steps": ns.steps, "optim": ns.optim, "width": ns.width, "repeats": ns.repeats,
               "fasttrain_steps_per_s": s_ft, "plain_steps_per_s": s_plain,
               "ratio_fasttrain_over_plain": ratios}
-    print(f"env: {result['env']}")
+    print(f"env: {result['env']}  optim: {ns.optim}  width: {ns.width}")
     print(f"fasttrain   steps/s {fmt(s_ft)}")
     print(f"plain loop  steps/s {fmt(s_plain)}")
     print(f"ratio (fasttrain / plain, per paired run) {fmt(ratios, 'x')}  goal >= 0.95x")

@@ -114,7 +114,7 @@ def _datasets(ns, seq_len: int):
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    if ns.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+    if ns.nproc_per_node * int(str(ns.nnodes).split(":")[-1]) > 1 and "LOCAL_RANK" not in os.environ:
         from fasttrain.distributed.launch import relaunch_with_torchrun
         argv = list(sys.argv[1:])
         if ns.name is None:  # every rank must write to the same run directory

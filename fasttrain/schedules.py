@@ -87,16 +87,20 @@ class LRScheduler:
         steps = torch.arange(num_training_steps + 1, dtype=torch.float64)
         mult = multiplier(steps)
         self.table = torch.stack([mult * base for base in self.base_lrs]).float().to(device)  # (G, S+1)
-        self.step_count = torch.zeros((), dtype=torch.int64, device=device)
+        # the counter never passes num_training_steps (the loop stops there), so no clamp
+        self.step_count = torch.zeros((), dtype=torch.float32, device=device)
         self._host_step = 0
         self._apply()
 
     def _apply(self):
         last = self.table.shape[1] - 1
         if self.device_mode:
-            lrs = self.table[:, self.step_count.clamp(max=last)]  # (G,)
+            lrs = self.table[:, self.step_count.long()]  # (G,)
+            done = set()
             for i, g in enumerate(self.optimizer.param_groups):
-                g["lr"].copy_(lrs[i])
+                if id(g["lr"]) not in done:  # groups built together share one LR tensor
+                    g["lr"].copy_(lrs[i])
+                    done.add(id(g["lr"]))
         else:
             column = self.table[:, min(self._host_step, last)].tolist()  # a CPU tensor: no sync
             for g, lr in zip(self.optimizer.param_groups, column):
@@ -109,7 +113,7 @@ class LRScheduler:
             self.step_count += 1
             self._host_step += 1
         elif self.device_mode:
-            self.step_count += 1 - skipped.reshape(()).to(torch.int64)
+            self.step_count.add_(1).sub_(skipped.reshape(()))
         else:
             self._host_step += 1 - int(skipped)  # sync: only host-LR optimizers reach here
             self.step_count.fill_(self._host_step)

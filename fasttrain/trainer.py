@@ -198,7 +198,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         loss as a device tensor (never read here)."""
         model = self.model_wrapped
         num_items = self._step_token_count(batches)
-        step_loss = torch.zeros((), device=self.device)
+        step_loss = None
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with self.dist.no_sync(model, enabled=not last):
@@ -207,10 +207,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                     loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
                 if num_items is None:  # no labels: the model's own mean, averaged over micro-batches
                     loss = loss / len(batches)
-                step_loss += loss.detach()
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 # Every rank divides by the global token count; the gradient sync averages over
                 # ranks, so multiply back by the world size to get the global sum / count.
-                scaled = loss * self.dist.world_size
+                scaled = loss * self.dist.world_size if self.dist.enabled else loss
                 scaled = self.scaler.scale(scaled) if self.scaler is not None else scaled
                 with self._instruments.phase("backward"):
                     scaled.backward()
@@ -237,10 +237,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             flags.append(self.scaler.found_inf_flag())
         if args.max_grad_norm:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, args.max_grad_norm)
-            flags.append((~torch.isfinite(self._grad_norm)).float())  # NaN loss -> NaN norm
+            flags.append(torch.isfinite(self._grad_norm).logical_not_().float())  # NaN loss -> NaN norm
         loss_bad = None
         if not args.max_grad_norm or args.nonfinite_loss_policy == "stop":
-            loss_bad = (~torch.isfinite(step_loss)).float()
+            loss_bad = torch.isfinite(step_loss).logical_not_().float()
             flags.append(loss_bad)
         found_inf = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
         self._event("on_pre_optimizer_step")
@@ -462,7 +462,7 @@ class _LogWindow:
 
     def reset(self):
         self.loss = torch.zeros((), device=self.device)
-        self.grad_norm = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)  # the last step's (as HF logs it)
         self.steps = 0
         self.tokens = 0
         self.t0 = time.perf_counter()
@@ -470,7 +470,7 @@ class _LogWindow:
     def add(self, step_loss, grad_norm, tokens: int = 0):
         self.loss += step_loss
         if grad_norm is not None:
-            self.grad_norm += grad_norm.detach().float()
+            self.grad_norm = grad_norm  # a reference: read on the logging step
         self.steps += 1
         self.tokens += tokens
 
@@ -480,7 +480,7 @@ class _LogWindow:
         loss = dist.all_reduce_sum(self.loss.clone())
         values = torch.stack([loss, self.grad_norm]).tolist()  # sync: logging step
         elapsed = time.perf_counter() - self.t0  # after the sync: the device work is done
-        out = {"loss": values[0] / self.steps, "grad_norm": values[1] / self.steps or None,
+        out = {"loss": values[0] / self.steps, "grad_norm": values[1] or None,
                "tokens_per_second": self.tokens * dist.world_size / max(elapsed, 1e-9)}
         self.reset()
         return out

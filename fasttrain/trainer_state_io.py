@@ -41,6 +41,8 @@ class CheckpointMixin:
         """Snapshot the whole state into host memory (the only part the step waits for),
         then write it on the background saver thread."""
         st, args = self.state, self.args
+        if self.scaler is not None:
+            self.scaler.check_divergence()  # a diverged fp16 run stops before it saves
         self._check_weights_finite()
         path = os.path.join(args.output_dir, f"{ckpt.PREFIX}{st.global_step}")
         if getattr(self, "_pending_best", False):

@@ -88,6 +88,8 @@ class TrainingArguments:
     torch_compile: bool = False
     torch_compile_mode: Optional[str] = None
     torch_compile_per_block: bool = True
+    torch_compile_backend: Optional[str] = None  # default inductor
+    torch_compile_cache_dir: Optional[str] = None  # default ~/.cache/fasttrain/inductor
     fused_loss: bool = True
     use_cpu: bool = False
 
