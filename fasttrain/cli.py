@@ -20,10 +20,10 @@ from fasttrain.training_args import TrainingArguments
 
 # The default job: a few hundred steps, a few minutes on 2 CPU cores.
 DEFAULT_JOB = dict(
-    max_steps=300, per_device_train_batch_size=16, per_device_eval_batch_size=32,
+    max_steps=400, per_device_train_batch_size=16, per_device_eval_batch_size=32,
     learning_rate=2e-3, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=20,
     logging_steps=25, eval_strategy="steps", eval_steps=100, save_strategy="steps",
-    save_steps=300, save_total_limit=2, max_grad_norm=1.0, adam_beta2=0.95,
+    save_steps=400, save_total_limit=2, max_grad_norm=1.0, adam_beta2=0.95,
     report_to=["jsonl", "tensorboard"], dataloader_drop_last=True,
 )
 
