@@ -1,21 +1,26 @@
-"""CPU AdamW step: fasttrain's C++ op vs torch.optim.AdamW (fused, foreach, for-loop).
+"""AdamW step on GPT-2-124M's shapes: fasttrain (C++ op, FusedAdamW) vs torch.optim.AdamW.
 
     python3 bench/bench_adamw.py [--reps 15] [--loop-reps 3] [--scale 1.0] [--threads N]
 
-The parameter set has GPT-2-124M's shapes (tied embedding, 148 tensors). Rows run
-interleaved, one step each per repetition, so machine noise hits every row alike; each row
-owns its optimizer state, parameters and gradients are shared. Reported: p20/p50/p80 step
-time, GB/s at 28 bytes per parameter (fp32: read p, g, m, v, write p, m, v; bf16 with fp32
-master: read g(2) w m v, write w m v p(2) = 28 as well), and speed relative to torch fused.
+The parameter set has GPT-2-124M's shapes (tied embedding, 148 tensors); --scale shrinks the
+vocabulary and positions for quick runs. Rows run interleaved, one step each per repetition,
+so machine noise hits every row alike; each row owns its optimizer state, parameters and
+gradients are shared. Reported: p20/p50/p80 step time, GB/s at 28 bytes per parameter (fp32:
+read p, g, m, v, write p, m, v; bf16 with fp32 master: read g(2) w m v, write w m v p(2) = 28
+as well), and speed relative to torch fused.
+
+CPU rows: fasttrain._ops.fused_adamw_ (fp32, and bf16 params with fp32 masters), FusedAdamW's
+CPU path (the compiled op when built, else torch's fused kernel plus master handling; the row
+name says which, and with the op built the fallback is timed too), torch fused, foreach and
+for-loop (--loop-reps steps only: it is slow). GPU rows (when CUDA is present, else "skipped:
+no GPU"): FusedAdamW's Triton kernel (fp32, bf16 + fp32 master) against torch fused/foreach
+and NVIDIA apex FusedAdam when importable, with percent of the device's peak bandwidth.
 Results go to stdout and bench/results/adamw-<time>.json with machine, versions and commit.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,10 +28,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, percentiles, report, time_interleaved  # noqa: E402
+import fasttrain.optim as optim_mod  # noqa: E402
 from fasttrain import _ops  # noqa: E402
+from fasttrain.optim import FusedAdamW  # noqa: E402
 
 BYTES_PER_PARAM = 28
 LR, BETAS, WD, EPS = 1e-3, (0.9, 0.95), 0.1, 1e-8
+HP = dict(lr=LR, betas=BETAS, weight_decay=WD, eps=EPS)
+BASELINE = "torch fused=True fp32"
 
 
 def gpt2_124m_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
@@ -40,7 +51,7 @@ def gpt2_124m_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
     return shapes + [(C,), (C,)]
 
 
-class FasttrainStep:
+class OpStep:
     """fasttrain._ops.fused_adamw_ with its own state; master=True keeps fp32 masters."""
 
     def __init__(self, params, grads, master: bool):
@@ -56,35 +67,72 @@ class FasttrainStep:
                           self.steps, self.lr, BETAS[0], BETAS[1], WD, EPS)
 
 
-class TorchStep:
-    def __init__(self, params, grads, **impl):
-        self.leaves = [torch.nn.Parameter(p, requires_grad=True) for p in params]
-        for leaf, grad in zip(self.leaves, grads):
-            leaf.grad = grad
-        self.opt = torch.optim.AdamW(self.leaves, lr=LR, betas=BETAS, weight_decay=WD,
-                                     eps=EPS, **impl)
-
-    def __call__(self):
-        self.opt.step()
+def leaves(params, grads) -> list[torch.nn.Parameter]:
+    """Parameters sharing the storage of `params`, with `grads` attached."""
+    out = [torch.nn.Parameter(p, requires_grad=True) for p in params]
+    for leaf, grad in zip(out, grads):
+        leaf.grad = grad
+    return out
 
 
-def percentiles(samples: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-    return pick(0.2), pick(0.5), pick(0.8)
+def fused_adamw_step(params, grads, master: bool = False):
+    lr = torch.tensor(LR, device=params[0].device)
+    return FusedAdamW(leaves(params, grads), master_weights=master, **dict(HP, lr=lr)).step
 
 
-def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip()
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "commit": commit,
-            "ops_library": _ops.library_path(), "ops_build": _ops.build_info()}
+def torch_step(params, grads, **impl):
+    return torch.optim.AdamW(leaves(params, grads), **HP, **impl).step
+
+
+def without_compiled_ops(step):
+    """`step` forced onto FusedAdamW's torch fallback (what runs where the op is not built)."""
+    def run():
+        real = optim_mod._compiled_ops
+        optim_mod._compiled_ops = lambda: None
+        try:
+            step()
+        finally:
+            optim_mod._compiled_ops = real
+    return run
+
+
+def tensors(shapes, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [torch.randn(s, device=device, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, device=device, generator=gen) * 1e-3 for s in shapes]
+    return params, grads, [p.bfloat16() for p in params], [g.bfloat16() for g in grads]
+
+
+def cpu_rows(shapes) -> dict:
+    params, grads, params_bf16, grads_bf16 = tensors(shapes, "cpu")
+    compiled = optim_mod._compiled_ops() is not None
+    path = "compiled op" if compiled else "torch fused fallback"
+    rows = {"fasttrain C++ fp32": OpStep(params, grads, master=False),
+            BASELINE: torch_step(params, grads, fused=True),
+            "torch foreach=True fp32": torch_step(params, grads, foreach=True),
+            f"FusedAdamW ({path}) fp32": fused_adamw_step(params, grads)}
+    if compiled:
+        rows["FusedAdamW (torch fused fallback) fp32"] = without_compiled_ops(
+            fused_adamw_step(params, grads))
+    rows["fasttrain C++ bf16+fp32 master"] = OpStep(params_bf16, grads_bf16, master=True)
+    rows["torch for-loop fp32"] = torch_step(params, grads, foreach=False, fused=False)
+    return rows
+
+
+def gpu_rows(shapes) -> dict:
+    params, grads, params_bf16, grads_bf16 = tensors(shapes, "cuda")
+    rows = {"FusedAdamW (Triton) fp32": fused_adamw_step(params, grads),
+            BASELINE: torch_step(params, grads, fused=True),
+            "torch foreach=True fp32": torch_step(params, grads, foreach=True),
+            "FusedAdamW (Triton) bf16+fp32 master": fused_adamw_step(params_bf16, grads_bf16,
+                                                                     master=True)}
+    try:
+        from apex.optimizers import FusedAdam
+        rows["apex FusedAdam fp32"] = FusedAdam(leaves(params, grads), adam_w_mode=True,
+                                                **HP).step
+    except ImportError:
+        pass
+    return rows
 
 
 def main() -> None:
@@ -99,46 +147,24 @@ def main() -> None:
     if not _ops.available():
         print("note: ops library not built (bash scripts/build_ops.sh); fasttrain rows use the "
               "PyTorch fallback")
-    torch.manual_seed(0)
     shapes = gpt2_124m_shapes(args.scale)
-    params = [torch.randn(s) * 0.02 for s in shapes]
-    grads = [torch.randn(s) * 1e-3 for s in shapes]
-    params_bf16 = [p.bfloat16() for p in params]
-    grads_bf16 = [g.bfloat16() for g in grads]
-    n_params = sum(p.numel() for p in params)
-    rows = {
-        "fasttrain C++ fp32": FasttrainStep(params, grads, master=False),
-        "torch fused=True fp32": TorchStep(params, grads, fused=True),
-        "torch foreach=True fp32": TorchStep(params, grads, foreach=True),
-        "fasttrain C++ bf16+fp32 master": FasttrainStep(params_bf16, grads_bf16, master=True),
-        "torch for-loop fp32": TorchStep(params, grads, foreach=False, fused=False),
-    }
-    times = {name: [] for name in rows}
-    for name, step in rows.items():  # warm-up: allocates torch's lazy state
-        step()
-    for rep in range(args.reps):
-        for name, step in rows.items():
-            if "for-loop" in name and rep >= args.loop_reps:
-                continue
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    fused_p50 = percentiles(times["torch fused=True fp32"])[1]
-    env = environment()
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    moved = n_params * BYTES_PER_PARAM
+    env = environment(ops_library=_ops.library_path(), ops_build=_ops.build_info())
     print(f"AdamW step, {n_params / 1e6:.1f}M params in {len(shapes)} tensors | "
           f"{env['cpu']}, {env['threads']} threads | torch {env['torch']} | commit {env['commit']}")
-    print(f"{'row':34s} {'p20 ms':>9s} {'p50 ms':>9s} {'p80 ms':>9s} {'GB/s':>7s} {'vs fused':>9s}")
-    results = []
-    for name, samples in times.items():
-        p20, p50, p80 = percentiles(samples)
-        gbps = n_params * BYTES_PER_PARAM / p50 / 1e9
-        print(f"{name:34s} {p20 * 1e3:9.1f} {p50 * 1e3:9.1f} {p80 * 1e3:9.1f} {gbps:7.2f} "
-              f"{fused_p50 / p50:8.2f}x")
-        results.append({"row": name, "p20_s": p20, "p50_s": p50, "p80_s": p80, "gb_per_s": gbps,
-                        "speed_vs_torch_fused": fused_p50 / p50, "samples": len(samples)})
-    ours = percentiles(times["fasttrain C++ fp32"])[1]
-    foreach = percentiles(times["torch foreach=True fp32"])[1]
-    print(f"fasttrain fp32 vs foreach: {foreach / ours:.2f}x faster; vs fused: {fused_p50 / ours:.2f}x")
+    times = time_interleaved(cpu_rows(shapes), args.reps, "cpu", warmup=1,
+                             reps_of={"torch for-loop fp32": args.loop_reps})
+    results = report("CPU", times, BASELINE, bytes_moved=moved, extra={"device": "cpu"})
+    ours, foreach, fused = (percentiles(times[k])[1] for k in
+                            ("fasttrain C++ fp32", "torch foreach=True fp32", BASELINE))
+    print(f"fasttrain fp32 vs foreach: {foreach / ours:.2f}x faster; vs fused: {fused / ours:.2f}x")
+    if torch.cuda.is_available():
+        results += report(f"GPU {env['gpu']}", time_interleaved(gpu_rows(shapes), args.reps,
+                                                               "cuda"),
+                          BASELINE, bytes_moved=moved, extra={"device": "cuda"})
+    else:
+        print("\nGPU rows: skipped: no GPU")
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(exist_ok=True)
     out = out_dir / f"adamw-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,32 +32,12 @@ os.environ.pop("TRITON_INTERPRET", None)  # measure compiled kernels, never the 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, percentiles  # noqa: E402
 from fasttrain.compile import CompileMonitor, apply_compile  # noqa: E402
 from fasttrain.models.gpt import GPT, GPTConfig  # noqa: E402
 
 MODES = {"eager": None, "per-block": True, "whole-model": False}  # name -> per_block
-
-
-def percentiles(samples: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-    return pick(0.2), pick(0.5), pick(0.8)
-
-
-def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip()
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip()
-                 for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "load_avg_1min": load, "torch": torch.__version__,
-            "python": platform.python_version(), "commit": commit,
-            "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 class Row:
@@ -185,7 +164,7 @@ def main() -> None:
     if args.child:
         return child(args, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = environment()
+    env = environment(device=device.type)
     rows = side_by_side(args, config, device)
     caches = [] if args.no_cache_runs else cache_runs(args)
     report(env, config, args, rows, caches)

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+from _common import environment, spread  # noqa: E402
 
 from fasttrain.distributed import BucketedDDP  # noqa: E402
 
@@ -50,11 +51,6 @@ class Block(nn.Module):
 def build_model(width: int, depth: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(*[Block(width) for _ in range(depth)], nn.Linear(width, width))
-
-
-def quantiles(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=10)
-    return {"p20": q[1], "p50": statistics.median(values), "p80": q[7]}
 
 
 def make_variant(kind: str, args, cap_mb: float):
@@ -96,7 +92,7 @@ def bench_cap(args, cap_mb: float) -> dict:
     for i in range(args.rounds * args.steps):  # interleaved step by step, rotating who goes first
         for k in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
             run_steps(*variants[k], x, 1, times[k], fractions[k])
-    out = {k: quantiles(times[k]) for k in kinds}
+    out = {k: spread(times[k]) for k in kinds}
     for k in ("fasttrain", "fasttrain_bf16"):
         out[k]["fraction_bytes_launched_early"] = statistics.mean(f[0] for f in fractions[k])
         out[k]["fraction_bytes_launched_1ms_before_end"] = statistics.mean(f[1] for f in fractions[k])
@@ -116,23 +112,16 @@ def worker(rank: int, args, init_file: str, result_path: str) -> None:
     dist.destroy_process_group()
 
 
-def environment(args) -> dict:
-    try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+def bench_environment(args) -> dict:
     params = sum(p.numel() for p in build_model(args.width, args.depth).parameters())
-    return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "commit": commit,
-            "backend": "gloo", "world_size": 2, "threads_per_rank": args.threads,
-            "params": params, "grad_mib": params * 4 / 2**20,
-            "model": f"{args.depth} x MLP block (d={args.width}), batch {args.batch}x{args.seq}"}
+    model = f"{args.depth} x MLP block (d={args.width}), batch {args.batch}x{args.seq}"
+    return environment(backend="gloo", world_size=2, threads_per_rank=args.threads,
+                       params=params, grad_mib=params * 4 / 2**20, model=model)
 
 
 def print_table(env: dict, results: dict) -> None:
     print(f"# {env['model']}, {env['params'] / 1e6:.1f}M params ({env['grad_mib']:.0f} MiB grads); "
-          f"torch {env['torch']}, {env['cpus']} CPUs, commit {env['commit']}")
+          f"torch {env['torch']}, {env['cores']} CPUs, commit {env['commit']}")
     print(f"{'cap MiB':>8} {'variant':>15} {'p20 ms':>8} {'p50 ms':>8} {'p80 ms':>8} "
           f"{'/torch':>7} {'early bytes':>11} {'>=1ms early':>11} {'buckets':>7}")
     for cap, row in results.items():
@@ -160,7 +149,7 @@ def main() -> None:
         mp.spawn(worker, args=(args, os.path.join(tmp, "rdv"), result_path), nprocs=2, join=True)
         with open(result_path) as f:
             results = json.load(f)
-    env = environment(args)
+    env = bench_environment(args)
     print_table(env, results)
     os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
     with open(os.path.join(REPO, "bench", "results", "bench_ddp.json"), "w") as f:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cross_entropy import environment, spread  # noqa: E402
+from _common import environment, percentiles  # noqa: E402
 from fasttrain.kernels import linear_cross_entropy  # noqa: E402
 
 
@@ -76,10 +76,10 @@ def cpu_rows(args):
     print(f"\nCPU fp32 fwd+bwd, tokens={N} hidden={H} vocab={V}; gradient floor "
           f"{floor / 2**20:.0f} MiB")
     rows = []
-    base_t = spread([s["seconds"] for s in samples["unfused"]])[1]
+    base_t = percentiles([s["seconds"] for s in samples["unfused"]])[1]
     for mode, runs in samples.items():
-        mem = spread([s["extra_peak"] for s in runs])[1]
-        p20, p50, p80 = spread([s["seconds"] for s in runs])
+        mem = percentiles([s["extra_peak"] for s in runs])[1]
+        p20, p50, p80 = percentiles([s["seconds"] for s in runs])
         rows.append({"device": "cpu", "row": mode, "extra_peak_MiB": mem / 2**20,
                      "x_floor": mem / floor, "p20_s": p20, "p50_s": p50, "p80_s": p80,
                      "time_vs_unfused": p50 / base_t})
@@ -110,7 +110,7 @@ def gpu_rows(args):
             torch.cuda.synchronize()  # sync: timing boundary
             times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() - base
-        p20, p50, p80 = spread(times)
+        p20, p50, p80 = percentiles(times)
         rows.append({"device": "cuda", "row": mode, "extra_peak_MiB": peak / 2**20,
                      "p20_s": p20, "p50_s": p50, "p80_s": p80})
         print(f"  {mode:8s} extra peak {peak / 2**20:8.0f} MiB  time p20 {p20*1e3:7.2f} "

@@ -21,9 +21,9 @@ bench/results/precision-<time>.json with machine, versions and commit.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -34,6 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import environment, percentiles, sync, time_interleaved  # noqa: E402
 from fasttrain.models import GPT, GPTConfig  # noqa: E402
 from fasttrain.optim import FusedAdamW  # noqa: E402
 from fasttrain.precision import (DynamicLossScaler, autocast_context,  # noqa: E402
@@ -83,30 +85,9 @@ def make_batch(cfg: GPTConfig, batch: int, seq_len: int, device) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # sync: benchmark timing
-
-
-def percentiles(samples: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]  # noqa
-    return pick(0.2), pick(0.5), pick(0.8)
-
-
 def time_rows(rows: list[Row], batch: dict, reps: int, warmup: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for row in rows:
-            row.step(batch)
-    times = {row.name: [] for row in rows}
-    for _ in range(reps):
-        for row in rows:
-            sync(row.device)
-            start = time.perf_counter()
-            row.step(batch)
-            sync(row.device)
-            times[row.name].append(time.perf_counter() - start)
-    return times
+    steps = {row.name: functools.partial(row.step, batch) for row in rows}
+    return time_interleaved(steps, reps, rows[0].device, warmup=warmup)
 
 
 def time_scalers(cfg: GPTConfig, batch: dict, device, reps: int) -> dict[str, list[float]]:
@@ -173,24 +154,6 @@ def peak_memory(name: str, argv: list[str]) -> int:
     return int(out.strip().splitlines()[-1])
 
 
-def environment(device) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "fasttrain", "kernels",
-                            "bench"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"commit": commit + ("-dirty" if dirty else ""), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu": cpu, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=15)
@@ -229,7 +192,8 @@ def main(argv=None) -> None:
     scaler_times = time_scalers(cfg, batch, device, args.reps)
     tokens = args.batch * args.seq_len
     base = percentiles(times[names[0]])[1]
-    results = {"env": environment(device), "config": vars(args), "rows": {}, "scaler": {}}
+    results = {"env": environment(device=device.type), "config": vars(args), "rows": {},
+               "scaler": {}}
     print(f"{'row':22s} {'tok/s p20':>10s} {'p50':>10s} {'p80':>10s} {'vs ' + names[0]:>9s} "
           f"{'peak MiB':>9s} {'mem vs':>7s}")
     for name in names:

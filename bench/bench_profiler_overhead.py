@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fasttrain.models import GPT, MODEL_SIZES, GPTConfig
-from fasttrain.profiler import Profiler, ProfilerConfig, flops_per_token_for
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]  # noqa: E731
-    return {"p20": pick(0.2), "p50": pick(0.5), "p80": pick(0.8)}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, spread  # noqa: E402
+from fasttrain.models import GPT, MODEL_SIZES, GPTConfig  # noqa: E402
+from fasttrain.profiler import Profiler, ProfilerConfig, flops_per_token_for  # noqa: E402
 
 
 def train_block(model, opt, batches, prof: Profiler | None, log_every: int, steps_done: int):
@@ -109,19 +105,15 @@ def measure(args: argparse.Namespace) -> dict:
     while len(off) < args.steps:
         block_off = train_block(model, opt, make(), None, args.log_every, 0)
         block_on = train_block(model, opt, make(), prof, args.log_every, len(on))
-        paired.append(percentiles(block_on)["p50"] / percentiles(block_off)["p50"])
+        paired.append(spread(block_on)["p50"] / spread(block_off)["p50"])
         off, on = off + block_off, on + block_on
     prof.close()
     result = {
-        "off": percentiles(off), "on": percentiles(on),
-        "ratio_p50": percentiles(on)["p50"] / percentiles(off)["p50"],
-        "paired_block_ratio": percentiles(paired),
+        "off": spread(off), "on": spread(on),
+        "ratio_p50": spread(on)["p50"] / spread(off)["p50"],
+        "paired_block_ratio": spread(paired),
         "empty_step_profiler_cost_us": empty_step_cost_us(),
-        "config": vars(args), "machine": {
-            "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).parent).stdout.strip()},
+        "config": vars(args), "machine": environment(),
     }
     return result
 
