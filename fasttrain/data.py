@@ -1,4 +1,5 @@
-"""Data: token files, fixed-length windows, a resumable sharded sampler and the collator.
+"""Data: token files, fixed-length windows and the collator (the resumable sharded sampler
+is `fasttrain.distributed.ShardedSampler`).
 
 Token file format (llm.c's): a 256 x int32 header (magic 20240520, version 1 = uint16
 tokens / 2 = uint32, token count) followed by the tokens. Headerless nanoGPT files (raw
@@ -11,11 +12,11 @@ import hashlib
 import os
 import sys
 import sysconfig
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 MAGIC = 20240520
 HEADER_INTS = 256
@@ -131,52 +132,6 @@ class TokenDataset(Dataset):
         start = i * self.seq_len
         x = torch.from_numpy(self.tokens[start:start + self.seq_len].astype(np.int64))
         return {"input_ids": x, "labels": x}
-
-
-# ---------------------------------------------------------------- sampling
-class ResumableSampler(Sampler[int]):
-    """Per-epoch shuffled (or sequential) indices, sharded across ranks, that can start
-    mid-epoch without iterating the dataset: the permutation is a pure function of
-    (seed, epoch), and the position is the number of this rank's samples consumed."""
-
-    def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, pad: bool = True):
-        """pad: repeat samples so every rank gets the same count (training, where ranks must
-        step together); pad=False gives uneven shards with each sample exactly once (eval)."""
-        if num_samples < 1:
-            raise ValueError("the dataset is empty (0 samples); pass a dataset with at least one example")
-        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
-        self.rank, self.world_size, self.drop_last, self.pad = rank, world_size, drop_last, pad
-        self.epoch = 0
-        self.start = 0
-
-    def per_rank(self) -> int:
-        if not self.pad and not self.drop_last:
-            return len(range(self.rank, self.num_samples, self.world_size))
-        if self.drop_last:
-            return self.num_samples // self.world_size
-        return -(-self.num_samples // self.world_size)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
-        if not self.pad and not self.drop_last:
-            return order[self.rank::self.world_size]
-        total = self.per_rank() * self.world_size
-        order = order[:total] if self.drop_last else (order * (total // len(order) + 1))[:total]
-        return order[self.rank:total:self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start:])
-
-    def __len__(self) -> int:
-        return self.per_rank() - self.start
 
 
 # ---------------------------------------------------------------- collation

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from fasttrain import checkpoint as ckpt
 from fasttrain.callbacks import CallbackHandler, TrainerControl, TrainerState
-from fasttrain.data import ResumableSampler, count_valid_labels, default_data_collator
+from fasttrain.data import count_valid_labels, default_data_collator
+from fasttrain.distributed.sampler import ShardedSampler
 from fasttrain.logging_utils import MetricsLogger
 from fasttrain.optim_factory import build_optimizer, step_unless
 from fasttrain.precision import (DynamicLossScaler, autocast_context, cast_floating_params_,
@@ -123,8 +124,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             raise ValueError("Trainer.train() needs train_dataset; pass Trainer(train_dataset=...)")
         n = _dataset_len(self.train_dataset, "train_dataset")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        self._train_sampler = ResumableSampler(
-            n, shuffle=True, seed=seed, rank=self.dist.rank, world_size=self.dist.world_size,
+        self._train_sampler = ShardedSampler(
+            n, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=True, seed=seed,
             drop_last=self.args.dataloader_drop_last)
         return self._loader(self.train_dataset, self._train_sampler,
                             self.args.per_device_train_batch_size, self.args.dataloader_drop_last)
@@ -329,7 +330,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         args, st, control = self.args, self.state, self.control
         ga = args.gradient_accumulation_steps
         while epoch < num_epochs and st.global_step < st.max_steps:
-            self._train_sampler.set_epoch(epoch, start=micro_done * args.per_device_train_batch_size)
+            self._train_sampler.set_epoch(epoch, skip=micro_done * args.per_device_train_batch_size)
             self._epoch, self._micro_done = epoch, micro_done
             control._new_epoch()
             self._event("on_epoch_begin")

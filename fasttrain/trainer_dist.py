@@ -13,6 +13,39 @@ import os
 import torch
 
 
+_crashed = False
+
+
+def _install_teardown(destroy) -> None:
+    """Tear the process group down when the program ends. After a clean run the ranks first
+    meet at a barrier, so no rank closes its connections while a peer is still inside a
+    collective (gloo aborts the peer otherwise); after a crash they do not wait."""
+    import datetime
+    import sys
+
+    import torch.distributed as dist
+    previous_hook = sys.excepthook
+
+    def hook(*exc):
+        global _crashed
+        _crashed = True
+        previous_hook(*exc)
+
+    def teardown():
+        if not _crashed and dist.is_initialized():
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                else:
+                    dist.barrier()
+            except Exception:  # noqa: BLE001 - a peer is gone: nothing left to protect
+                pass
+        destroy()
+
+    sys.excepthook = hook
+    atexit.register(teardown)
+
+
 class DistContext:
     def __init__(self, rank: int = 0, local_rank: int = 0, world_size: int = 1,
                  device: torch.device = torch.device("cpu")):
@@ -31,7 +64,7 @@ class DistContext:
                 device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
                 return cls(rank, local, dist.get_world_size(), device)
             info = init_distributed(timeout_s=args.ddp_timeout, use_cuda=use_cuda)
-            atexit.register(destroy_distributed)  # torn down when the program ends
+            _install_teardown(destroy_distributed)
             return cls(info.rank, info.local_rank, info.world_size, info.device)
         device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         return cls(0, 0, 1, device)

@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fasttrain.data import ResumableSampler, count_valid_labels
+from fasttrain.data import count_valid_labels
+from fasttrain.distributed.sampler import ShardedSampler
 from fasttrain.trainer_utils import (EvalPrediction, PredictionOutput, denumpify, extract_logits,
                                      pad_and_concat, to_device)
 
@@ -27,8 +28,8 @@ class EvaluationMixin:
                              "or evaluate(eval_dataset=...)")
         from fasttrain.trainer import _dataset_len
         n = _dataset_len(dataset, "eval_dataset")
-        sampler = ResumableSampler(n, shuffle=False, rank=self.dist.rank,
-                                   world_size=self.dist.world_size, drop_last=False, pad=False)
+        sampler = ShardedSampler(n, rank=self.dist.rank, world_size=self.dist.world_size,
+                                 shuffle=False, pad=False)
         return self._loader(dataset, sampler, self.args.per_device_eval_batch_size, False), n
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:

@@ -3,7 +3,8 @@
 Layout (the one `gather_eval_predictions` assumes): the epoch's index list (shuffled by
 `seed + epoch` when `shuffle`) is padded to a multiple of `world_size` by repeating its
 first indices, and rank r takes positions r, r + world, r + 2 * world, ...; with
-`drop_last` the tail is cut instead of padded. Resuming: `set_epoch(epoch, skip=k)` makes
+`drop_last` the tail is cut instead of padded; with `pad=False` (evaluation) shards are
+uneven and every sample appears exactly once. Resuming: `set_epoch(epoch, skip=k)` makes
 the next iteration start after the k samples this rank already consumed in that epoch,
 so a run restored from a checkpoint sees exactly the samples it would have seen.
 """
@@ -25,6 +26,7 @@ class ShardedSampler(Sampler[int]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        pad: bool = True,
     ):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -36,11 +38,13 @@ class ShardedSampler(Sampler[int]):
             )
         self.total = num_samples
         self.rank, self.world_size = rank, world_size
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.shuffle, self.seed, self.drop_last, self.pad = shuffle, seed, drop_last, pad
         self.epoch, self.skip = 0, 0
 
     @property
     def per_rank(self) -> int:
+        if not self.pad and not self.drop_last:
+            return len(range(self.rank, self.total, self.world_size))
         if self.drop_last:
             return self.total // self.world_size
         return math.ceil(self.total / self.world_size)
@@ -69,6 +73,8 @@ class ShardedSampler(Sampler[int]):
             indices = torch.randperm(self.total, generator=generator).tolist()
         else:
             indices = list(range(self.total))
+        if not self.pad and not self.drop_last:
+            return indices
         wanted = self.per_rank * self.world_size
         while len(indices) < wanted:
             indices.extend(indices[: wanted - len(indices)])
