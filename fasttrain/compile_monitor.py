@@ -108,6 +108,7 @@ class CompileMonitor:
         self.warmup_compile_time_s = 0.0
         self.compiles_after_warmup = 0
         self.recompiles_after_warmup = 0
+        self.unexpected_compiles_after_warmup = 0  # the ones that warned (not in expect_compiles)
         self.recompile_reasons: list[str] = []
         self.warnings: list[str] = []
         self._warmup = True
@@ -171,6 +172,7 @@ class CompileMonitor:
             "recompiles": self.recompiles,
             "recompiles_after_warmup": self.recompiles_after_warmup,
             "compiles_after_warmup": self.compiles_after_warmup,
+            "unexpected_compiles_after_warmup": self.unexpected_compiles_after_warmup,
             **self._counted(),
             "compile_time_s": round(self.compile_time_s, 3),
             "warmup_compile_time_s": round(self.warmup_compile_time_s, 3),
@@ -262,6 +264,7 @@ class CompileMonitor:
             self.recompiles_after_warmup += 1
         if self._expected:
             return
+        self.unexpected_compiles_after_warmup += 1
         compile_id = getattr(args, "compile_id", "?")
         if cause is not None:
             message = (

@@ -51,7 +51,8 @@ def get_multiplier(name: str, num_warmup_steps: int, num_training_steps: int,
         decay_start = n - decay
         p = torch.clamp((s - decay_start) / max(1, decay), 0.0, 1.0)
         down = min_lr_rate + (1.0 - min_lr_rate) * 0.5 * (1.0 + torch.cos(math.pi * p))
-        return torch.where(s < w, _warmup(s, w), torch.where(s < decay_start, torch.ones_like(s), down))
+        up = min_lr_rate + (1.0 - min_lr_rate) * _warmup(s, w)  # as HF: warm-up starts at the floor
+        return torch.where(s < w, up, torch.where(s < decay_start, torch.ones_like(s), down))
 
     table = {
         "linear": linear,

@@ -58,7 +58,7 @@ class Instruments:
         if self.enabled:
             out.update(self.profiler.log_metrics())
         if self.monitor is not None:
-            out.update({f"compile_{k}" if not k.startswith("compile") else k: v
+            out.update({k if k.startswith("compile_") else f"compile_{k}": v
                         for k, v in self.monitor.stats().items()})
         return out
 

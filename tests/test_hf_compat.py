@@ -99,3 +99,27 @@ def test_causal_lm_from_transformers_trains(tmp_path):
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
+
+
+def test_fused_loss_switch_gives_the_models_own_losses(tmp_path):
+    """fused_loss=True (linear cross-entropy from the final hidden states) and the model's
+    own loss agree step by step, ignore_index labels included."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    g = torch.Generator().manual_seed(4)
+    data = []
+    for _ in range(16):
+        ids = torch.randint(0, 64, (12,), generator=g)
+        labels = ids.clone()
+        labels[:3] = -100  # a prompt that is not trained on
+        data.append({"input_ids": ids, "labels": labels})
+    losses = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+        args = TrainingArguments(output_dir=str(tmp_path / str(fused)), per_device_train_batch_size=4,
+                                 max_steps=4, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+                                 disable_tqdm=True, report_to="none", fused_loss=fused, seed=1)
+        trainer = Trainer(model, args, train_dataset=data)
+        trainer.train()
+        losses[fused] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=2e-5)
