@@ -74,3 +74,20 @@ def test_default_job_finishes_and_learns(tmp_path):
     summary = r.stdout.split("== fasttrain train: summary ==")[1]
     final = float(summary.split("final train loss")[1].split()[0])
     assert final < 3.5  # from ~5.5 (uniform over bytes) after 60 steps
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_train_nproc_per_node_starts_torchrun(tmp_path):
+    text = tmp_path / "corpus"
+    text.mkdir()
+    (text / "a.py").write_text("x = 1\n" * 2000)
+    r = _run(["train", "--nproc-per-node", "2", "--data", str(text), "--name", "ddp", "--seq-len", "16",
+              "--max_steps", "4", "--save_steps", "4", "--logging_steps", "2", "--disable_tqdm",
+              "--per_device_train_batch_size", "2"], tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("== fasttrain train: summary ==") == 1  # rank 0 alone reports
+    with open(tmp_path / "runs" / "ddp" / "log_history.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    assert os.path.isfile(tmp_path / "runs" / "ddp" / "checkpoint-4" / "rng_state_1.pt")
