@@ -9,10 +9,8 @@ Nothing in a step reads a device value on the host; logging steps do (marked `# 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import signal
 import time
 from typing import Callable, Optional
@@ -33,8 +31,9 @@ from fasttrain.schedules import LRScheduler, get_multiplier
 from fasttrain.trainer_eval import EvaluationMixin
 from fasttrain.trainer_instruments import Instruments
 from fasttrain.trainer_state_io import CheckpointMixin
-from fasttrain.trainer_utils import (TrainOutput, extract_loss, forward_arg_names, set_seed,
-                                     to_device, uses_label_shift)
+from fasttrain.trainer_utils import (LogWindow, TrainOutput, dataset_len, extract_loss,
+                                     forward_arg_names, resolve_steps, samples_in, set_seed,
+                                     to_device, tokens_in, uses_label_shift)
 from fasttrain.training_args import TrainingArguments
 
 logger = logging.getLogger("fasttrain")
@@ -122,7 +121,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs train_dataset; pass Trainer(train_dataset=...)")
-        n = _dataset_len(self.train_dataset, "train_dataset")
+        n = dataset_len(self.train_dataset, "train_dataset")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self._train_sampler = ShardedSampler(
             n, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=True, seed=seed,
@@ -288,15 +287,15 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.callback_handler.train_dataloader = loader
         st = self.state
         st.max_steps, st.num_train_epochs = max_steps, num_epochs
-        st.logging_steps = _resolve_steps(args.logging_steps, max_steps)
-        st.eval_steps = _resolve_steps(args.eval_steps, max_steps)
-        st.save_steps = _resolve_steps(args.save_steps, max_steps)
+        st.logging_steps = resolve_steps(args.logging_steps, max_steps)
+        st.eval_steps = resolve_steps(args.eval_steps, max_steps)
+        st.save_steps = resolve_steps(args.save_steps, max_steps)
         st.train_batch_size = args.per_device_train_batch_size
         self._skipped = torch.zeros((), device=self.device)
         self._nonfinite_run = torch.zeros((), device=self.device)
         self._grad_norm = None
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self._window = _LogWindow(self.device)
+        self._window = LogWindow(self.device)
         epoch, micro_done = 0, 0
         if resume_from_checkpoint:
             epoch, micro_done = self._resume(resume_from_checkpoint)
@@ -344,8 +343,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 micro_done += len(batches)
                 self._micro_done = micro_done
                 step_loss = self.training_step(batches)
-                tokens = sum(_tokens_in(b) for b in batches)
-                inst.step_end(st.global_step + 1, tokens, sum(_samples_in(b) for b in batches))
+                tokens = sum(tokens_in(b) for b in batches)
+                inst.step_end(st.global_step + 1, tokens, sum(samples_in(b) for b in batches))
                 st.global_step += 1
                 st.epoch = epoch + micro_done / micro_per_epoch
                 st.num_input_tokens_seen += tokens * self.dist.world_size
@@ -452,60 +451,3 @@ class Trainer(CheckpointMixin, EvaluationMixin):
     def _restore_signal_handler(self):
         if self._prev_handler is not None:
             signal.signal(signal.SIGTERM, self._prev_handler)
-
-
-class _LogWindow:
-    """Device-side accumulators between logging steps; read once per logging step."""
-
-    def __init__(self, device):
-        self.device = device
-        self.reset()
-
-    def reset(self):
-        self.loss = torch.zeros((), device=self.device)
-        self.grad_norm = torch.zeros((), device=self.device)  # the last step's (as HF logs it)
-        self.steps = 0
-        self.tokens = 0
-        self.t0 = time.perf_counter()
-
-    def add(self, step_loss, grad_norm, tokens: int = 0):
-        self.loss += step_loss
-        if grad_norm is not None:
-            self.grad_norm = grad_norm  # a reference: read on the logging step
-        self.steps += 1
-        self.tokens += tokens
-
-    def flush(self, dist) -> dict:
-        if self.steps == 0:
-            return {}
-        loss = dist.all_reduce_sum(self.loss.clone())
-        values = torch.stack([loss, self.grad_norm]).tolist()  # sync: logging step
-        elapsed = time.perf_counter() - self.t0  # after the sync: the device work is done
-        out = {"loss": values[0] / self.steps, "grad_norm": values[1] or None,
-               "tokens_per_second": self.tokens * dist.world_size / max(elapsed, 1e-9)}
-        self.reset()
-        return out
-
-
-def _samples_in(batch: dict) -> int:
-    first = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-    return int(first.shape[0]) if first is not None else 0
-
-
-def _tokens_in(batch: dict) -> int:
-    ids = batch.get("input_ids")
-    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
-
-
-def _dataset_len(dataset, name: str) -> int:
-    try:
-        n = len(dataset)
-    except TypeError:
-        raise TypeError(f"{name} must be a map-style dataset with __len__ and __getitem__") from None
-    if n == 0:
-        raise ValueError(f"{name} is empty (0 examples); pass a dataset with at least one example")
-    return n
-
-
-def _resolve_steps(value: float, max_steps: int) -> int:
-    return max(1, math.ceil(value * max_steps)) if value < 1 else int(value)

@@ -16,8 +16,8 @@ import torch
 
 from fasttrain.data import count_valid_labels
 from fasttrain.distributed.sampler import ShardedSampler
-from fasttrain.trainer_utils import (EvalPrediction, PredictionOutput, denumpify, extract_logits,
-                                     pad_and_concat, to_device)
+from fasttrain.trainer_utils import (EvalPrediction, PredictionOutput, dataset_len, denumpify,
+                                     extract_logits, pad_and_concat, to_device)
 
 
 class EvaluationMixin:
@@ -26,8 +26,7 @@ class EvaluationMixin:
         if dataset is None:
             raise ValueError("evaluate() needs an eval dataset: pass Trainer(eval_dataset=...) "
                              "or evaluate(eval_dataset=...)")
-        from fasttrain.trainer import _dataset_len
-        n = _dataset_len(dataset, "eval_dataset")
+        n = dataset_len(dataset, "eval_dataset")
         sampler = ShardedSampler(n, rank=self.dist.rank, world_size=self.dist.world_size,
                                  shuffle=False, pad=False)
         return self._loader(dataset, sampler, self.args.per_device_eval_batch_size, False), n

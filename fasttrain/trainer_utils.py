@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import inspect
+import math
 import random
+import time
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -144,3 +146,60 @@ def pad_and_concat(arrays: list, pad_value=IGNORE_INDEX) -> np.ndarray:
 
 def denumpify(metrics: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+
+
+class LogWindow:
+    """Device-side accumulators between logging steps; read once per logging step."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.loss = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)  # the last step's (as HF logs it)
+        self.steps = 0
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, step_loss, grad_norm, tokens: int = 0):
+        self.loss += step_loss
+        if grad_norm is not None:
+            self.grad_norm = grad_norm  # a reference: read on the logging step
+        self.steps += 1
+        self.tokens += tokens
+
+    def flush(self, dist) -> dict:
+        if self.steps == 0:
+            return {}
+        loss = dist.all_reduce_sum(self.loss.clone())
+        values = torch.stack([loss, self.grad_norm]).tolist()  # sync: logging step
+        elapsed = time.perf_counter() - self.t0  # after the sync: the device work is done
+        out = {"loss": values[0] / self.steps, "grad_norm": values[1] or None,
+               "tokens_per_second": self.tokens * dist.world_size / max(elapsed, 1e-9)}
+        self.reset()
+        return out
+
+
+def samples_in(batch: dict) -> int:
+    first = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    return int(first.shape[0]) if first is not None else 0
+
+
+def tokens_in(batch: dict) -> int:
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def dataset_len(dataset, name: str) -> int:
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise TypeError(f"{name} must be a map-style dataset with __len__ and __getitem__") from None
+    if n == 0:
+        raise ValueError(f"{name} is empty (0 examples); pass a dataset with at least one example")
+    return n
+
+
+def resolve_steps(value: float, max_steps: int) -> int:
+    return max(1, math.ceil(value * max_steps)) if value < 1 else int(value)

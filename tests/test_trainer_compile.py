@@ -1,7 +1,6 @@
 """torch_compile=True in the Trainer: per-block compile, zero recompiles after warm-up
 while the LR changes every step and evaluation runs in between."""
 import pytest
-import torch
 
 from fasttrain import Trainer, TrainingArguments
 from tests._tiny import tiny_gpt, token_examples
