@@ -377,7 +377,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             control.should_log |= args.logging_strategy == "epoch"
             control.should_evaluate |= args.eval_strategy == "epoch"
             control.should_save |= args.save_strategy == "epoch"
-        if self._stop_signal is not None:
+        preempted = self._preemption_agreed(control.should_log)
+        if preempted:
             control.should_save = control.should_training_stop = True
         if control.should_log:
             self._log_training(self._window.flush(self.dist))
@@ -388,13 +389,14 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             new_best = self._update_best(metrics)
             if args.save_strategy == "best" and new_best:
                 control.should_save = True
-        if control.should_save and (args.save_strategy != "no" or self._stop_signal is not None):
+        if control.should_save and (args.save_strategy != "no" or preempted):
             # a preemption save must be on disk before the process exits
-            self._save_checkpoint(metrics, blocking=self._stop_signal is not None)
+            self._save_checkpoint(metrics, blocking=preempted)
             self._event("on_save")
         self._saver.poll()  # a failed background save surfaces here, at the next step
-        if self._stop_signal is not None:
-            logger.warning("received %s: saved checkpoint-%d and stopped cleanly", self._stop_signal, step)
+        if preempted:
+            logger.warning("received %s: saved checkpoint-%d and stopped cleanly",
+                           self._stop_signal or "SIGTERM (on another rank)", step)
         control.should_log = control.should_evaluate = control.should_save = False
 
     def _log_training(self, window: dict):
@@ -444,6 +446,16 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         except ValueError:  # not the main thread: leave signals to the caller
             self._prev_handler = None
+
+    def _preemption_agreed(self, logging_step: bool) -> bool:
+        """Whether to save and stop now. One process decides at the end of the step the
+        signal arrived in. Ranks may receive it in different steps, so under data
+        parallelism they agree at the next logging step (a collective that step already
+        syncs for), never in between: no rank can stop while another still trains."""
+        requested = self._stop_signal is not None
+        if not self.dist.enabled:
+            return requested
+        return self.dist.any_flag(requested) if logging_step else False
 
     def _on_sigterm(self, signum, frame):
         self._stop_signal = signal.Signals(signum).name

@@ -5,16 +5,29 @@ Rank 0 writes OUT/result.pt: final weights, the eval metrics and how many exampl
 compute_metrics saw.
 """
 import os
+import signal
 import sys
 
 import torch
 
-from fasttrain import Trainer, TrainingArguments
+from fasttrain import Trainer, TrainerCallback, TrainingArguments
+
+
+class SigtermRank0At(TrainerCallback):
+    """A real SIGTERM, delivered to rank 0 only, at the end of `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step and int(os.environ.get("RANK", "0")) == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
 from tests._tiny import tiny_gpt, token_examples
 
 
 def main():
     out, backend = sys.argv[1], sys.argv[2]
+    sigterm = len(sys.argv) > 3 and sys.argv[3] == "sigterm"
     torch.set_num_threads(1)
     seen = {}
 
@@ -31,11 +44,14 @@ def main():
                              seed=5, per_device_eval_batch_size=3)
     data = token_examples(32, ragged=True, seed=8)
     trainer = Trainer(tiny_gpt(seed=2), args, train_dataset=data, eval_dataset=data[:11],
-                      compute_metrics=metrics)
+                      compute_metrics=metrics, callbacks=[SigtermRank0At(1)] if sigterm else None)
+    if sigterm:
+        trainer.args.logging_steps = 2  # ranks agree on stopping at logging steps
     trainer.train()
     ev = trainer.evaluate()
     if trainer.dist.rank == 0:
         torch.save({"weights": trainer.model.state_dict(), "eval": ev, "seen": seen,
+                    "global_step": trainer.state.global_step,
                     "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r]},
                    os.path.join(out, "result.pt"))
     return 0

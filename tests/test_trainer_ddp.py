@@ -18,15 +18,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out, nproc, backend):
+def _run(out, nproc, backend, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     if nproc == 1:
-        cmd = [sys.executable, "-m", "tests._trainer_ddp_worker", str(out), backend]
+        cmd = [sys.executable, "-m", "tests._trainer_ddp_worker", str(out), backend, *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-               "-m", "tests._trainer_ddp_worker", str(out), backend]
+               "-m", "tests._trainer_ddp_worker", str(out), backend, *extra]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return torch.load(out / "result.pt", weights_only=False)
@@ -48,3 +48,11 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, single, backe
     assert two["seen"]["first_labels"] == single["seen"]["first_labels"]  # in dataset order
     assert two["eval"]["eval_loss"] == pytest.approx(single["eval"]["eval_loss"], rel=1e-5)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoint-4")).count("rng_state_1.pt") == 1
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_next_logging_step(tmp_path):
+    from fasttrain import checkpoint as ckpt
+    result = _run(tmp_path, 2, "fasttrain", "sigterm")  # returncode 0 is asserted in _run
+    assert result["global_step"] == 2  # signalled in step 1; both ranks stop at logging step 2
+    ckpt.verify(str(tmp_path / "run" / "checkpoint-2"))
+    assert not (tmp_path / "run" / "checkpoint-4").exists()
