@@ -116,4 +116,14 @@ inline void check_tensor_list(const char* op, at::TensorList grads, const char* 
   }
 }
 
+// All checks of fasttrain::unscale_and_check_ shared by its CPU, CUDA and Meta kernels.
+inline constexpr const char* kUnscaleOp = "fasttrain::unscale_and_check_";
+
+inline void check_unscale_args(at::TensorList grads, const at::Tensor& inv_scale,
+                               const at::Tensor& found_inf) {
+  check_tensor_list(kUnscaleOp, grads, "grads");
+  check_scalar_tensor(kUnscaleOp, inv_scale, "inv_scale");
+  check_scalar_tensor(kUnscaleOp, found_inf, "found_inf");
+}
+
 }  // namespace fasttrain

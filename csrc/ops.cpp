@@ -28,10 +28,7 @@ void adamw_meta(at::TensorList params, at::TensorList grads, at::TensorList exp_
 
 void unscale_and_check_meta(at::TensorList grads, const at::Tensor& inv_scale,
                             const at::Tensor& found_inf) {
-  constexpr const char* op = "fasttrain::unscale_and_check_";
-  check_tensor_list(op, grads, "grads");
-  check_scalar_tensor(op, inv_scale, "inv_scale");
-  check_scalar_tensor(op, found_inf, "found_inf");
+  check_unscale_args(grads, inv_scale, found_inf);
 }
 
 at::Tensor grad_norm_meta(at::TensorList tensors, double norm_type) {

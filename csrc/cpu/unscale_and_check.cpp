@@ -27,10 +27,8 @@ bool unscale_block(float* x, int64_t n, float inv_scale) {
 
 void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& inv_scale,
                            const at::Tensor& found_inf) {
-  constexpr const char* op = "fasttrain::unscale_and_check_";
-  check_tensor_list(op, grads, "grads");
-  check_scalar_tensor(op, inv_scale, "inv_scale");
-  check_scalar_tensor(op, found_inf, "found_inf");
+  constexpr const char* op = kUnscaleOp;
+  check_unscale_args(grads, inv_scale, found_inf);
   TORCH_CHECK(found_inf.is_cpu() && inv_scale.is_cpu(), op,
               ": inv_scale and found_inf must be CPU tensors for the CPU kernel");
   for (size_t i = 0; i < grads.size(); ++i) {

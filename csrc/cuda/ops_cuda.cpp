@@ -90,10 +90,8 @@ std::map<at::ScalarType, std::vector<GradTensor>> group_by_dtype(at::TensorList 
 
 void unscale_and_check_cuda(at::TensorList grads, const at::Tensor& inv_scale,
                             const at::Tensor& found_inf) {
-  constexpr const char* op = "fasttrain::unscale_and_check_";
-  check_tensor_list(op, grads, "grads");
-  check_scalar_tensor(op, inv_scale, "inv_scale");
-  check_scalar_tensor(op, found_inf, "found_inf");
+  constexpr const char* op = kUnscaleOp;
+  check_unscale_args(grads, inv_scale, found_inf);
   if (grads.empty()) return;
   const at::Device device = grads[0].device();
   check_on(op, inv_scale, "inv_scale", 0, device);
