@@ -22,10 +22,9 @@ __device__ __forceinline__ float term(float x, NormKind kind, float p) {
   return p == 1.0f ? fabsf(x) : powf(fabsf(x), p);
 }
 
-// Block-wide reduction with `combine`; the result is valid in thread 0.
+// Sum (or NaN-propagating max for the inf-norm) across a warp; valid in lane 0.
 template <typename T>
-__device__ T block_reduce(T value, NormKind kind) {
-  __shared__ T warp_results[kThreads / 32];
+__device__ T warp_reduce(T value, NormKind kind) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
     const T other = __shfl_down_sync(0xffffffffu, value, offset);
@@ -33,17 +32,19 @@ __device__ T block_reduce(T value, NormKind kind) {
                                                                           : (value > other ? value : other))
                                    : value + other;
   }
+  return value;
+}
+
+// Block-wide reduction; the result is valid in thread 0.
+template <typename T>
+__device__ T block_reduce(T value, NormKind kind) {
+  __shared__ T warp_results[kThreads / 32];
+  value = warp_reduce(value, kind);
   if (threadIdx.x % 32 == 0) warp_results[threadIdx.x / 32] = value;
   __syncthreads();
   if (threadIdx.x < 32) {
     value = threadIdx.x < blockDim.x / 32 ? warp_results[threadIdx.x] : T(0);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      const T other = __shfl_down_sync(0xffffffffu, value, offset);
-      value = kind == NormKind::kInf ? ((value != value || other != other) ? value + other
-                                                                            : (value > other ? value : other))
-                                     : value + other;
-    }
+    value = warp_reduce(value, kind);
   }
   return value;
 }
