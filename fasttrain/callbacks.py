@@ -37,7 +37,10 @@ class TrainerState:
 
     @classmethod
     def from_json_string(cls, text: str) -> "TrainerState":
-        values = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainerState":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 

@@ -89,13 +89,7 @@ class CheckpointWriter:
         self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
     def write_model(self, state_dict: dict, aliases: Optional[dict] = None) -> None:
-        """Weights as safetensors; pass `dedupe_shared`'s output, or a state dict whose
-        shared tensors are then found here."""
-        if aliases is None:
-            state_dict, aliases = dedupe_shared(state_dict)
-        tensors = {k: v.contiguous() for k, v in state_dict.items()}
-        data = st_save(tensors, metadata={"fasttrain_aliases": json.dumps(aliases)})
-        self.write_bytes(MODEL_FILE, data)
+        self.write_bytes(MODEL_FILE, model_bytes(state_dict, aliases))
 
     def commit(self, step: int) -> str:
         self.write_json(MANIFEST, {"step": step, "files": self.files, "format": 2})
@@ -164,6 +158,15 @@ def _save_error(output_dir: str, e: OSError) -> CheckpointError:
         why, fix = str(e), "check the file system"
     return CheckpointError(f"could not save a checkpoint in {output_dir!r}: {why} ({e}). "
                            f"Previous checkpoints are intact; {fix} and resume.")
+
+
+def model_bytes(state_dict: dict, aliases: Optional[dict] = None) -> bytes:
+    """Weights as safetensors bytes; pass `dedupe_shared`'s output, or a state dict whose
+    shared tensors are then found here (they are stored once, aliases in the metadata)."""
+    if aliases is None:
+        state_dict, aliases = dedupe_shared(state_dict)
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    return st_save(tensors, metadata={"fasttrain_aliases": json.dumps(aliases)})
 
 
 def dedupe_shared(state_dict: dict) -> tuple[dict, dict]:

@@ -69,6 +69,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.callback_handler = CallbackHandler(callbacks, self.model, self.processing_class,
                                                 self.optimizer, self.lr_scheduler)
         self._stop_signal = None
+        self._pending_best = False
         self._logger = None
         self._saver = ckpt.AsyncSaver()
         self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
@@ -205,12 +206,17 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 batch = to_device(batch, self.device)
                 with self._instruments.phase("forward"), self._autocast():
                     loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
-                if num_items is None:  # no labels: the model's own mean, averaged over micro-batches
+                world = self.dist.world_size
+                if num_items is None:
+                    # No labels: the model's own mean, averaged over micro-batches; the gradient
+                    # sync averages it over ranks, and the logged window sums ranks, so / world.
                     loss = loss / len(batches)
-                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-                # Every rank divides by the global token count; the gradient sync averages over
-                # ranks, so multiply back by the world size to get the global sum / count.
-                scaled = loss * self.dist.world_size if self.dist.enabled else loss
+                    scaled, logged = loss, loss.detach() / world
+                else:
+                    # Every rank divides by the global token count; the gradient sync averages
+                    # over ranks, so multiply back by the world size: global sum / count.
+                    scaled, logged = (loss * world if world > 1 else loss), loss.detach()
+                step_loss = logged if step_loss is None else step_loss + logged
                 scaled = self.scaler.scale(scaled) if self.scaler is not None else scaled
                 with self._instruments.phase("backward"):
                     scaled.backward()
@@ -306,6 +312,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self._event("on_train_begin")
         start_time = time.perf_counter()
         start_step = st.global_step
+        self._window.t0 = start_time  # set-up and resume time are not training time
         try:
             with self._instruments.oom_guard():
                 self._run_epochs(loader, epoch, micro_done, num_epochs, steps_per_epoch, micro_per_epoch)
@@ -377,7 +384,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             control.should_log |= args.logging_strategy == "epoch"
             control.should_evaluate |= args.eval_strategy == "epoch"
             control.should_save |= args.save_strategy == "epoch"
-        preempted = self._preemption_agreed(control.should_log)
+        # every rank computes this cadence alike (a callback's should_log may differ per rank)
+        agree_now = epoch_end or finished or step % st.logging_steps == 0
+        preempted = self._preemption_agreed(agree_now)
         if preempted:
             control.should_save = control.should_training_stop = True
         if control.should_log:
@@ -397,6 +406,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if preempted:
             logger.warning("received %s: saved checkpoint-%d and stopped cleanly",
                            self._stop_signal or "SIGTERM (on another rank)", step)
+        if control.should_evaluate or control.should_save:
+            self._window.t0 = time.perf_counter()  # tokens/s counts training time only
+        self._pending_best = False  # a best result belongs to a checkpoint of this step only
         control.should_log = control.should_evaluate = control.should_save = False
 
     def _log_training(self, window: dict):
@@ -447,15 +459,15 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         except ValueError:  # not the main thread: leave signals to the caller
             self._prev_handler = None
 
-    def _preemption_agreed(self, logging_step: bool) -> bool:
+    def _preemption_agreed(self, agree_now: bool) -> bool:
         """Whether to save and stop now. One process decides at the end of the step the
         signal arrived in. Ranks may receive it in different steps, so under data
-        parallelism they agree at the next logging step (a collective that step already
-        syncs for), never in between: no rank can stop while another still trains."""
+        parallelism they agree at the next logging-cadence step (every logging_steps, epoch
+        end, last step), never in between: no rank can stop while another still trains."""
         requested = self._stop_signal is not None
         if not self.dist.enabled:
             return requested
-        return self.dist.any_flag(requested) if logging_step else False
+        return self.dist.any_flag(requested) if agree_now else False
 
     def _on_sigterm(self, signum, frame):
         self._stop_signal = signal.Signals(signum).name

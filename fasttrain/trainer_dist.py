@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from fasttrain.distributed import BucketedDDP, all_reduce_, barrier
+
 
 _crashed = False
 
@@ -85,7 +87,6 @@ class DistContext:
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=args.ddp_bucket_cap_mb,
                                            find_unused_parameters=args.ddp_find_unused_parameters)
-        from fasttrain.distributed import BucketedDDP
         return BucketedDDP(model, bucket_cap_mb=args.ddp_bucket_cap_mb,
                            find_unused_parameters=args.ddp_find_unused_parameters)
 
@@ -95,22 +96,16 @@ class DistContext:
         return contextlib.nullcontext()
 
     def zero_grad(self, model, optimizer) -> None:
-        from fasttrain.distributed import BucketedDDP
         if isinstance(model, BucketedDDP):
             model.zero_grad()  # it owns flat gradient buffers: zero them, keep the .grad views
         else:
             optimizer.zero_grad(set_to_none=True)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            import torch.distributed as dist
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
+        return all_reduce_(tensor) if self.enabled else tensor
 
     def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-            dist.barrier()
+        barrier()  # a no-op without a process group
 
     def all_gather_object(self, obj) -> list:
         if not self.enabled:
@@ -124,6 +119,5 @@ class DistContext:
         """True on every rank if `flag` is True on any rank (a collective: call on all ranks)."""
         if not self.enabled:
             return flag
-        t = torch.tensor(float(flag), device=self.device)
-        self.all_reduce_sum(t)
+        t = all_reduce_(torch.tensor(float(flag), device=self.device), op="max")
         return bool(t.item() > 0)  # sync: only where the caller needs a global decision

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ import torch
 from fasttrain.data import count_valid_labels
 from fasttrain.distributed.sampler import ShardedSampler
 from fasttrain.trainer_utils import (EvalPrediction, PredictionOutput, dataset_len, denumpify,
-                                     extract_logits, pad_and_concat, to_device)
+                                     extract_logits, extract_loss, pad_and_concat, to_device)
 
 
 class EvaluationMixin:
@@ -60,7 +59,6 @@ class EvaluationMixin:
             if not prediction_loss_only and self._forward_args and "return_logits" in self._forward_args:
                 kwargs["return_logits"] = True
             outputs = model(**inputs, **kwargs)
-        from fasttrain.trainer_utils import extract_loss
         loss = extract_loss(outputs)
         logits = None if prediction_loss_only else extract_logits(outputs)
         if loss is None or labels is None:
@@ -96,9 +94,11 @@ class EvaluationMixin:
             self._event("on_prediction_step")
         model.train(was_training)
         metrics = {}
-        if has_loss:
-            totals = self.dist.all_reduce_sum(torch.stack([loss_sum, tokens]))
-            total_loss, total_tokens = totals.tolist()  # sync: end of evaluation
+        # every rank joins this reduction, also one whose shard was empty
+        flag = torch.tensor(float(has_loss), device=self.device)
+        totals = self.dist.all_reduce_sum(torch.stack([loss_sum, tokens, flag]))
+        total_loss, total_tokens, any_loss = totals.tolist()  # sync: end of evaluation
+        if any_loss:
             metrics[f"{metric_key_prefix}_loss"] = total_loss / total_tokens if total_tokens else float("nan")
         predictions = _gather(self.dist, preds, n_examples)
         labels_all = _gather(self.dist, label_ids, n_examples)
@@ -144,19 +144,30 @@ def _to_numpy(t):
     return t.cpu().numpy()
 
 
-def _gather(dist, arrays: list, n_examples: int) -> Optional[np.ndarray]:
-    """Concatenate this rank's batches and, under data parallelism, every rank's, back in
-    dataset order: rank r evaluated examples r, r+W, r+2W, ... (no padding repeats)."""
-    if arrays and isinstance(arrays[0], tuple):
-        return tuple(_gather(dist, [a[i] for a in arrays], n_examples) for i in range(len(arrays[0])))
-    local = pad_and_concat(arrays) if arrays else None
+def _gather(dist, arrays: list, n_examples: int):
+    """This rank's batches (arrays, or tuples of arrays) and, under data parallelism, every
+    rank's, concatenated in dataset order: rank r evaluated examples r, r+W, r+2W, ...
+    One collective per call whatever the structure, so ranks with empty shards never hang."""
     if not dist.enabled:
-        return local
-    parts = dist.all_gather_object(local)
-    if any(p is None for p in parts):
-        return None
-    merged = pad_and_concat(parts)
-    positions = np.concatenate([np.arange(r, n_examples, len(parts)) for r in range(len(parts))])
+        return _concat(arrays) if arrays else None
+    parts = dist.all_gather_object(arrays)
+    ranks = [(r, _concat(p)) for r, p in enumerate(parts) if p]
+    return _interleave(ranks, n_examples, len(parts)) if ranks else None
+
+
+def _concat(arrays: list):
+    if isinstance(arrays[0], tuple):
+        return tuple(pad_and_concat([a[i] for a in arrays]) for i in range(len(arrays[0])))
+    return pad_and_concat(arrays)
+
+
+def _interleave(ranks: list, n_examples: int, world: int):
+    first = ranks[0][1]
+    if isinstance(first, tuple):
+        return tuple(_interleave([(r, a[i]) for r, a in ranks], n_examples, world)
+                     for i in range(len(first)))
+    merged = pad_and_concat([a for _, a in ranks])
+    positions = np.concatenate([np.arange(r, n_examples, world) for r, _ in ranks])
     out = np.empty_like(merged)
     out[positions] = merged
     return out

@@ -8,8 +8,10 @@ so nothing is replayed or skipped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shutil
 
 import torch
 
@@ -32,6 +34,9 @@ class CheckpointMixin:
                 "resume_from_checkpoint=True to continue it, overwrite_output_dir=True to start "
                 "over there (its checkpoints will be replaced), or choose another output_dir.")
         if self.dist.is_main:
+            if not resuming and self.args.overwrite_output_dir:
+                for path in ckpt.list_checkpoints(out):  # as promised: start over there
+                    shutil.rmtree(path)
             try:
                 os.makedirs(out, exist_ok=True)
             except OSError as e:
@@ -45,7 +50,7 @@ class CheckpointMixin:
             self.scaler.check_divergence()  # a diverged fp16 run stops before it saves
         self._check_weights_finite()
         path = os.path.join(args.output_dir, f"{ckpt.PREFIX}{st.global_step}")
-        if getattr(self, "_pending_best", False):
+        if self._pending_best:
             st.best_model_checkpoint = path
             self._pending_best = False
         st.stateful_callbacks = self.callback_handler.stateful_state()
@@ -109,11 +114,8 @@ class CheckpointMixin:
         if hasattr(self.model, "save_pretrained"):
             self.model.save_pretrained(output_dir, safe_serialization=True)
             return
-        from safetensors.torch import save_file
-        tensors, aliases = ckpt.dedupe_shared(self.model.state_dict())
-        import json
-        save_file(tensors, os.path.join(output_dir, ckpt.MODEL_FILE),
-                  metadata={"fasttrain_aliases": json.dumps(aliases)})
+        with open(os.path.join(output_dir, ckpt.MODEL_FILE), "wb") as f:
+            f.write(ckpt.model_bytes(self.model.state_dict()))
         config = _model_config(self.model)
         if config is not None:
             with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
@@ -150,7 +152,7 @@ class CheckpointMixin:
         self.lr_scheduler.load_state_dict(ckpt.read_torch(path, "scheduler.pt"))
         if self.scaler is not None:
             self.scaler.load_state_dict(ckpt.read_torch(path, "scaler.pt"))
-        saved = TrainerState.from_json_string(open(os.path.join(path, "trainer_state.json"), encoding="utf-8").read())
+        saved = TrainerState.from_dict(ckpt.read_json(path, "trainer_state.json"))
         for f in dataclasses.fields(TrainerState):
             if f.name not in ("is_local_process_zero", "is_world_process_zero", "max_steps"):
                 setattr(self.state, f.name, getattr(saved, f.name))

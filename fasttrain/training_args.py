@@ -189,6 +189,11 @@ class TrainingArguments:
             if (self.save_strategy in ("steps", "epoch") and self.save_strategy != self.eval_strategy):
                 raise _bad("save_strategy", self.save_strategy, "load_best_model_at_end=True needs "
                            f"save_strategy to match eval_strategy ({self.eval_strategy!r}) or be 'best'")
+            if (self.save_strategy == "steps" and self.eval_strategy == "steps"
+                    and self.save_steps % self.eval_steps):
+                raise _bad("save_steps", self.save_steps, "load_best_model_at_end=True needs "
+                           f"save_steps to be a multiple of eval_steps ({self.eval_steps}), so the "
+                           "best evaluation always has a checkpoint")
         if self.save_strategy == "best" and self.eval_strategy == "no":
             raise _bad("save_strategy", "best", "needs eval_strategy 'steps' or 'epoch' to find the best")
         if self.profiler_trace_steps is not None:

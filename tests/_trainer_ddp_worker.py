@@ -25,8 +25,39 @@ class SigtermRank0At(TrainerCallback):
 from tests._tiny import tiny_gpt, token_examples
 
 
+class Regression(torch.nn.Module):
+    """A model without labels in its batch: it returns its own mean loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y):
+        return {"loss": torch.nn.functional.mse_loss(self.lin(x).squeeze(-1), y)}
+
+
+def main_nolabels(out):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    g = torch.Generator().manual_seed(1)
+    data = [{"x": torch.randn(4, generator=g), "y": torch.randn((), generator=g)} for _ in range(16)]
+    args = TrainingArguments(output_dir=os.path.join(out, "run"), max_steps=3,
+                             per_device_train_batch_size=4 // world, learning_rate=0.1, optim="sgd",
+                             lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                             disable_tqdm=True, report_to="none", seed=5)
+    trainer = Trainer(Regression(), args, train_dataset=data)
+    trainer.train()
+    if trainer.dist.rank == 0:
+        torch.save({"weights": trainer.model.state_dict(),
+                    "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r]},
+                   os.path.join(out, "result.pt"))
+    return 0
+
+
 def main():
     out, backend = sys.argv[1], sys.argv[2]
+    if backend == "nolabels":
+        return main_nolabels(out)
     sigterm = len(sys.argv) > 3 and sys.argv[3] == "sigterm"
     torch.set_num_threads(1)
     seen = {}
@@ -49,9 +80,11 @@ def main():
         trainer.args.logging_steps = 2  # ranks agree on stopping at logging steps
     trainer.train()
     ev = trainer.evaluate()
+    full_seen = dict(seen)  # what the full evaluation showed compute_metrics
+    one = trainer.evaluate(data[:1])  # fewer examples than ranks: rank 1's shard is empty
     if trainer.dist.rank == 0:
-        torch.save({"weights": trainer.model.state_dict(), "eval": ev, "seen": seen,
-                    "global_step": trainer.state.global_step,
+        torch.save({"weights": trainer.model.state_dict(), "eval": ev, "seen": full_seen,
+                    "global_step": trainer.state.global_step, "eval_one": one,
                     "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r]},
                    os.path.join(out, "result.pt"))
     return 0

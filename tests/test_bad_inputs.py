@@ -108,3 +108,20 @@ def test_existing_checkpoints_are_not_clobbered(tmp_path):
     with pytest.raises(ValueError, match="already holds checkpoints.*resume_from_checkpoint=True"):
         Trainer(tiny_gpt(), args, train_dataset=token_examples(4)).train()
     assert sorted(os.listdir(args.output_dir)) == before
+
+
+def test_best_model_needs_a_checkpoint_at_every_best_candidate(tmp_path):
+    with pytest.raises(ValueError, match="save_steps to be a multiple of eval_steps"):
+        _args(tmp_path, load_best_model_at_end=True, eval_strategy="steps", eval_steps=100,
+              save_strategy="steps", save_steps=250)
+
+
+def test_overwrite_output_dir_replaces_the_old_runs_checkpoints(tmp_path):
+    args = _args(tmp_path, max_steps=4, per_device_train_batch_size=2)
+    args.save_strategy, args.save_steps = "steps", 2
+    Trainer(tiny_gpt(), args, train_dataset=token_examples(8)).train()
+    assert sorted(os.listdir(args.output_dir)).count("checkpoint-4") == 1
+    args.max_steps, args.overwrite_output_dir = 2, True
+    Trainer(tiny_gpt(), args, train_dataset=token_examples(8)).train()
+    names = sorted(p for p in os.listdir(args.output_dir) if p.startswith("checkpoint-"))
+    assert names == ["checkpoint-2"]  # the stale checkpoint-4 would have been resumed from

@@ -19,6 +19,7 @@ def _free_port() -> int:
 
 
 def _run(out, nproc, backend, *extra):
+    os.makedirs(out, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     if nproc == 1:
@@ -48,6 +49,8 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, single, backe
     assert two["seen"]["first_labels"] == single["seen"]["first_labels"]  # in dataset order
     assert two["eval"]["eval_loss"] == pytest.approx(single["eval"]["eval_loss"], rel=1e-5)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoint-4")).count("rng_state_1.pt") == 1
+    # an eval set smaller than the world: the empty shard joins the reductions, no hang
+    assert two["eval_one"]["eval_loss"] == pytest.approx(single["eval_one"]["eval_loss"], rel=1e-5)
 
 
 def test_sigterm_on_one_rank_stops_every_rank_at_the_next_logging_step(tmp_path):
@@ -56,3 +59,11 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_next_logging_step(tmp_path)
     assert result["global_step"] == 2  # signalled in step 1; both ranks stop at logging step 2
     ckpt.verify(str(tmp_path / "run" / "checkpoint-2"))
     assert not (tmp_path / "run" / "checkpoint-4").exists()
+
+
+def test_label_free_model_is_averaged_not_summed_over_ranks(tmp_path):
+    one = _run(tmp_path / "one", 1, "nolabels")
+    two = _run(tmp_path / "two", 2, "nolabels")
+    for k, v in one["weights"].items():
+        torch.testing.assert_close(two["weights"][k], v, rtol=0, atol=1e-6, msg=k)
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-7)
