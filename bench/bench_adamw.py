@@ -9,7 +9,7 @@ gradients are shared. Reported: p20/p50/p80 step time, GB/s at 28 bytes per para
 read p, g, m, v, write p, m, v; bf16 with fp32 master: read g(2) w m v, write w m v p(2) = 28
 as well), and speed relative to torch fused.
 
-CPU rows: fasttrain._ops.fused_adamw_ (fp32, and bf16 params with fp32 masters), FusedAdamW's
+CPU rows: fasttrain.ops.native.fused_adamw_ (fp32, and bf16 params with fp32 masters), FusedAdamW's
 CPU path (the compiled op when built, else torch's fused kernel plus master handling; the row
 name says which, and with the op built the fallback is timed too), torch fused, foreach and
 for-loop (--loop-reps steps only: it is slow). GPU rows (when CUDA is present, else "skipped:
@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, percentiles, report, time_interleaved  # noqa: E402
-import fasttrain.optim as optim_mod  # noqa: E402
-from fasttrain import _ops  # noqa: E402
-from fasttrain.optim import FusedAdamW  # noqa: E402
+import fasttrain.optim.adamw as optim_mod  # noqa: E402
+from fasttrain.ops import native as _ops  # noqa: E402
+from fasttrain.optim.adamw import FusedAdamW  # noqa: E402
 
 BYTES_PER_PARAM = 28
 LR, BETAS, WD, EPS = 1e-3, (0.9, 0.95), 0.1, 1e-8
@@ -52,7 +52,7 @@ def gpt2_124m_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
 
 
 class OpStep:
-    """fasttrain._ops.fused_adamw_ with its own state; master=True keeps fp32 masters."""
+    """fasttrain.ops.native.fused_adamw_ with its own state; master=True keeps fp32 masters."""
 
     def __init__(self, params, grads, master: bool):
         self.params, self.grads = params, grads

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, fmt, spread  # noqa: E402
 
-from fasttrain import checkpoint as ckpt  # noqa: E402
+from fasttrain.checkpoint import storage as ckpt  # noqa: E402
 from fasttrain.models import GPT, GPTConfig, MODEL_SIZES  # noqa: E402
 
 

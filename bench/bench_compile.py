@@ -34,7 +34,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, percentiles  # noqa: E402
-from fasttrain.compile import CompileMonitor, apply_compile  # noqa: E402
+from fasttrain.compile.apply import CompileMonitor, apply_compile  # noqa: E402
 from fasttrain.models.gpt import GPT, GPTConfig  # noqa: E402
 
 MODES = {"eager": None, "per-block": True, "whole-model": False}  # name -> per_block

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, fmt, spread  # noqa: E402
 
 from fasttrain import Trainer, TrainingArguments  # noqa: E402
-from fasttrain.data import default_data_collator  # noqa: E402
+from fasttrain.data.datasets import default_data_collator  # noqa: E402
 
 
 WIDTH = 16  # --width: 16 is "compute close to zero"; larger widths show how the gap closes
@@ -45,7 +45,7 @@ def dataset(n: int):
 
 def make_optimizer(name: str, params):
     if name == "fasttrain_adamw":
-        from fasttrain.optim import FusedAdamW
+        from fasttrain.optim.adamw import FusedAdamW
         return FusedAdamW(params, lr=1e-3)
     return torch.optim.AdamW(params, lr=1e-3, fused=True)
 

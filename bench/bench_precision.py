@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from _common import environment, percentiles, sync, time_interleaved  # noqa: E402
 from fasttrain.models import GPT, GPTConfig  # noqa: E402
-from fasttrain.optim import FusedAdamW  # noqa: E402
-from fasttrain.precision import (DynamicLossScaler, autocast_context,  # noqa: E402
+from fasttrain.optim.adamw import FusedAdamW  # noqa: E402
+from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context,  # noqa: E402
                                  cast_floating_params_)
 
 ROWS = ("fp32", "bf16", "fp16+scaler", "bf16-params+master", "fp16+GradScaler")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, spread  # noqa: E402
 from fasttrain.models import GPT, MODEL_SIZES, GPTConfig  # noqa: E402
-from fasttrain.profiler import Profiler, ProfilerConfig, flops_per_token_for  # noqa: E402
+from fasttrain.profiler.profiler import Profiler, ProfilerConfig, flops_per_token_for  # noqa: E402
 
 
 def train_block(model, opt, batches, prof: Profiler | None, log_every: int, steps_done: int):

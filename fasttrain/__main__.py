@@ -1,4 +1,4 @@
 import sys
-from fasttrain.cli import main
+from fasttrain.cli.main import main
 
 sys.exit(main())

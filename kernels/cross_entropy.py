@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._reference import cross_entropy_reference  # noqa: F401  (re-exported for tests/benches)
+from ._library import custom_op
 
 REDUCTIONS = ("mean", "sum", "none")
 _CPU_CHUNK_ELEMS = 1 << 21  # fp32 temporaries of the CPU path stay under 8 MB
@@ -209,7 +210,7 @@ def reduce_loss(row_loss, scale, reduction):
 
 # ---- torch.library op --------------------------------------------------------------------
 
-@torch.library.custom_op("fasttrain::cross_entropy", mutates_args=())
+@custom_op("fasttrain::cross_entropy", mutates_args=())
 def _cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
                       label_smoothing: float, z_loss: float, reduction: str,
                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:

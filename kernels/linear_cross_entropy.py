@@ -17,6 +17,7 @@ FusedLinearCrossEntropy (chunking over tokens, gradients in the forward).
 import torch
 
 from .cross_entropy import ce_rows_, check_loss_args, reduce_loss, reduction_scale
+from ._library import custom_op
 from ._reference import linear_cross_entropy_reference  # noqa: F401  (re-exported)
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -97,7 +98,7 @@ def _empty(t):
     return t.new_empty(0)
 
 
-@torch.library.custom_op("fasttrain::linear_cross_entropy", mutates_args=())
+@custom_op("fasttrain::linear_cross_entropy", mutates_args=())
 def _flce_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
              bias: torch.Tensor | None, ignore_index: int, label_smoothing: float,
              z_loss: float, reduction: str, compute_grad: bool
@@ -125,7 +126,7 @@ def _(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, reduc
     return loss, torch.empty_like(hidden), torch.empty_like(weight), gb
 
 
-@torch.library.custom_op("fasttrain::linear_cross_entropy_backward", mutates_args=())
+@custom_op("fasttrain::linear_cross_entropy_backward", mutates_args=())
 def _flce_backward_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                       bias: torch.Tensor | None, grad_loss: torch.Tensor, ignore_index: int,
                       label_smoothing: float, z_loss: float

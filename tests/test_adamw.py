@@ -6,9 +6,9 @@ import importlib
 import pytest
 import torch
 
-import fasttrain.optim as optim_mod
+import fasttrain.optim.adamw as optim_mod
 from fasttrain.kernels._reference import adamw_reference_
-from fasttrain.optim import FusedAdamW
+from fasttrain.optim.adamw import FusedAdamW
 
 adamw_kernels = importlib.import_module("fasttrain.kernels.adamw")
 

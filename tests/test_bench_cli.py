@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import fasttrain.bench as bench
-from fasttrain.bench import add_speedups, build_matrix, format_table, register, write_results
+import fasttrain.cli.bench as bench
+from fasttrain.cli.bench import add_speedups, build_matrix, format_table, register, write_results
 
 
 def parse(*argv):
@@ -90,7 +90,7 @@ def test_worker_failure_becomes_an_error_row(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_real_bench_run_prints_table_and_writes_files(tmp_path):
-    cmd = [sys.executable, "-m", "fasttrain.bench", "bench", "--compile", "off", "--fused", "off",
+    cmd = [sys.executable, "-m", "fasttrain.cli.bench", "bench", "--compile", "off", "--fused", "off",
            "--seq-len", "32", "--batch", "2", "--warmup", "1", "--steps", "3", "--threads", "1",
            "--ddp", "1,2", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -112,7 +112,7 @@ def test_real_bench_run_prints_table_and_writes_files(tmp_path):
 
 def test_worker_commands_single_and_ddp():
     cfg = {"model": "tiny", "ddp": 1}
-    assert bench.worker_command(cfg)[:3] == [sys.executable, "-m", "fasttrain.bench_worker"]
+    assert bench.worker_command(cfg)[:3] == [sys.executable, "-m", "fasttrain.cli.bench_worker"]
     cmd = bench.worker_command({**cfg, "ddp": 4})
     assert cmd[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     assert "--nproc-per-node=4" in cmd and json.loads(cmd[-1])["ddp"] == 4

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from fasttrain import checkpoint as ckpt
+from fasttrain.checkpoint import storage as ckpt
 from fasttrain import Trainer, TrainerCallback, TrainingArguments
 from tests._ckpt_worker import build_trainer
 from tests._tiny import tiny_gpt, token_examples
@@ -199,7 +199,8 @@ def test_file_size_limit_during_save_raises_clearly(tmp_path):
 import resource, signal, sys
 sys.path.insert(0, {ROOT!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-from fasttrain import Trainer, TrainingArguments, checkpoint as ckpt
+from fasttrain import Trainer, TrainingArguments
+from fasttrain.checkpoint import storage as ckpt
 from tests._tiny import tiny_gpt, token_examples
 args = TrainingArguments(output_dir={str(tmp_path / 'run')!r}, max_steps=1, save_strategy="steps",
                          save_steps=1, disable_tqdm=True, report_to="none")

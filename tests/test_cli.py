@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fasttrain.cli import build_parser, build_training_args
+from fasttrain.cli.main import build_parser, build_training_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

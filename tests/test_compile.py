@@ -19,7 +19,7 @@ from _compile_models import (  # noqa: F401  (fresh_dynamo is an autouse fixture
     C, H, L, T, V, TOLERANCES, CountingBackend, TinyGPT, assert_matches, batch,
     fresh_dynamo, loss_and_grads, tiny_pair,
 )
-from fasttrain.compile import (
+from fasttrain.compile.apply import (
     CompileConfig,
     CompileMonitor,
     apply_compile,
@@ -79,7 +79,7 @@ def test_whole_model_option_compiles_the_root_only():
 
 def test_model_without_repeated_blocks_falls_back_to_whole_model(caplog):
     model = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
-    with caplog.at_level(logging.INFO, logger="fasttrain.compile"):
+    with caplog.at_level(logging.INFO, logger="fasttrain.compile.apply"):
         apply_compile(model, backend=CountingBackend())
     assert compiled_module_names(model) == [""]
     assert "no repeated blocks" in caplog.text
@@ -152,7 +152,7 @@ def test_bad_arguments_name_the_problem(tmp_path):
 def test_hf_style_kv_cache_config_warns(caplog):
     model = TinyGPT()
     model.config = SimpleNamespace(use_cache=True)
-    with caplog.at_level(logging.WARNING, logger="fasttrain.compile"):
+    with caplog.at_level(logging.WARNING, logger="fasttrain.compile.apply"):
         apply_compile(model, backend=CountingBackend())
     assert "use_cache = False" in caplog.text
 
@@ -165,7 +165,7 @@ def test_compile_from_args_follows_the_trainer_arguments(caplog):
     args = SimpleNamespace(torch_compile=True, torch_compile_mode=None, dataloader_drop_last=False,
                            torch_compile_per_block=False, torch_compile_backend=backend)
     model.config = SimpleNamespace(use_cache=True)
-    with caplog.at_level(logging.WARNING, logger="fasttrain.compile"):
+    with caplog.at_level(logging.WARNING, logger="fasttrain.compile.apply"):
         monitor = compile_from_args(model, args)
     assert "dataloader_drop_last=True" in caplog.text and "use_cache" not in caplog.text
     assert model.config.use_cache is False and compiled_module_names(model) == [""]

@@ -13,7 +13,7 @@ from torch import nn
 from _compile_models import (  # noqa: F401  (fresh_dynamo is an autouse fixture)
     T, Block, CountingBackend, TensorLRDecay, TinyGPT, batch, fresh_dynamo, train_steps,
 )
-from fasttrain.compile import CompileMonitor, apply_compile
+from fasttrain.compile.apply import CompileMonitor, apply_compile
 
 
 # ---- recompiles ----------------------------------------------------------------------
@@ -42,7 +42,7 @@ def test_no_recompiles_after_warmup_with_changing_lr(caplog, lr_in_tensor):
     train_steps(model, opt, sched, steps=1)
     monitor.end_warmup()
     lrs = []
-    with caplog.at_level(logging.WARNING, logger="fasttrain.compile"):
+    with caplog.at_level(logging.WARNING, logger="fasttrain.compile.apply"):
         for step in range(1, 6):
             lrs.append(float(opt.param_groups[0]["lr"]))
             train_steps(model, opt, sched, steps=1, seed0=step)
@@ -59,7 +59,7 @@ def test_shape_change_after_warmup_warns_naming_the_guard(caplog):
     monitor = CompileMonitor().start()
     train_steps(model, opt, sched, steps=2)
     monitor.end_warmup()
-    with caplog.at_level(logging.WARNING, logger="fasttrain.compile"):
+    with caplog.at_level(logging.WARNING, logger="fasttrain.compile.apply"):
         train_steps(model, opt, sched, steps=1, t=T - 4)  # a short last batch
     stats = monitor.stats()
     assert stats["recompiles"] == 1 and stats["recompiles_after_warmup"] == 1
@@ -106,7 +106,7 @@ def test_expected_compiles_are_counted_without_warning(caplog):
     monitor = CompileMonitor().start()
     train_steps(model, opt, sched, steps=1)
     monitor.end_warmup()
-    with caplog.at_level(logging.WARNING, logger="fasttrain.compile"):
+    with caplog.at_level(logging.WARNING, logger="fasttrain.compile.apply"):
         model.eval()
         with monitor.expect_compiles("first evaluation"), torch.no_grad():
             model(*batch(9))  # eval mode and no_grad are guarded: one recompile

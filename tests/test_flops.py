@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from fasttrain.flops import (PEAK_TFLOPS, device_table_key, dtype_key, flops_per_token_for,
+from fasttrain.profiler.flops import (PEAK_TFLOPS, device_table_key, dtype_key, flops_per_token_for,
                              non_embedding_params, peak_flops, transformer_flops_per_token,
                              user_flops_per_token)
 from fasttrain.models import GPT, GPTConfig

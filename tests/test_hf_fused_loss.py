@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fasttrain.loss import fused_causal_lm_loss, fused_loss_unavailable_reason  # noqa: E402
+from fasttrain.ops.loss import fused_causal_lm_loss, fused_loss_unavailable_reason  # noqa: E402
 
 B, T = 2, 13
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fasttrain import Trainer, TrainingArguments
-from fasttrain.precision import autocast_context, cast_floating_params_
+from fasttrain.precision.mixed import autocast_context, cast_floating_params_
 from tests._tiny import tiny_gpt
 
 STEPS = 30
@@ -70,7 +70,7 @@ def test_fp16_logs_the_loss_scale_and_bf16_does_not(runs):
 def test_fp16_overflow_storm_skips_then_recovers(tmp_path, monkeypatch):
     """A too-large initial scale overflows the first steps: each is skipped while the scale
     halves, then training proceeds and still learns."""
-    from fasttrain.precision import DynamicLossScaler
+    from fasttrain.precision.mixed import DynamicLossScaler
 
     monkeypatch.setattr(Trainer, "_build_scaler", lambda self: DynamicLossScaler(2.0**24))
     records = _train(tmp_path, "storm", fp16=True)
@@ -85,7 +85,7 @@ def test_fp16_overflow_storm_skips_then_recovers(tmp_path, monkeypatch):
 def _master_weight_run(mode: str, steps: int = 20, lr: float = 3e-4):
     """A plain loop under bf16 autocast: fp32 weights ('fp32'), bf16 weights with fp32
     masters in FusedAdamW ('master'), or bf16 weights updated in bf16 ('bf16')."""
-    from fasttrain.optim import FusedAdamW
+    from fasttrain.optim.adamw import FusedAdamW
 
     torch.manual_seed(0)
     model = tiny_gpt(seed=3)
@@ -123,7 +123,7 @@ def test_fp16_divergence_stops_training_with_weights_of_the_last_clean_step(tmp_
     """From step 4 on every forward is NaN: steps are skipped, the scale falls from 2**16
     to min_scale=1 in 16 overflows, and 5 more at the floor stop the run with a clear
     error; the weights are still those after step 3."""
-    from fasttrain.precision import TrainingDivergedError
+    from fasttrain.precision.mixed import TrainingDivergedError
 
     torch.set_num_threads(1)
     model, calls, snapshot = tiny_gpt(seed=3), [0], {}
@@ -151,8 +151,8 @@ import json, os, sys
 import torch
 sys.path.insert(0, sys.argv[3])
 from fasttrain.distributed import BucketedDDP, destroy_distributed, init_distributed
-from fasttrain.optim import FusedAdamW
-from fasttrain.precision import DynamicLossScaler, autocast_context
+from fasttrain.optim.adamw import FusedAdamW
+from fasttrain.precision.mixed import DynamicLossScaler, autocast_context
 from tests._tiny import tiny_gpt
 
 torch.set_num_threads(1)
@@ -215,7 +215,7 @@ def test_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
 def test_fp16_resume_restores_the_scaler_exactly(tmp_path, monkeypatch):
     """Stop at step 6 of 12 and resume: the scale, its trackers and the weights continue
     as in the uninterrupted run (a scaler rebuilt from 2**24 would skip steps again)."""
-    from fasttrain.precision import DynamicLossScaler
+    from fasttrain.precision.mixed import DynamicLossScaler
 
     monkeypatch.setattr(Trainer, "_build_scaler",
                         lambda self: DynamicLossScaler(2.0**24, growth_interval=3))

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fasttrain.nvml import GIB, NvmlUnavailable, format_sample, open_device, parse_sample, read_raw
-from fasttrain.profiler_sampler import HardwareSampler
+from fasttrain.profiler.nvml import GIB, NvmlUnavailable, format_sample, open_device, parse_sample, read_raw
+from fasttrain.profiler.sampler import HardwareSampler
 
 DATA = Path(__file__).parent / "data"
 

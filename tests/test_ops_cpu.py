@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain import _ops
+from fasttrain.ops import native as _ops
 
 ops = torch.ops.fasttrain
 # Odd sizes, a 0-d-like scalar, and tensors spanning several 32768-element chunks with tails.

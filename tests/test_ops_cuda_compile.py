@@ -171,7 +171,7 @@ def test_kernels_stay_free_of_torch_headers():
 # ----------------------------------------------------------------------------- on a GPU
 @pytest.fixture
 def cuda_ops():
-    from fasttrain import _ops
+    from fasttrain.ops import native as _ops
 
     assert _ops.available() and _ops.build_info().get("cuda") == "ON", \
         "on a CUDA machine build the library with CUDA: bash scripts/build_ops.sh"

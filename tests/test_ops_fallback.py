@@ -1,4 +1,4 @@
-"""fasttrain._ops without the compiled library: how the loader decides (subprocesses, since
+"""fasttrain.ops.native without the compiled library: how the loader decides (subprocesses, since
 the library loads once per process) and that every wrapper's PyTorch fallback computes the
 same thing as torch (in process, with the loader forced to the fallback)."""
 import os
@@ -9,13 +9,13 @@ import textwrap
 import pytest
 import torch
 
-from fasttrain import _ops
+from fasttrain.ops import native as _ops
 
 PROBE = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(name)s %(message)s")
     import torch
-    from fasttrain import _ops
+    from fasttrain.ops import native as _ops
     print("AVAILABLE", _ops.available())
     print("STEP_OK", _ops.grad_norm([torch.ones(4)]).item() == 2.0)
 """)

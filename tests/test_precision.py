@@ -1,4 +1,4 @@
-"""fasttrain.precision: DynamicLossScaler against torch.amp.GradScaler and against a plain
+"""fasttrain.precision.mixed: DynamicLossScaler against torch.amp.GradScaler and against a plain
 Python model of its update rule; skipping with real optimizers; checkpoints; the autocast
 policy; bf16 parameters."""
 import io
@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from fasttrain.precision import (DynamicLossScaler, TrainingDivergedError, autocast_context,
+from fasttrain.precision.mixed import (DynamicLossScaler, TrainingDivergedError, autocast_context,
                                  cast_floating_params_, needs_loss_scaler, unscale_and_check_)
 
 
@@ -179,7 +179,7 @@ def _adamw_state(opt):
 
 
 def _fused_adamw(model, master=False):
-    from fasttrain.optim import FusedAdamW
+    from fasttrain.optim.adamw import FusedAdamW
 
     if master:
         cast_floating_params_(model, torch.bfloat16)

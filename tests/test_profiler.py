@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-import fasttrain.profiler as profiler_mod
-import fasttrain.profiler_timing as timing_mod
-from fasttrain.flops import flops_per_token_for
+import fasttrain.profiler.profiler as profiler_mod
+import fasttrain.profiler.timing as timing_mod
+from fasttrain.profiler.flops import flops_per_token_for
 from fasttrain.models import GPT, GPTConfig
-from fasttrain.profiler import Profiler, ProfilerConfig
+from fasttrain.profiler.profiler import Profiler, ProfilerConfig
 
 
 class Clock:
@@ -242,7 +242,7 @@ def test_cuda_events_path_and_peak_and_real_oom_snapshot(tmp_path):
 def test_profiler_from_training_args(tmp_path):
     from types import SimpleNamespace
 
-    from fasttrain.profiler import profiler_from_args, trace_steps_from_string
+    from fasttrain.profiler.profiler import profiler_from_args, trace_steps_from_string
     assert trace_steps_from_string("10:12") == (11, 12) and trace_steps_from_string(None) is None
     with pytest.raises(ValueError, match="START:END"):
         trace_steps_from_string("10-12")

@@ -6,8 +6,8 @@ import matplotlib.image
 import pytest
 import torch
 
-from fasttrain.profiler import Profiler, ProfilerConfig
-from fasttrain.report import build_report, load_log_history, register
+from fasttrain.profiler.profiler import Profiler, ProfilerConfig
+from fasttrain.cli.report import build_report, load_log_history, register
 
 
 def make_run(run_dir, with_profile=True):

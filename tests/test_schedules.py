@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fasttrain.schedules import LRScheduler, get_multiplier
+from fasttrain.optim.schedules import LRScheduler, get_multiplier
 
 transformers = pytest.importorskip("transformers")
 

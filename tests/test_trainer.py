@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fasttrain import (EarlyStoppingCallback, EvalPrediction, Trainer, TrainerCallback,
                        TrainerControl, TrainerState, TrainingArguments)
-from fasttrain.data import default_data_collator
+from fasttrain.data.datasets import default_data_collator
 from tests._tiny import tiny_gpt, token_examples
 
 

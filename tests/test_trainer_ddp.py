@@ -54,7 +54,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, single, backe
 
 
 def test_sigterm_on_one_rank_stops_every_rank_at_the_next_logging_step(tmp_path):
-    from fasttrain import checkpoint as ckpt
+    from fasttrain.checkpoint import storage as ckpt
     result = _run(tmp_path, 2, "fasttrain", "sigterm")  # returncode 0 is asserted in _run
     assert result["global_step"] == 2  # signalled in step 1; both ranks stop at logging step 2
     ckpt.verify(str(tmp_path / "run" / "checkpoint-2"))

@@ -15,7 +15,7 @@ What keeps a compiled run from recompiling (see docs/compile.md):
   dynamic-shape kernels;
 - the learning rate and other per-step Python scalars stay outside compiled code (the
   optimizer step is not compiled here) or live in tensors;
-- `CompileMonitor` (fasttrain.compile_monitor) counts recompiles and names the failed
+- `CompileMonitor` (fasttrain.compile.monitor) counts recompiles and names the failed
   guard of any recompile after warm-up.
 
 The compile cache: Inductor's FX-graph cache and AOTAutograd cache are on by default and
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fasttrain.compile_monitor import CompileMonitor
+from fasttrain.compile.monitor import CompileMonitor
 
 __all__ = [
     "COMPILE_MODES",
@@ -47,7 +47,7 @@ __all__ = [
     "find_repeated_blocks",
 ]
 
-logger = logging.getLogger("fasttrain.compile")
+logger = logging.getLogger("fasttrain.compile.apply")
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

@@ -20,7 +20,7 @@ middle of training makes the run quietly slower. `CompileMonitor` counts, from t
   lazily at the first backward. It is measured directly, not estimated as first-step time
   minus steady step time.
 
-After `end_warmup()`, every compile logs a warning on the `fasttrain.compile` logger naming
+After `end_warmup()`, every compile logs a warning on the `fasttrain.compile.apply` logger naming
 the cause (the failed guard, e.g. ``tensor 'x' size mismatch at index 1. expected 512,
 actual 384``). Compiles you expect (the first evaluation compiles the eval-mode graphs)
 go inside `with monitor.expect_compiles("first evaluation"):` and do not warn.
@@ -39,7 +39,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-logger = logging.getLogger("fasttrain.compile")
+logger = logging.getLogger("fasttrain.compile.apply")
 
 _DYNAMO_TRIGGER = "DYNAMO"
 
@@ -95,7 +95,7 @@ class CompileMonitor:
     """
 
     def __init__(self, log: logging.Logger | None = None):
-        """`log`: where warnings go (default: the `fasttrain.compile` logger)."""
+        """`log`: where warnings go (default: the `fasttrain.compile.apply` logger)."""
         self._log = log or logger
         self._lock = threading.Lock()
         self._started = False

@@ -15,9 +15,9 @@ import shutil
 
 import torch
 
-from fasttrain import checkpoint as ckpt
+from fasttrain.checkpoint import storage as ckpt
 from fasttrain.callbacks import TrainerState
-from fasttrain.trainer_utils import rng_state, set_rng_state
+from fasttrain.trainer.utils import rng_state, set_rng_state
 
 logger = logging.getLogger("fasttrain")
 

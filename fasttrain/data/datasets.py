@@ -43,7 +43,7 @@ def read_token_file(path: str) -> np.ndarray:
     """Memory-map a token file; returns a read-only 1-D uint16/uint32 array."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"token file {path!r} does not exist; build one with "
-                                "fasttrain.data.build_token_file(text_dir, path)")
+                                "fasttrain.data.datasets.build_token_file(text_dir, path)")
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype=np.int32, count=3) if size >= 12 else np.zeros(3, np.int32)
     if header[0] == MAGIC:

@@ -24,8 +24,8 @@ def _seq_len_of(dataset) -> Optional[int]:
 
 class Instruments:
     def __init__(self, args, model: torch.nn.Module, dist, train_dataset):
-        from fasttrain.compile import compile_from_args
-        from fasttrain.profiler import profiler_from_args
+        from fasttrain.compile.apply import compile_from_args
+        from fasttrain.profiler.profiler import profiler_from_args
         self.args = args
         self.monitor = compile_from_args(model, args)  # compiles model in place; None when off
         self.profiler = profiler_from_args(args, model, dist.device, num_devices=dist.world_size,

@@ -1,7 +1,7 @@
 """`fasttrain bench`: training throughput over a matrix of configurations.
 
 Every configuration (model size x sequence length x batch x precision x compile x fused
-kernels x DDP processes) runs in a fresh process (`fasttrain.bench_worker`, under
+kernels x DDP processes) runs in a fresh process (`fasttrain.cli.bench_worker`, under
 `torch.distributed.run` when DDP > 1) for W warm-up and M timed steps of the real Trainer.
 The table shows tokens/s, MFU, peak memory, compile time and the speed-up against the first
 row; CSV and JSON files carry the same rows plus the machine, versions and git commit.
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from fasttrain.bench_worker import RESULT_PREFIX
+from fasttrain.cli.bench_worker import RESULT_PREFIX
 
 AXES = ("model", "seq_len", "batch", "precision", "compile", "fused", "ddp")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -73,9 +73,9 @@ def build_matrix(args: argparse.Namespace) -> list[dict]:
 def worker_command(cfg: dict) -> list[str]:
     payload = json.dumps(cfg)
     if cfg["ddp"] == 1:
-        return [sys.executable, "-m", "fasttrain.bench_worker", payload]
+        return [sys.executable, "-m", "fasttrain.cli.bench_worker", payload]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={cfg['ddp']}", "-m", "fasttrain.bench_worker", payload]
+            f"--nproc-per-node={cfg['ddp']}", "-m", "fasttrain.cli.bench_worker", payload]
 
 
 def run_config(cfg: dict, timeout_s: float, threads: int | None = None) -> dict:
@@ -116,7 +116,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                                 text=True, timeout=10).stdout.strip()

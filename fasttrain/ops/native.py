@@ -23,7 +23,7 @@ import torch
 log = logging.getLogger("fasttrain.ops")
 
 LIBRARY_NAME = "libfasttrain_ops.so"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LIBRARY_PATH = REPO_ROOT / "build" / LIBRARY_NAME
 
 _loaded: Optional[bool] = None

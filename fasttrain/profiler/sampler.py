@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fasttrain.nvml import GIB, GpuSample, NvmlUnavailable, format_sample, open_device
+from fasttrain.profiler.nvml import GIB, GpuSample, NvmlUnavailable, format_sample, open_device
 
 
 def rss_bytes() -> int | None:

@@ -4,7 +4,7 @@ Trains the built-in GPT with the real fasttrain Trainer for `warmup + steps` opt
 on random tokens and times the last `steps` with a callback: the device is synchronised
 twice, at the end of warm-up and at the end of the run (benchmark only: `# sync:` below),
 never in between. Rank 0 prints one line `FASTTRAIN_BENCH_RESULT {json}` that bench.py
-parses. Usage: python -m fasttrain.bench_worker '<json config>'.
+parses. Usage: python -m fasttrain.cli.bench_worker '<json config>'.
 """
 from __future__ import annotations
 
@@ -129,8 +129,8 @@ def run(cfg: dict) -> dict | None:
 
 def summarize(cfg: dict, trainer, timer, model, world: int, training_loss) -> dict:
     """Throughput, MFU, memory and compile time of one finished configuration."""
-    from fasttrain.flops import device_name_of, flops_per_token_for, peak_flops
-    from fasttrain.profiler_sampler import peak_rss_bytes
+    from fasttrain.profiler.flops import device_name_of, flops_per_token_for, peak_flops
+    from fasttrain.profiler.sampler import peak_rss_bytes
 
     device = trainer.device
     elapsed = timer.t_end - timer.t_warm
@@ -170,7 +170,7 @@ def summarize(cfg: dict, trainer, timer, model, world: int, training_loss) -> di
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m fasttrain.bench_worker '<json config>'", file=sys.stderr)
+        print("usage: python -m fasttrain.cli.bench_worker '<json config>'", file=sys.stderr)
         return 2
     result = run(json.loads(argv[0]))
     if result is not None:

@@ -1,7 +1,7 @@
 """FusedAdamW: torch.optim.AdamW's update in one fused multi-tensor step per dtype group.
 
 Dispatch by device: CUDA tensors run the Triton kernel (`fasttrain.kernels.adamw`); CPU
-tensors run `fasttrain._ops.fused_adamw_` (the compiled C++ op) when it is built and loads,
+tensors run `fasttrain.ops.native.fused_adamw_` (the compiled C++ op) when it is built and loads,
 else `_torch_cpu_adamw_` below (torch._fused_adamw_, with fp32 master weights handled here).
 All three share the signature of `fasttrain.kernels.adamw.fused_adamw_`.
 
@@ -24,9 +24,9 @@ _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
 
 
 def _compiled_ops():
-    """fasttrain._ops when the compiled library is available, else None."""
+    """fasttrain.ops.native when the compiled library is available, else None."""
     try:
-        from fasttrain import _ops
+        from fasttrain.ops import native as _ops
     except ImportError:
         return None
     return _ops if _ops.available() else None

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 import torch
 
-from fasttrain.data import IGNORE_INDEX
+from fasttrain.data.datasets import IGNORE_INDEX
 
 
 class EvalPrediction:

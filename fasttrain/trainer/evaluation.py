@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from fasttrain.data import count_valid_labels
+from fasttrain.data.datasets import count_valid_labels
 from fasttrain.distributed.sampler import ShardedSampler
-from fasttrain.trainer_utils import (EvalPrediction, PredictionOutput, dataset_len, denumpify,
+from fasttrain.trainer.utils import (EvalPrediction, PredictionOutput, dataset_len, denumpify,
                                      extract_logits, extract_loss, pad_and_concat, to_device)
 
 

@@ -104,7 +104,7 @@ def unscale_and_check_(grads: list[torch.Tensor], inv_scale: Optional[torch.Tens
         grads = []
     if backend == "ops" and grads:
         try:
-            from fasttrain import _ops
+            from fasttrain.ops import native as _ops
         except ImportError:  # the compiled-ops loader is optional
             strided += grads
         else:

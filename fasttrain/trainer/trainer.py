@@ -19,19 +19,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fasttrain import checkpoint as ckpt
+from fasttrain.checkpoint import storage as ckpt
 from fasttrain.callbacks import CallbackHandler, TrainerControl, TrainerState
-from fasttrain.data import count_valid_labels, default_data_collator
+from fasttrain.data.datasets import count_valid_labels, default_data_collator
 from fasttrain.distributed.sampler import ShardedSampler
-from fasttrain.logging_utils import MetricsLogger
-from fasttrain.optim_factory import build_optimizer, step_unless
-from fasttrain.precision import (DynamicLossScaler, autocast_context, cast_floating_params_,
+from fasttrain.trainer.metrics_log import MetricsLogger
+from fasttrain.optim.factory import build_optimizer, step_unless
+from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
-from fasttrain.schedules import LRScheduler, get_multiplier
-from fasttrain.trainer_eval import EvaluationMixin
-from fasttrain.trainer_instruments import Instruments
-from fasttrain.trainer_state_io import CheckpointMixin
-from fasttrain.trainer_utils import (LogWindow, TrainOutput, dataset_len, extract_loss,
+from fasttrain.optim.schedules import LRScheduler, get_multiplier
+from fasttrain.trainer.evaluation import EvaluationMixin
+from fasttrain.trainer.instruments import Instruments
+from fasttrain.trainer.checkpointing import CheckpointMixin
+from fasttrain.trainer.utils import (LogWindow, TrainOutput, dataset_len, extract_loss,
                                      forward_arg_names, resolve_steps, samples_in, set_seed,
                                      to_device, tokens_in, uses_label_shift)
 from fasttrain.training_args import TrainingArguments
@@ -89,7 +89,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
 
     # ------------------------------------------------------------------ building
     def _build_distributed(self):
-        from fasttrain.trainer_dist import DistContext
+        from fasttrain.distributed.context import DistContext
         return DistContext.from_args(self.args)
 
     def create_optimizer(self):
@@ -178,7 +178,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if not self.args.fused_loss or self._is_builtin(model):
             return None
         try:
-            from fasttrain.loss import fused_causal_lm_loss
+            from fasttrain.ops.loss import fused_causal_lm_loss
         except ImportError:
             return None
         return fused_causal_lm_loss(model, inputs)

@@ -29,13 +29,13 @@ from time import perf_counter
 
 import torch
 
-from fasttrain.flops import FlopsPerToken, device_name_of, dtype_key, peak_flops, user_flops_per_token
-from fasttrain.flops import flops_per_token_for
-from fasttrain.nvml import GIB
-from fasttrain.profiler_output import (TraceWindow, cuda_snapshot_supported, dump_memory_snapshot,
+from fasttrain.profiler.flops import FlopsPerToken, device_name_of, dtype_key, peak_flops, user_flops_per_token
+from fasttrain.profiler.flops import flops_per_token_for
+from fasttrain.profiler.nvml import GIB
+from fasttrain.profiler.output import (TraceWindow, cuda_snapshot_supported, dump_memory_snapshot,
                                        format_summary)
-from fasttrain.profiler_sampler import HardwareSampler, peak_rss_bytes, rss_bytes
-from fasttrain.profiler_timing import CudaTimer, HostTimer, Stats
+from fasttrain.profiler.sampler import HardwareSampler, peak_rss_bytes, rss_bytes
+from fasttrain.profiler.timing import CudaTimer, HostTimer, Stats
 
 HOST_PHASES = ("data",)  # timed on the host clock even on a GPU: the work is host work
 

@@ -33,7 +33,7 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     betas = (args.adam_beta1, args.adam_beta2)
     lr_tensor = torch.tensor(args.learning_rate, dtype=torch.float32, device=device)
     if args.optim == "fasttrain_adamw":
-        from fasttrain.optim import FusedAdamW
+        from fasttrain.optim.adamw import FusedAdamW
         return FusedAdamW(groups, lr=lr_tensor, betas=betas, eps=args.adam_epsilon,
                           master_weights=args.master_weights)
     if args.optim == "adamw_torch_fused":

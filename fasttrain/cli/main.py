@@ -98,7 +98,7 @@ def build_training_args(ns: argparse.Namespace, output_dir: str) -> TrainingArgu
 
 
 def _datasets(ns, seq_len: int):
-    from fasttrain import data
+    from fasttrain.data import datasets as data
     if ns.data is None:
         train_path, val_path = data.default_corpus()
     elif os.path.isdir(ns.data):
@@ -181,7 +181,7 @@ def _sample_parser(sub) -> None:
 
 def cmd_sample(ns: argparse.Namespace) -> int:
     import torch
-    from fasttrain import checkpoint as ckpt
+    from fasttrain.checkpoint import storage as ckpt
     from fasttrain.models import GPT, GPTConfig
     config_path = os.path.join(ns.checkpoint, "config.json")
     if not os.path.isfile(config_path):
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _sample_parser(sub)
-    for module in ("fasttrain.bench", "fasttrain.report"):
+    for module in ("fasttrain.cli.bench", "fasttrain.cli.report"):
         try:
             __import__(module, fromlist=["register"]).register(sub)
         except ImportError:

@@ -1,0 +1,5 @@
+"""Compilation: per-block `torch.compile` (`apply.py`) and the recompile monitor that
+explains each recompile (`monitor.py`).
+
+May import: torch.
+"""
