@@ -15,6 +15,8 @@ import html
 import json
 from pathlib import Path
 
+from fasttrain.extras import require
+
 PLOTS = {
     "loss": ("Loss", "loss", [("loss", "train loss"), ("eval_loss", "eval loss")]),
     "throughput": ("Throughput", "tokens/s", [("tokens_per_second", "tokens/s (total)"),
@@ -65,8 +67,7 @@ def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def plot(records: list[dict], name: str, path: Path) -> bool:
     """Draw one PNG; returns False (and writes nothing) when no record has its keys."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "report", "fasttrain report's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -11,6 +11,8 @@ import math
 import os
 from typing import Optional
 
+from fasttrain.extras import require
+
 logger = logging.getLogger("fasttrain")
 
 LOG_FILE = "log_history.jsonl"
@@ -58,6 +60,7 @@ class MetricsLogger:
         with open(self.jsonl_path, "a", encoding="utf-8") as f:  # a few lines per logging step
             f.write(json.dumps(line) + "\n")
         if self.tb is None and "tensorboard" in self.args.report_to:
+            require("tensorboard", "tensorboard", 'report_to="tensorboard"')
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(log_dir=self.args.logging_dir)
         if self.tb is not None:
