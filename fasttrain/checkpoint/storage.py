@@ -9,7 +9,7 @@ Layout of `output_dir/checkpoint-<step>/`:
   trainer_state.json     TrainerState (global_step, log_history, best metric, callbacks...)
   data_state.json        data position and the partial logging window
   training_args.json     the TrainingArguments of the run
-  manifest.json          written last: size and sha256 of every file above
+  manifest.json          written last: size and CRC-32 of every file above
 A save writes everything into a hidden temporary directory, fsyncs each file and the
 directory, then renames it into place, so a crash leaves the previous set or the new one.
 Checksums (CRC-32, for corruption, not for trust: loading is safe by construction) are
