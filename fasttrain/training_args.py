@@ -103,6 +103,12 @@ class TrainingArguments:
     ddp_timeout: int = 1800
     ddp_bucket_cap_mb: float = 25.0
     ddp_find_unused_parameters: bool = False
+    # sharded data parallelism and activation memory (fasttrain/distributed/fsdp.py,
+    # fasttrain/models/activation_checkpointing.py)
+    fsdp: Union[str, list, None] = ""  # "full_shard", "shard_grad_op", "hybrid_shard", "offload"
+    fsdp_config: Optional[dict] = None
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: Optional[dict] = None  # + fasttrain's "every": k-th block only
 
     # profiling
     profile: bool = True
@@ -203,9 +209,33 @@ class TrainingArguments:
             except (ValueError, AssertionError):
                 raise _bad("profiler_trace_steps", self.profiler_trace_steps,
                            "must be 'START:END' with 0 <= START < END, e.g. '10:12'") from None
+        self._validate_sharding()
         if os.path.isfile(self.output_dir):
             raise _bad("output_dir", self.output_dir, "is an existing file; point output_dir at a "
                        "directory (it is created if missing)")
+
+    def _validate_sharding(self):
+        from fasttrain.distributed.fsdp import FSDPConfig
+        FSDPConfig.from_args(self.fsdp, self.fsdp_config, bf16=self.bf16, fp16=self.fp16)
+        self.activation_checkpointing_options()
+
+    def activation_checkpointing_options(self) -> tuple[int, dict]:
+        """`gradient_checkpointing_kwargs` split into (every, torch.utils.checkpoint kwargs);
+        `every` is fasttrain's selective mode (checkpoint every k-th block)."""
+        kwargs = self.gradient_checkpointing_kwargs
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise _bad("gradient_checkpointing_kwargs", kwargs, "must be a dict (e.g. {'every': 2}) or None")
+        kwargs = dict(kwargs or {})
+        every = kwargs.pop("every", 1)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise _bad("gradient_checkpointing_kwargs", self.gradient_checkpointing_kwargs,
+                       "'every' must be a positive integer (1 = every block, k = every k-th block)")
+        if kwargs.get("use_reentrant", False):
+            raise _bad("gradient_checkpointing_kwargs", self.gradient_checkpointing_kwargs,
+                       "use_reentrant=True is not supported (reentrant checkpointing breaks with FSDP "
+                       "and torch.compile); drop the key, non-reentrant is used")
+        kwargs["use_reentrant"] = False
+        return every, kwargs
 
     def _check_choice(self, name: str, accepted: tuple):
         value = getattr(self, name)

@@ -48,6 +48,16 @@ def _install_teardown(destroy) -> None:
     atexit.register(teardown)
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    """Accumulate unreduced gradients (no reduce-scatter) for the micro-batches inside."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 class DistContext:
     def __init__(self, rank: int = 0, local_rank: int = 0, world_size: int = 1,
                  device: torch.device = torch.device("cpu")):
@@ -80,7 +90,8 @@ class DistContext:
         return self.world_size > 1
 
     def wrap(self, model, args):
-        if not self.enabled:
+        from fasttrain.distributed.fsdp import is_fsdp
+        if not self.enabled or is_fsdp(model):  # fully_shard'ed in place: already distributed
             return model
         if args.ddp_backend == "torch":
             from torch.nn.parallel import DistributedDataParallel
@@ -93,6 +104,8 @@ class DistContext:
     def no_sync(self, model, enabled: bool):
         if enabled and self.enabled and hasattr(model, "no_sync"):
             return model.no_sync()
+        if enabled and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            return _fsdp_no_sync(model)
         return contextlib.nullcontext()
 
     def zero_grad(self, model, optimizer) -> None:

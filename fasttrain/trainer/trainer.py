@@ -31,6 +31,7 @@ from fasttrain.optim.schedules import LRScheduler, get_multiplier
 from fasttrain.trainer.evaluation import EvaluationMixin
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.checkpointing import CheckpointMixin
+from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
 from fasttrain.trainer.utils import (LogWindow, TrainOutput, dataset_len, extract_loss,
                                      forward_arg_names, resolve_steps, samples_in, set_seed,
                                      to_device, tokens_in, uses_label_shift)
@@ -177,6 +178,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
     def _fused_loss(self, model, inputs):
         if not self.args.fused_loss or self._is_builtin(model):
             return None
+        if getattr(self, "_fsdp", None) is not None:
+            # the fused loss reads the output embedding outside the root forward, where FSDP
+            # has not gathered it; the model's own loss runs inside the gathered forward
+            return None
         try:
             from fasttrain.ops.loss import fused_causal_lm_loss
         except ImportError:
@@ -243,6 +248,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             flags.append(self.scaler.found_inf_flag())
         if args.max_grad_norm:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, args.max_grad_norm)
+            if hasattr(self._grad_norm, "full_tensor"):  # FSDP: a replicated DTensor, no comm
+                self._grad_norm = self._grad_norm.full_tensor()
             flags.append(torch.isfinite(self._grad_norm).logical_not_().float())  # NaN loss -> NaN norm
         loss_bad = None
         if not args.max_grad_norm or args.nonfinite_loss_policy == "stop":
@@ -285,9 +292,12 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         else:
             max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
             num_epochs = math.ceil(args.num_train_epochs)
+        # activation checkpointing -> compile (in Instruments) -> FSDP -> optimizer
+        checkpoint_activations_from_args(self.model, args)
+        self._instruments = Instruments(args, self.model, self.dist, self.train_dataset)
+        self._fsdp = shard_from_args(self.model, args, self.dist, optimizer_given=self.optimizer is not None)
         self.create_optimizer_and_scheduler(max_steps)
         self.scaler = self._build_scaler()
-        self._instruments = Instruments(args, self.model, self.dist, self.train_dataset)
         self.model_wrapped = self.dist.wrap(self.model, args)
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
         self.callback_handler.train_dataloader = loader
