@@ -2,11 +2,15 @@
 
 TRITON_INTERPRET must be set before any @triton.jit decorator runs, i.e. before a kernel
 module is imported, so it is set here, first. Tests that need the real (compiling) Triton
-run in a subprocess with the variable removed.
+run in a subprocess with the variable removed. With FASTTRAIN_TEST_DEVICE=cuda (tests/_devices.py)
+the kernel cases run on the GPU with compiled Triton, so the interpreter stays off.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("FASTTRAIN_TEST_DEVICE", "cpu") == "cuda":
+    os.environ["TRITON_INTERPRET"] = "0"
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,5 +1,6 @@
 """FusedAdamW against torch.optim.AdamW and the fp32 reference, on the CPU path (torch fused
-fallback) and on the Triton kernel (interpreter: conftest sets TRITON_INTERPRET=1)."""
+fallback) and on the Triton kernel (interpreter: conftest sets TRITON_INTERPRET=1). The
+`kernel_cases` run on the GPU too (FASTTRAIN_TEST_DEVICE=cuda, tests/_devices.py)."""
 import copy
 import importlib
 
@@ -9,6 +10,7 @@ import torch
 import fasttrain.optim.adamw as optim_mod
 from fasttrain.kernels._reference import adamw_reference_
 from fasttrain.optim.adamw import FusedAdamW
+from tests._devices import DEVICE, INTERPRETED
 
 adamw_kernels = importlib.import_module("fasttrain.kernels.adamw")
 
@@ -16,10 +18,13 @@ SHAPES = [(37, 5), (3001,), (1,), (2048,), (2, 1025)]  # odd sizes and block edg
 STEPS = 15
 # fp32: torch's for-loop AdamW uses fp64 bias corrections and lerp; the kernel fp32 exp2
 FP32_TOL = dict(rtol=1e-5, atol=2e-6)
+KERNEL_CASES = pytest.mark.kernel_cases("adamw._adamw_kernel")
 
 
 @pytest.fixture(params=["cpu", "triton"])
 def backend(request, monkeypatch):
+    if DEVICE.type == "cuda" and request.param == "cpu":
+        pytest.skip("CUDA tensors always take the Triton kernel")
     monkeypatch.setattr(optim_mod, "TRITON_ON_CPU", request.param == "triton")
     monkeypatch.setattr(optim_mod, "_compiled_ops", lambda: None)  # the pure-torch CPU path
     return request.param
@@ -27,18 +32,18 @@ def backend(request, monkeypatch):
 
 def _params(dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE, dtype)) for s in SHAPES]
 
 
 def _grads(params, step):
     gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=gen) for p in params]
+    return [torch.randn(p.shape, generator=gen).to(DEVICE) for p in params]
 
 
 def _rounded(master, dtype, backend):
     """master in the param dtype. The interpreter truncates fp32->bf16 (the compiled kernel
     rounds to nearest, checked in PTX by tests/test_kernel_compile.py), so mirror it there."""
-    if backend == "triton" and dtype == torch.bfloat16:
+    if INTERPRETED and backend == "triton" and dtype == torch.bfloat16:
         return (master.view(torch.int32) & -65536).view(torch.float32).to(dtype)
     return master.to(dtype)
 
@@ -48,9 +53,10 @@ def _groups(params, lr):
             {"params": params[3:], "weight_decay": 0.0, "lr": lr * 0.5}]
 
 
+@KERNEL_CASES
 def test_fp32_matches_torch_adamw_with_device_lr_schedule(backend):
     ours, ref = _params(), _params()
-    lr = torch.tensor(1e-2)  # a device LR updated in place, as the trainer's schedule does
+    lr = torch.tensor(1e-2, device=DEVICE)  # a device LR updated in place, as the trainer's schedule does
     opt = FusedAdamW(_groups(ours, lr), lr=lr, betas=(0.8, 0.99), weight_decay=0.1)
     opt.param_groups[1]["lr"] = 5e-3  # a Python float in the second group
     torch_opt = torch.optim.AdamW(_groups(ref, 1e-2), lr=1e-2, betas=(0.8, 0.99),
@@ -70,6 +76,7 @@ def test_fp32_matches_torch_adamw_with_device_lr_schedule(backend):
     assert float(opt.state[ours[0]]["step"]) == STEPS
 
 
+@KERNEL_CASES
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_master_weights_follow_fp32_adamw(backend, dtype):
     """The fp32 master follows torch's fp32 AdamW fed the same (half) gradients; the
@@ -90,6 +97,7 @@ def test_master_weights_follow_fp32_adamw(backend, dtype):
         assert torch.equal(p.detach(), _rounded(master, dtype, backend))
 
 
+@KERNEL_CASES
 def test_half_params_without_master_round_each_step(backend):
     """No master: fp32 math on the rounded parameter each step, as the reference does.
     fp16, because the interpreter truncates fp32->bf16 and truncation drifts over steps."""
@@ -97,7 +105,7 @@ def test_half_params_without_master_round_each_step(backend):
     ref = [p.detach().clone() for p in ours]
     ref_m = [torch.zeros_like(p, dtype=torch.float32) for p in ref]
     ref_v = [torch.zeros_like(m) for m in ref_m]
-    ref_steps = [torch.zeros(()) for _ in ref]
+    ref_steps = [torch.zeros((), device=DEVICE) for _ in ref]
     opt = FusedAdamW(ours, lr=1e-2)
     for step in range(10):
         grads = [g.half() for g in _grads(ours, step)]
@@ -114,12 +122,13 @@ def test_half_params_without_master_round_each_step(backend):
         assert (diff > 0).float().mean() <= 0.01
 
 
+@KERNEL_CASES
 def test_found_inf_skips_everything_and_grad_scale_divides(backend):
     ours = _params(torch.float16)
     ref = [torch.nn.Parameter(p.detach().float()) for p in ours]
     opt = FusedAdamW(ours, lr=1e-2, master_weights=True)
     torch_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
-    scale = torch.tensor(1024.0)
+    scale = torch.tensor(1024.0, device=DEVICE)
     for step in range(6):
         grads = _grads(ours, step)
         for p, q, g in zip(ours, ref, grads):
@@ -128,7 +137,7 @@ def test_found_inf_skips_everything_and_grad_scale_divides(backend):
             if step else []
         grad_copies = [p.grad.clone() for p in ours]
         skip = step in (2, 4)
-        opt.step(grad_scale=scale, found_inf=torch.tensor(1.0 if skip else 0.0))
+        opt.step(grad_scale=scale, found_inf=torch.tensor(1.0 if skip else 0.0, device=DEVICE))
         if skip:
             after = [t for p in ours for t in (p.detach(), *opt.state[p].values())]
             assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -1,5 +1,6 @@
 """cross_entropy against the fp32 PyTorch reference, on the CPU path and on the Triton kernel
-(run by the interpreter: conftest sets TRITON_INTERPRET=1 before kernels are imported)."""
+(run by the interpreter: conftest sets TRITON_INTERPRET=1 before kernels are imported).
+The `kernel_cases` run on the GPU too (FASTTRAIN_TEST_DEVICE=cuda, tests/_devices.py)."""
 import importlib
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from fasttrain.kernels import cross_entropy
 from fasttrain.kernels._reference import cross_entropy_reference
+from tests._devices import DEVICE
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 ce_mod = importlib.import_module("fasttrain.kernels.cross_entropy")
@@ -20,8 +22,14 @@ TOL = {
 
 @pytest.fixture(params=["cpu", "triton"])
 def backend(request, monkeypatch):
+    if DEVICE.type == "cuda" and request.param == "cpu":
+        pytest.skip("CUDA tensors always take the Triton kernel")
     monkeypatch.setattr(ce_mod, "TRITON_ON_CPU", request.param == "triton")
     return request.param
+
+
+KERNEL_CASES = pytest.mark.kernel_cases("fasttrain::cross_entropy",
+                                        "cross_entropy._cross_entropy_kernel")
 
 
 def _case(shape, V, dtype, ignore_every=0, scale=1.0, seed=0):
@@ -30,7 +38,7 @@ def _case(shape, V, dtype, ignore_every=0, scale=1.0, seed=0):
     target = torch.randint(0, V, shape, generator=gen)
     if ignore_every:
         target.view(-1)[::ignore_every] = -100
-    return logits, target
+    return logits.detach().to(DEVICE).requires_grad_(), target.to(DEVICE)
 
 
 def _check(logits, target, tol, **kw):
@@ -40,13 +48,14 @@ def _check(logits, target, tol, **kw):
     ref = cross_entropy_reference(ref_in, target, **kw)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (grad,) = torch.autograd.grad((out * w).sum(), logits)
     (grad_ref,) = torch.autograd.grad((ref * w).sum(), ref_in)
     assert grad.dtype == logits.dtype
     torch.testing.assert_close(grad.float(), grad_ref, rtol=0, atol=gatol)
 
 
+@KERNEL_CASES
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_reference_odd_shapes(backend, reduction, dtype):
@@ -54,6 +63,7 @@ def test_matches_reference_odd_shapes(backend, reduction, dtype):
     _check(logits, target, TOL[dtype], reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
 
 
+@KERNEL_CASES
 @pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.25, 0.0), (0.0, 1e-2),
                                                     (1.0, 0.0)])
 def test_smoothing_and_z_loss(backend, label_smoothing, z_loss):
@@ -61,12 +71,14 @@ def test_smoothing_and_z_loss(backend, label_smoothing, z_loss):
     _check(logits, target, TOL[torch.float32], label_smoothing=label_smoothing, z_loss=z_loss)
 
 
+@KERNEL_CASES
 @pytest.mark.parametrize("V", [1, 2, 1025])
 def test_tiny_and_block_edge_vocab(backend, V):
     logits, target = _case((5,), V, torch.float32)
     _check(logits, target, TOL[torch.float32], reduction="none")
 
 
+@KERNEL_CASES
 def test_extreme_logits(backend):
     logits, target = _case((6,), 1823, torch.float32)
     with torch.no_grad():
@@ -81,6 +93,7 @@ def test_extreme_logits(backend):
     _check(logits, target, (1e-5, 2e-3, 1e-6), reduction="mean", z_loss=1e-4)
 
 
+@KERNEL_CASES
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_ignored_gives_zero_loss_and_grad(backend, reduction):
     logits, target = _case((4,), 33, torch.float32)
@@ -91,6 +104,7 @@ def test_all_ignored_gives_zero_loss_and_grad(backend, reduction):
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
+@KERNEL_CASES
 def test_custom_ignore_index_and_int32_target(backend):
     logits, target = _case((11,), 97, torch.float32)
     target[3] = 5
@@ -99,6 +113,7 @@ def test_custom_ignore_index_and_int32_target(backend):
     torch.testing.assert_close(out, ref)
 
 
+@KERNEL_CASES
 def test_bf16_through_fp32_upcast(backend):
     """bf16 logits: the kernel upcasts on load, so its loss matches the fp32 reference on the
     same bf16 values; the bf16 gradient's error may be at most 2x torch's own bf16 rounding."""

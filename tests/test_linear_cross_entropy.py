@@ -1,5 +1,6 @@
 """linear_cross_entropy against the unfused fp32 reference (matmul + cross-entropy), on the CPU
-path and with the Triton cross-entropy kernel (interpreter) inside the chunk loop."""
+path and with the Triton cross-entropy kernel (interpreter) inside the chunk loop. The
+`kernel_cases` run on the GPU too (FASTTRAIN_TEST_DEVICE=cuda, tests/_devices.py)."""
 import importlib
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from fasttrain.kernels import linear_cross_entropy
 from fasttrain.kernels._reference import linear_cross_entropy_reference
+from tests._devices import DEVICE
 
 ce_mod = importlib.import_module("fasttrain.kernels.cross_entropy")
 flce_mod = importlib.import_module("fasttrain.kernels.linear_cross_entropy")
@@ -18,10 +20,17 @@ RTOL, ATOL, GATOL = 1e-5, 1e-5, 1e-5
 
 @pytest.fixture(params=["cpu", "triton"])
 def backend(request, monkeypatch):
+    if DEVICE.type == "cuda" and request.param == "cpu":
+        pytest.skip("CUDA tensors always take the Triton kernel")
     monkeypatch.setattr(ce_mod, "TRITON_ON_CPU", request.param == "triton")
     # 16-row chunks, so every case here runs several chunks and a ragged last one
     monkeypatch.setattr(flce_mod, "chunk_rows", lambda N, H, V: min(N, 16))
     return request.param
+
+
+KERNEL_CASES = pytest.mark.kernel_cases(
+    "fasttrain::linear_cross_entropy", "fasttrain::linear_cross_entropy_backward",
+    "cross_entropy._cross_entropy_kernel")
 
 
 def _case(lead, H, V, dtype=torch.float32, bias=False, ignore_every=0, seed=0):
@@ -32,14 +41,17 @@ def _case(lead, H, V, dtype=torch.float32, bias=False, ignore_every=0, seed=0):
     target = torch.randint(0, V, lead, generator=gen)
     if ignore_every:
         target.view(-1)[::ignore_every] = -100
-    return hidden, weight, b, target
+    on_device = [t if t is None else t.detach().to(DEVICE).requires_grad_()
+                 for t in (hidden, weight, b)]
+    return (*on_device, target.to(DEVICE))
 
 
 def _grads(out, inputs, seed=1):
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
     return torch.autograd.grad((out * w).sum(), [t for t in inputs if t is not None])
 
 
+@KERNEL_CASES
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_unfused_reference(backend, reduction, bias):
@@ -53,29 +65,32 @@ def test_matches_unfused_reference(backend, reduction, bias):
         torch.testing.assert_close(g, g_ref, rtol=RTOL, atol=GATOL)
 
 
+@KERNEL_CASES
 def test_all_ignored(backend):
     hidden, weight, b, target = _case((40,), 8, 33, bias=True)
     target[:] = -100
     out = linear_cross_entropy(hidden, weight, target, b)
-    assert torch.equal(out, torch.zeros(()))
+    assert torch.equal(out, torch.zeros((), device=DEVICE))
     out.backward()
     for t in (hidden, weight, b):
         assert torch.equal(t.grad, torch.zeros_like(t))
 
 
-def test_fp16_error_within_torch_fp16_error():
-    """fp16 inputs: error against the fp32 reference at most 2x that of torch's own fp16
-    matmul + cross-entropy (compare errors, not values)."""
-    hidden, weight, _, target = _case((48,), 32, 257, dtype=torch.float16, ignore_every=5)
+@KERNEL_CASES
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_error_within_torch_half_error(dtype):
+    """fp16/bf16 inputs: error against the fp32 reference at most 2x that of torch's own
+    half matmul + cross-entropy (compare errors, not values)."""
+    hidden, weight, _, target = _case((48,), 32, 257, dtype=dtype, ignore_every=5)
     out = linear_cross_entropy(hidden, weight, target)
     ref = linear_cross_entropy_reference(hidden, weight, target)
-    torch_fp16 = F.cross_entropy((hidden @ weight.t()).float(), target)
+    torch_half = F.cross_entropy((hidden @ weight.t()).float(), target)
     g_out = _grads(out, (hidden, weight))
     g_ref = _grads(ref, (hidden, weight))
-    g_t16 = _grads(torch_fp16, (hidden, weight))
-    assert (out - ref).abs() <= 2 * (torch_fp16 - ref).abs() + 1e-4
-    for g, gr, gt in zip(g_out, g_ref, g_t16):
-        assert g.dtype == torch.float16
+    g_torch = _grads(torch_half, (hidden, weight))
+    assert (out - ref).abs() <= 2 * (torch_half - ref).abs() + 1e-4
+    for g, gr, gt in zip(g_out, g_ref, g_torch):
+        assert g.dtype == dtype
         assert (g.float() - gr).abs().max() <= 2 * (gt.float() - gr).abs().max() + 1e-4
 
 

@@ -2,7 +2,8 @@
 AMP unscale op, torch.linalg.vector_norm; opcheck on every op; bad inputs; the build itself.
 
 The library comes from CI's `scripts/build_ops.sh` (via `scripts/setup.sh test`); if it is
-missing the module builds it once.
+missing the module builds it once. The `kernel_cases` run on the GPU too
+(FASTTRAIN_TEST_DEVICE=cuda, tests/_devices.py): there they exercise the CUDA kernels.
 """
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from fasttrain.ops import native as _ops
+from tests._devices import DEVICE
 
 ops = torch.ops.fasttrain
 # Odd sizes, a 0-d-like scalar, and tensors spanning several 32768-element chunks with tails.
@@ -20,6 +22,7 @@ SHAPES = [(257, 131), (1,), (70001,), (3, 5, 7), (33, 2049)]
 LOW_SHAPES = [(67, 131), (1,), (40001,), (3, 5, 7)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BETAS, EPS = (0.9, 0.95), 1e-8
+ADAMW_CASES = pytest.mark.kernel_cases("fasttrain::adamw_")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,20 +53,20 @@ def test_library_is_built_from_this_tree():
 # ----------------------------------------------------------------------------- AdamW
 def make_state(shapes, dtype, master: bool, moment_dtype=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    params = [torch.randn(s, generator=gen).to(DEVICE, dtype) for s in shapes]
     moment_dtype = moment_dtype or (torch.float32 if master else dtype)
     return {
         "params": params,
-        "exp_avgs": [torch.zeros(s, dtype=moment_dtype) for s in shapes],
-        "exp_avg_sqs": [torch.zeros(s, dtype=moment_dtype) for s in shapes],
+        "exp_avgs": [torch.zeros(s, dtype=moment_dtype, device=DEVICE) for s in shapes],
+        "exp_avg_sqs": [torch.zeros(s, dtype=moment_dtype, device=DEVICE) for s in shapes],
         "master_params": [p.float() for p in params] if master else [],
-        "state_steps": [torch.zeros(()) for _ in shapes],
+        "state_steps": [torch.zeros((), device=DEVICE) for _ in shapes],
     }
 
 
 def fused_step(state, grads, lr, wd, grad_scale=None, found_inf=None):
     ops.adamw_(state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"],
-               state["master_params"], state["state_steps"], torch.tensor(lr), *BETAS, wd, EPS,
+               state["master_params"], state["state_steps"], torch.tensor(lr, device=DEVICE), *BETAS, wd, EPS,
                grad_scale, found_inf)
 
 
@@ -75,10 +78,11 @@ def torch_adamw(params, wd, **impl):
 def grads_for(shapes, step, dtype):
     gen = torch.Generator().manual_seed(1000 + step)
     # mixed magnitudes so v spans orders of magnitude, and a few exact zeros
-    return [(torch.randn(s, generator=gen) * 10.0 ** (i % 3 - 2)).clamp_(-3, 3).to(dtype)
+    return [(torch.randn(s, generator=gen) * 10.0 ** (i % 3 - 2)).clamp_(-3, 3).to(DEVICE, dtype)
             for i, s in enumerate(shapes)]
 
 
+@ADAMW_CASES
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_adamw_fp32_matches_torch_over_many_steps(wd):
     state = make_state(SHAPES, torch.float32, master=False)
@@ -99,6 +103,7 @@ def test_adamw_fp32_matches_torch_over_many_steps(wd):
     assert all(s.item() == 25.0 for s in state["state_steps"])
 
 
+@ADAMW_CASES
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_adamw_master_weights_track_fp32_adamw(dtype, wd):
@@ -119,6 +124,7 @@ def test_adamw_master_weights_track_fp32_adamw(dtype, wd):
         assert torch.equal(param, master.to(dtype)), "param must be the master rounded to nearest"
 
 
+@ADAMW_CASES
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_adamw_low_precision_without_master_no_worse_than_torch(dtype):
     """No masters: fp32 math, rounded to the storage dtype every step. Compare errors, not
@@ -142,6 +148,7 @@ def test_adamw_low_precision_without_master_no_worse_than_torch(dtype):
         assert our_err <= peer_err + ulp, (our_err, peer_err)
 
 
+@ADAMW_CASES
 def test_adamw_grad_scale_divides_and_leaves_grads_alone():
     plain, scaled = make_state(SHAPES, torch.float32, False), make_state(SHAPES, torch.float32, False)
     for step in range(5):
@@ -149,12 +156,13 @@ def test_adamw_grad_scale_divides_and_leaves_grads_alone():
         big = [g * 1024.0 for g in grads]  # exact: power of two
         before = [g.clone() for g in big]
         fused_step(plain, grads, 1e-2, 0.1)
-        fused_step(scaled, big, 1e-2, 0.1, grad_scale=torch.tensor([1024.0]))
+        fused_step(scaled, big, 1e-2, 0.1, grad_scale=torch.tensor([1024.0], device=DEVICE))
         assert all(torch.equal(a, b) for a, b in zip(big, before)), "grads were modified"
     for a, b in zip(plain["params"], scaled["params"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@ADAMW_CASES
 @pytest.mark.parametrize("master", [False, True])
 def test_adamw_found_inf_skips_everything(master):
     state = make_state(LOW_SHAPES, torch.bfloat16 if master else torch.float32, master)
@@ -162,11 +170,12 @@ def test_adamw_found_inf_skips_everything(master):
     snapshot = {k: [t.clone() for t in v] for k, v in state.items()}
     bad = grads_for(LOW_SHAPES, 1, state["params"][0].dtype)
     bad[2][7] = float("inf")
-    fused_step(state, bad, 1e-2, 0.1, grad_scale=torch.tensor(4.0), found_inf=torch.ones(1))
+    fused_step(state, bad, 1e-2, 0.1, grad_scale=torch.tensor(4.0, device=DEVICE),
+               found_inf=torch.ones(1, device=DEVICE))
     for key, tensors in state.items():
         for now, then in zip(tensors, snapshot[key]):
             assert torch.equal(now, then), f"{key} changed on a skipped step"
-    fused_step(state, bad, 1e-2, 0.1, found_inf=torch.zeros(1))  # zero: a normal step
+    fused_step(state, bad, 1e-2, 0.1, found_inf=torch.zeros(1, device=DEVICE))  # a normal step
     assert all(s.item() == 2.0 for s in state["state_steps"])
 
 
@@ -187,9 +196,10 @@ def test_adamw_wrapper_matches_reference_with_mixed_dtypes():
 # ----------------------------------------------------------------------------- unscale + norm
 def grad_list(dtypes, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(d) for s, d in zip(SHAPES, dtypes)]
+    return [torch.randn(s, generator=gen).to(DEVICE, d) for s, d in zip(SHAPES, dtypes)]
 
 
+@pytest.mark.kernel_cases("fasttrain::unscale_and_check_")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("poison", [None, float("inf"), float("-inf"), float("nan")])
 def test_unscale_and_check_matches_torch_amp(dtype, poison):
@@ -197,8 +207,8 @@ def test_unscale_and_check_matches_torch_amp(dtype, poison):
     if poison is not None:
         ours[2][65540] = poison  # in the third chunk of a multi-chunk tensor
     ref = [g.clone() for g in ours]
-    found, ref_found = torch.zeros(1), torch.zeros(1)
-    inv_scale = torch.tensor([1.0 / 3000.0])  # not a power of two: rounding is exercised
+    found, ref_found = torch.zeros(1, device=DEVICE), torch.zeros(1, device=DEVICE)
+    inv_scale = torch.tensor([1.0 / 3000.0], device=DEVICE)  # not a power of two: rounding is exercised
     ops.unscale_and_check_(ours, inv_scale, found)
     torch._amp_foreach_non_finite_check_and_unscale_(ref, ref_found, inv_scale)
     assert found.item() == ref_found.item() == (0.0 if poison is None else 1.0)
@@ -206,12 +216,15 @@ def test_unscale_and_check_matches_torch_amp(dtype, poison):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.kernel_cases("fasttrain::unscale_and_check_")
 def test_unscale_never_clears_found_inf():
-    found = torch.ones(1)
-    ops.unscale_and_check_(grad_list([torch.float32] * len(SHAPES)), torch.tensor(0.5), found)
+    found = torch.ones(1, device=DEVICE)
+    ops.unscale_and_check_(grad_list([torch.float32] * len(SHAPES)), torch.tensor(0.5, device=DEVICE),
+                           found)
     assert found.item() == 1.0
 
 
+@pytest.mark.kernel_cases("fasttrain::grad_norm")
 @pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.0, 3.0])
 def test_grad_norm_matches_vector_norm_over_mixed_dtypes(norm_type):
     tensors = grad_list([torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16])

@@ -1,27 +1,32 @@
 """kernels/unscale.py under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py)
 against the fp32 PyTorch reference. The sm_80/sm_90 compile, vector-load and spill checks
-come from COMPILE_SPECS via tests/test_kernel_compile.py."""
+come from COMPILE_SPECS via tests/test_kernel_compile.py. The `kernel_cases` run on the GPU
+too (FASTTRAIN_TEST_DEVICE=cuda, tests/_devices.py)."""
 import pytest
 import torch
 
 from fasttrain.kernels import unscale as K
+from tests._devices import DEVICE, INTERPRETED
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Largest allowed |kernel - reference| in units of the dtype's spacing (ulp) at the value.
 # Power-of-two scales are exact in every dtype; for other scales fp32 and fp16 round the
 # same fp32 product the same way; the interpreter truncates fp32 -> bf16 (NOTES.md) where
-# torch rounds, so bf16 may differ by one ulp.
-ULP_TOLERANCE = {torch.float32: 0, torch.float16: 0, torch.bfloat16: 1}
+# torch rounds, so bf16 may differ by one ulp there (compiled Triton rounds: exact).
+ULP_TOLERANCE = {torch.float32: 0, torch.float16: 0, torch.bfloat16: 1 if INTERPRETED else 0}
+KERNEL_CASES = pytest.mark.kernel_cases("unscale._unscale_kernel")
 SIZES = [1, 7, K.BLOCK - 1, K.BLOCK, K.BLOCK + 1, 3 * K.BLOCK + 5]
 
 
 def _grads(dtype, sizes=SIZES, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, generator=gen) * 1000).to(dtype) for n in sizes]
+    return [(torch.randn(n, generator=gen) * 1000).to(DEVICE, dtype) for n in sizes]
 
 
 def _run(grads, inv_scale, found_inf=None):
     found_inf = torch.zeros(()) if found_inf is None else found_inf
+    found_inf = found_inf.to(DEVICE)
+    inv_scale = inv_scale if inv_scale is None else inv_scale.to(DEVICE)
     K.unscale_and_check_(grads, inv_scale, found_inf)
     return found_inf
 
@@ -32,13 +37,14 @@ def _assert_close_ulp(out, ref, dtype):
     assert (err <= ULP_TOLERANCE[dtype] * ulp).all(), f"max error {err.max()} ({dtype})"
 
 
+@KERNEL_CASES
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inv", [2.0**-16, 1.0 / 3.0])
 def test_unscale_matches_reference(dtype, inv):
     grads, ref = _grads(dtype), _grads(dtype)
-    inv_scale = torch.tensor(inv)
+    inv_scale = torch.tensor(inv, device=DEVICE)
     found = _run(grads, inv_scale)
-    ref_found = torch.zeros(())
+    ref_found = torch.zeros((), device=DEVICE)
     K.reference_unscale_and_check_(ref, inv_scale, ref_found)
     assert found.item() == ref_found.item() == 0.0
     for out, expect in zip(grads, ref):
@@ -48,13 +54,15 @@ def test_unscale_matches_reference(dtype, inv):
             _assert_close_ulp(out, expect, dtype)
 
 
+@KERNEL_CASES
 def test_odd_2d_shape():
-    g = torch.randn(181, 97)
+    g = torch.randn(181, 97, device=DEVICE)
     ref = g.clone() * 0.125
     found = _run([g], torch.tensor(0.125))
     assert torch.equal(g, ref) and found.item() == 0.0
 
 
+@KERNEL_CASES
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_found(dtype, bad):
@@ -67,15 +75,18 @@ def test_nonfinite_found(dtype, bad):
     assert _run(_grads(dtype, sizes), torch.tensor(0.5)).item() == 0.0
 
 
+@KERNEL_CASES
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_extremes_are_finite(dtype):
     info = torch.finfo(dtype)
-    g = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, 0.0, -0.0], dtype=dtype)
+    g = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, 0.0, -0.0], dtype=dtype,
+                     device=DEVICE)
     expect = (g.float() * 2.0**-16).to(dtype)
     assert _run([g], torch.tensor(2.0**-16)).item() == 0.0
     assert torch.equal(g, expect)
 
 
+@KERNEL_CASES
 def test_check_only_writes_nothing_and_flag_is_never_cleared():
     grads = _grads(torch.float32)
     before = [g.clone() for g in grads]
@@ -84,11 +95,12 @@ def test_check_only_writes_nothing_and_flag_is_never_cleared():
     assert all(torch.equal(a, b) for a, b in zip(grads, before))
 
 
+@KERNEL_CASES
 def test_misaligned_views_and_mixed_dtypes():
-    buf = torch.randn(2 * K.BLOCK + 3)
+    buf = torch.randn(2 * K.BLOCK + 3, device=DEVICE)
     view = buf[1:]  # 4-byte offset: takes the launch without the 16-byte alignment hint
     assert view.data_ptr() % 16 != 0
-    half = torch.randn(K.BLOCK + 9).half()
+    half = torch.randn(K.BLOCK + 9, device=DEVICE).half()
     expect_view, expect_half = view * 0.25, (half.float() * 0.25).half()
     found = _run([view, half], torch.tensor(0.25))
     assert found.item() == 0.0
@@ -97,8 +109,9 @@ def test_misaligned_views_and_mixed_dtypes():
     assert _run([view], None).item() == 1.0
 
 
+@KERNEL_CASES
 def test_neighbours_of_a_view_untouched():
-    buf = torch.randn(3 * K.BLOCK)
+    buf = torch.randn(3 * K.BLOCK, device=DEVICE)
     before = buf.clone()
     _run([buf[K.BLOCK + 4: 2 * K.BLOCK - 3]], torch.tensor(0.5))
     assert torch.equal(buf[: K.BLOCK + 4], before[: K.BLOCK + 4])
