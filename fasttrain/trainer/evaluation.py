@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from fasttrain.data.datasets import count_valid_labels
 from fasttrain.distributed.sampler import ShardedSampler
@@ -20,35 +21,61 @@ from fasttrain.trainer.utils import (EvalPrediction, PredictionOutput, dataset_l
 
 
 class EvaluationMixin:
-    def get_eval_dataloader(self, eval_dataset=None):
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        """The evaluation DataLoader (HF's contract: a subclass may return its own).
+        `eval_dataset` may be a dataset, or the name of one when Trainer(eval_dataset=...)
+        is a dict."""
+        if isinstance(eval_dataset, str):
+            if not isinstance(self.eval_dataset, dict) or eval_dataset not in self.eval_dataset:
+                raise KeyError(f"get_eval_dataloader({eval_dataset!r}): Trainer(eval_dataset=...) is not a "
+                               f"dict with that key (keys: {sorted(self.eval_dataset or {}) if isinstance(self.eval_dataset, dict) else None})")
+            eval_dataset = self.eval_dataset[eval_dataset]
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval dataset: pass Trainer(eval_dataset=...) "
                              "or evaluate(eval_dataset=...)")
-        n = dataset_len(dataset, "eval_dataset")
+        return self._eval_loader(dataset, "evaluation")
+
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        """The DataLoader predict() reads `test_dataset` with."""
+        if test_dataset is None:
+            raise ValueError("predict() needs a test dataset: predict(test_dataset)")
+        return self._eval_loader(test_dataset, "test")
+
+    def _eval_loader(self, dataset, description: str) -> DataLoader:
+        n = dataset_len(dataset, f"{description} dataset")
         sampler = ShardedSampler(n, rank=self.dist.rank, world_size=self.dist.world_size,
                                  shuffle=False, pad=False)
-        return self._loader(dataset, sampler, self.args.per_device_eval_batch_size, False), n
+        dataset = self._remove_unused_columns(dataset, description)
+        return self._loader(dataset, sampler, self.args.per_device_eval_batch_size, False)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        if eval_dataset is None and isinstance(self.eval_dataset, dict):
+            eval_dataset = self.eval_dataset
         if isinstance(eval_dataset, dict):
             metrics = {}
             for name, ds in eval_dataset.items():
                 metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        output = self.evaluation_loop(eval_dataset, metric_key_prefix, want_predictions=self.compute_metrics is not None)
+        loader = self.get_eval_dataloader(eval_dataset)
+        output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=self.compute_metrics is None,
+                                      ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         self.log(dict(output.metrics))
         self._event("on_evaluate", metrics=output.metrics)
         return output.metrics
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
-        output = self.evaluation_loop(test_dataset, metric_key_prefix, want_predictions=True)
+        loader = self.get_test_dataloader(test_dataset)
+        output = self.evaluation_loop(loader, "Prediction", prediction_loss_only=False,
+                                      ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         self._event("on_predict", metrics=output.metrics)
         return output
 
     def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
         """(loss_sum, token_count, logits, labels) of one batch; logits None when not needed."""
         labels = self._labels(inputs)
+        if self._compute_loss_overridden() and labels is not None:
+            return self._prediction_step_user_loss(model, inputs, prediction_loss_only, labels)
         with torch.no_grad(), self._autocast():
             fused = None
             if prediction_loss_only and labels is not None:
@@ -67,8 +94,23 @@ class EvaluationMixin:
         loss_sum = torch.where(count > 0, loss.float() * count, torch.zeros_like(loss, dtype=torch.float32))
         return loss_sum.detach(), count, logits, labels
 
-    def evaluation_loop(self, dataset, metric_key_prefix: str, want_predictions: bool) -> PredictionOutput:
-        loader, n_examples = self.get_eval_dataloader(dataset)
+    def _prediction_step_user_loss(self, model, inputs, prediction_loss_only, labels):
+        """A subclass's compute_loss decides the evaluation loss too (as in HF), so best-model
+        selection and early stopping see the loss it trains with. HF averages that per-batch
+        loss over examples; so does this: weight = the batch's example count."""
+        with torch.no_grad(), self._autocast():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach().float().mean()
+        count = torch.tensor(float(labels.shape[0]), device=loss.device)
+        logits = None if prediction_loss_only else extract_logits(outputs)
+        return loss * count, count, logits, labels
+
+    def evaluation_loop(self, dataloader, description: str = "Evaluation", prediction_loss_only=None,
+                        ignore_keys=None, metric_key_prefix: str = "eval") -> PredictionOutput:
+        """Loss (token-weighted, as training), predictions and metrics over `dataloader`."""
+        loader = dataloader
+        want_predictions = not prediction_loss_only
+        n_examples = self.num_examples(loader)
         self.callback_handler.eval_dataloader = loader
         model = self.model
         was_training = model.training

@@ -1,4 +1,5 @@
-"""Where logged records go: a JSONL file (always), TensorBoard (report_to), a progress bar.
+"""Where logged records go: a JSONL file (always) and TensorBoard (report_to). The console
+(progress bar or printed records) belongs to ProgressCallback/PrinterCallback.
 
 Only the main process writes. Records arrive already on the host: the Trainer reads its
 device-side accumulators once per logging step and hands plain floats here.
@@ -6,14 +7,11 @@ device-side accumulators once per logging step and hands plain floats here.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from typing import Optional
 
 from fasttrain.extras import require
-
-logger = logging.getLogger("fasttrain")
 
 LOG_FILE = "log_history.jsonl"
 
@@ -32,7 +30,6 @@ class MetricsLogger:
         self.enabled = is_main
         self.args = args
         self.tb = None
-        self.bar = None
         self.jsonl_path = os.path.join(args.output_dir, LOG_FILE)
         if not self.enabled:
             return
@@ -43,14 +40,6 @@ class MetricsLogger:
                 for record in history or []:
                     f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
             os.replace(tmp, self.jsonl_path)
-        if not args.disable_tqdm and total_steps:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, leave=True)
-
-    def advance(self, global_step: int) -> None:
-        if self.bar is not None:
-            self.bar.n = global_step
-            self.bar.refresh() if global_step % 10 == 0 else None
 
     def log(self, record: dict, step: int) -> None:
         if not self.enabled:
@@ -69,17 +58,8 @@ class MetricsLogger:
                     tag = key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"
                     self.tb.add_scalar(tag, value, step)
             self.tb.flush()
-        if self.bar is not None:
-            shown = {k: record[k] for k in ("loss", "learning_rate", "tokens_per_second", "eval_loss")
-                     if k in record}
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-        elif "loss" in record or "eval_loss" in record:
-            logger.info(json.dumps(line))
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
         if self.tb is not None:
             self.tb.close()
             self.tb = None

@@ -20,7 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fasttrain.checkpoint import storage as ckpt
-from fasttrain.callbacks import CallbackHandler, TrainerControl, TrainerState
+from fasttrain.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
+                                 TrainerControl, TrainerState)
+from fasttrain.data.columns import collate_or_explain, kept_columns, remove_unused_columns
 from fasttrain.data.datasets import count_valid_labels, default_data_collator
 from fasttrain.distributed.sampler import ShardedSampler
 from fasttrain.trainer.metrics_log import MetricsLogger
@@ -32,25 +34,30 @@ from fasttrain.trainer.evaluation import EvaluationMixin
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.checkpointing import CheckpointMixin
 from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
+from fasttrain.trainer.script_helpers import ScriptHelpersMixin
 from fasttrain.trainer.utils import (LogWindow, TrainOutput, dataset_len, extract_loss,
-                                     forward_arg_names, resolve_steps, samples_in, set_seed,
+                                     forward_arg_names, samples_in, set_seed,
                                      to_device, tokens_in, uses_label_shift)
 from fasttrain.training_args import TrainingArguments
 
 logger = logging.getLogger("fasttrain")
 
 
-class Trainer(CheckpointMixin, EvaluationMixin):
+class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, data_collator=None,
                  train_dataset: Optional[Dataset] = None, eval_dataset=None,
-                 processing_class=None, tokenizer=None, compute_metrics: Optional[Callable] = None,
-                 callbacks=None, optimizers=(None, None),
+                 processing_class=None, tokenizer=None, model_init: Optional[Callable] = None,
+                 compute_metrics: Optional[Callable] = None, callbacks=None, optimizers=(None, None),
                  preprocess_logits_for_metrics: Optional[Callable] = None):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"Trainer needs `model`, a torch.nn.Module (got {type(model).__name__})")
         self.args = args if args is not None else TrainingArguments(output_dir="trainer_output")
         if not isinstance(self.args, TrainingArguments):
             raise TypeError("args must be a fasttrain.TrainingArguments")
+        self.model_init = model_init
+        if model is None and model_init is not None:
+            model = self.call_model_init()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError("Trainer needs `model`, a torch.nn.Module, or `model_init`, a function "
+                            f"returning one (got model={type(model).__name__})")
         self.processing_class = processing_class if processing_class is not None else tokenizer
         self.data_collator = data_collator or default_data_collator
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -59,21 +66,37 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.optimizer, self.lr_scheduler = optimizers
         self.dist = self._build_distributed()
         self.device = self.dist.device
-        self.model = model.to(self.device)
-        self.model_wrapped = self.model
-        self._label_shift = uses_label_shift(model)
-        self._forward_args = forward_arg_names(model)
+        self._set_model(model)
         self.scaler = None
         self.state = TrainerState(is_world_process_zero=self.dist.is_main,
                                   is_local_process_zero=self.dist.local_rank == 0)
         self.control = TrainerControl()
-        self.callback_handler = CallbackHandler(callbacks, self.model, self.processing_class,
+        # HF's order: the flow callback first (its flags are visible to the user's callbacks),
+        # the console last
+        console = PrinterCallback if self.args.disable_tqdm else ProgressCallback
+        self.callback_handler = CallbackHandler([DefaultFlowCallback, *(callbacks or []), console],
+                                                self.model, self.processing_class,
                                                 self.optimizer, self.lr_scheduler)
         self._stop_signal = None
         self._pending_best = False
         self._logger = None
         self._saver = ckpt.AsyncSaver()
         self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
+
+    def _set_model(self, model) -> None:
+        self.model = model.to(self.device)
+        self.model_wrapped = self.model
+        self._label_shift = uses_label_shift(model)
+        self._forward_args = forward_arg_names(model)
+
+    def call_model_init(self, trial=None):
+        """A fresh model from `model_init` (called with `trial` if it takes an argument)."""
+        import inspect
+        n_args = len(inspect.signature(self.model_init).parameters)
+        model = self.model_init(trial) if n_args == 1 else self.model_init()
+        if model is None:
+            raise RuntimeError("model_init returned None; it must return a torch.nn.Module")
+        return model
 
     # ------------------------------------------------------------------ callbacks
     def add_callback(self, callback):
@@ -124,11 +147,12 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs train_dataset; pass Trainer(train_dataset=...)")
         n = dataset_len(self.train_dataset, "train_dataset")
+        dataset = self._remove_unused_columns(self.train_dataset, "training")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self._train_sampler = ShardedSampler(
             n, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=True, seed=seed,
             drop_last=self.args.dataloader_drop_last)
-        return self._loader(self.train_dataset, self._train_sampler,
+        return self._loader(dataset, self._train_sampler,
                             self.args.per_device_train_batch_size, self.args.dataloader_drop_last)
 
     def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
@@ -139,8 +163,14 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                           pin_memory=self.args.dataloader_pin_memory and self.device.type == "cuda",
                           generator=torch.Generator().manual_seed(self.args.seed))
 
+    def _remove_unused_columns(self, dataset, description: str):
+        if not self.args.remove_unused_columns:
+            return dataset
+        keep = kept_columns(self._forward_args, self.args.label_names)
+        return remove_unused_columns(dataset, keep, description, type(self.model).__name__)
+
     def _collate(self, features):
-        batch = self.data_collator(features)
+        batch = collate_or_explain(self.data_collator, features)
         if self.args.remove_unused_columns and self._forward_args is not None:
             batch = {k: v for k, v in batch.items() if k in self._forward_args}
         return batch
@@ -174,6 +204,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
         loss = loss_sum / denominator
         return (loss, outputs) if return_outputs else loss
+
+    def _compute_loss_overridden(self) -> bool:
+        return type(self).compute_loss is not Trainer.compute_loss
 
     def _fused_loss(self, model, inputs):
         if not self.args.fused_loss or self._is_builtin(model):
@@ -280,6 +313,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         resume_from_checkpoint = resume_from_checkpoint or args.resume_from_checkpoint
         self._prepare_output_dir(resume_from_checkpoint)
         set_seed(args.seed)
+        if self.model_init is not None:  # as HF: a fresh model (and optimizer) seeded by args.seed
+            self._set_model(self.call_model_init())
+            self.callback_handler.model = self.model
+            self.optimizer = self.lr_scheduler = None
         loader = self.get_train_dataloader()
         micro_per_epoch = len(loader)
         if micro_per_epoch == 0:
@@ -303,15 +340,16 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.callback_handler.train_dataloader = loader
         st = self.state
         st.max_steps, st.num_train_epochs = max_steps, num_epochs
-        st.logging_steps = resolve_steps(args.logging_steps, max_steps)
-        st.eval_steps = resolve_steps(args.eval_steps, max_steps)
-        st.save_steps = resolve_steps(args.save_steps, max_steps)
+        st.compute_steps(args, max_steps)
         st.train_batch_size = args.per_device_train_batch_size
         self._skipped = torch.zeros((), device=self.device)
         self._nonfinite_run = torch.zeros((), device=self.device)
         self._grad_norm = None
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._window = LogWindow(self.device)
+        self._loss_total, self._loss_steps = 0.0, 0  # host sums of the logged windows (train_loss)
+        self._samples_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                                  * self.dist.world_size)
         epoch, micro_done = 0, 0
         if resume_from_checkpoint:
             epoch, micro_done = self._resume(resume_from_checkpoint)
@@ -335,20 +373,30 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         runtime = time.perf_counter() - start_time
         if args.load_best_model_at_end and st.best_model_checkpoint:
             ckpt.load_model_weights(self.model, st.best_model_checkpoint)
-        train_loss = self._mean_logged_loss()
-        metrics = {"train_runtime": runtime, "train_steps_per_second": (st.global_step - start_step) / max(runtime, 1e-9),
-                   "train_loss": train_loss, "epoch": st.epoch, "total_flos": st.total_flos,
-                   "train_tokens": st.num_input_tokens_seen}
+        rest = self._window.flush(self.dist)  # steps after the last logging step count too
+        if rest:
+            self._loss_total += rest["loss"] * rest["steps"]
+            self._loss_steps += rest["steps"]
+        train_loss = self._loss_total / self._loss_steps if self._loss_steps else float("nan")
+        steps_run = st.global_step - start_step
+        # HF's end-of-training record (logged, so it reaches log_history and the console)
+        metrics = {"train_runtime": round(runtime, 4),
+                   "train_samples_per_second": round(steps_run * self._samples_per_step / max(runtime, 1e-9), 3),
+                   "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
+                   "total_flos": st.total_flos, "train_loss": train_loss}
+        self.log(dict(metrics))
+        self._logger.close()
+        metrics["epoch"] = st.epoch
+        metrics["train_tokens"] = st.num_input_tokens_seen
         self._event("on_train_end")
         return TrainOutput(st.global_step, train_loss, metrics)
 
     def _run_epochs(self, loader, epoch, micro_done, num_epochs, steps_per_epoch, micro_per_epoch):
-        args, st, control = self.args, self.state, self.control
+        args, st = self.args, self.state
         ga = args.gradient_accumulation_steps
         while epoch < num_epochs and st.global_step < st.max_steps:
             self._train_sampler.set_epoch(epoch, skip=micro_done * args.per_device_train_batch_size)
             self._epoch, self._micro_done = epoch, micro_done
-            control._new_epoch()
             self._event("on_epoch_begin")
             iterator = iter(loader)
             inst = self._instruments
@@ -365,49 +413,38 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 st.global_step += 1
                 st.epoch = epoch + micro_done / micro_per_epoch
                 st.num_input_tokens_seen += tokens * self.dist.world_size
+                st.total_flos += sum(self.floating_point_ops(b) for b in batches) * self.dist.world_size
                 self._window.add(step_loss, self._grad_norm, tokens)
-                self._logger.advance(st.global_step)
-                control._new_step()
-                self._event("on_step_end")
+                self._event("on_step_end")  # DefaultFlowCallback sets the flags, others may change them
                 self._maybe_log_save_evaluate(epoch_end=False)
-                if control.should_training_stop or control.should_epoch_stop:
+                if self.control.should_training_stop or self.control.should_epoch_stop:
                     break
-            if control.should_training_stop:
-                break
-            epoch, micro_done = epoch + 1, 0
-            self._epoch, self._micro_done = epoch, 0
-            self._event("on_epoch_end")
+            if micro_done >= micro_per_epoch or self.control.should_epoch_stop:
+                epoch, micro_done = epoch + 1, 0  # a checkpoint saved now resumes at the next epoch
+                self._epoch, self._micro_done = epoch, 0
+            self._event("on_epoch_end")  # also when max_steps or a callback ended training mid-epoch
             self._maybe_log_save_evaluate(epoch_end=True)
-            if control.should_training_stop:
+            if self.control.should_training_stop:
                 break
 
     def _maybe_log_save_evaluate(self, epoch_end: bool):
+        """Act on the flags the callbacks set (DefaultFlowCallback decides the cadence)."""
         args, st, control = self.args, self.state, self.control
         step = st.global_step
-        finished = step >= st.max_steps
-        if not epoch_end:
-            control.should_log |= (args.logging_strategy == "steps" and step % st.logging_steps == 0) \
-                or (args.logging_first_step and step == 1) or finished
-            control.should_evaluate |= args.eval_strategy == "steps" and step % st.eval_steps == 0
-            control.should_save |= args.save_strategy == "steps" and step % st.save_steps == 0
-        else:
-            control.should_log |= args.logging_strategy == "epoch"
-            control.should_evaluate |= args.eval_strategy == "epoch"
-            control.should_save |= args.save_strategy == "epoch"
         # every rank computes this cadence alike (a callback's should_log may differ per rank)
-        agree_now = epoch_end or finished or step % st.logging_steps == 0
+        agree_now = epoch_end or step >= st.max_steps or step % st.logging_steps == 0
         preempted = self._preemption_agreed(agree_now)
         if preempted:
             control.should_save = control.should_training_stop = True
         if control.should_log:
             self._log_training(self._window.flush(self.dist))
-        metrics = None
+        metrics, paused = None, control.should_evaluate or control.should_save
         if control.should_evaluate and self.eval_dataset is not None:
             with self._instruments.expect_compiles("evaluation (dropout off)"):
                 metrics = self.evaluate()
             new_best = self._update_best(metrics)
-            if args.save_strategy == "best" and new_best:
-                control.should_save = True
+            if args.save_strategy == "best":
+                control.should_save = new_best
         if control.should_save and (args.save_strategy != "no" or preempted):
             # a preemption save must be on disk before the process exits
             self._save_checkpoint(metrics, blocking=preempted)
@@ -416,7 +453,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if preempted:
             logger.warning("received %s: saved checkpoint-%d and stopped cleanly",
                            self._stop_signal or "SIGTERM (on another rank)", step)
-        if control.should_evaluate or control.should_save:
+        if paused:
             self._window.t0 = time.perf_counter()  # tokens/s counts training time only
         self._pending_best = False  # a best result belongs to a checkpoint of this step only
         control.should_log = control.should_evaluate = control.should_save = False
@@ -425,6 +462,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         st = self.state
         if not window:
             return
+        self._loss_total += window["loss"] * window["steps"]
+        self._loss_steps += window["steps"]
         record = {"loss": window["loss"], "learning_rate": self.lr_scheduler.get_last_lr()[0],
                   "epoch": round(st.epoch, 4)}
         if window.get("grad_norm") is not None:
@@ -456,10 +495,6 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if self._logger is None:  # evaluate()/predict() outside train(): append to the run's log
             self._logger = MetricsLogger(self.args, self.dist.is_main, 0, resume=True)
         self._logger.log(record, st.global_step)
-
-    def _mean_logged_loss(self) -> float:
-        losses = [r["loss"] for r in self.state.log_history if "loss" in r and isinstance(r["loss"], float)]
-        return float(np.mean(losses)) if losses else float("nan")
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handler(self):

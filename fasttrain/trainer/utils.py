@@ -175,7 +175,7 @@ class LogWindow:
         loss = dist.all_reduce_sum(self.loss.clone())
         values = torch.stack([loss, self.grad_norm]).tolist()  # sync: logging step
         elapsed = time.perf_counter() - self.t0  # after the sync: the device work is done
-        out = {"loss": values[0] / self.steps, "grad_norm": values[1] or None,
+        out = {"loss": values[0] / self.steps, "steps": self.steps, "grad_norm": values[1] or None,
                "tokens_per_second": self.tokens * dist.world_size / max(elapsed, 1e-9)}
         self.reset()
         return out
@@ -199,7 +199,3 @@ def dataset_len(dataset, name: str) -> int:
     if n == 0:
         raise ValueError(f"{name} is empty (0 examples); pass a dataset with at least one example")
     return n
-
-
-def resolve_steps(value: float, max_steps: int) -> int:
-    return max(1, math.ceil(value * max_steps)) if value < 1 else int(value)

@@ -1,0 +1,128 @@
+"""The Trainer methods HF scripts and subclasses rely on, each against transformers' own
+Trainer running the same lines."""
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+transformers = pytest.importorskip("transformers")
+
+import fasttrain  # noqa: E402
+
+
+class Classifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x, labels=None):
+        logits = self.linear(x)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def class_data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0.4).long()
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+def _args(lib, out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=3,
+                report_to="none", disable_tqdm=True, save_strategy="no", max_steps=3, learning_rate=0.1)
+    base.update(kw)
+    return lib.TrainingArguments(**base)
+
+
+def weighted_trainer(lib):
+    class WeightedLossTrainer(lib.Trainer):
+        """The class-weighted loss of HF's documentation example."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            weight = torch.tensor([1.0, 3.0])
+            loss = torch.nn.functional.cross_entropy(outputs["logits"], labels, weight=weight)
+            return (loss, outputs) if return_outputs else loss
+    return WeightedLossTrainer
+
+
+def test_compute_loss_override_is_the_evaluation_loss_as_in_hf(tmp_path):
+    results = {}
+    for lib in (transformers, fasttrain):
+        trainer = weighted_trainer(lib)(Classifier(), _args(lib, tmp_path / lib.__name__),
+                                        eval_dataset=class_data(7, seed=3))
+        results[lib.__name__] = trainer.evaluate()["eval_loss"]
+    plain = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path / "plain"),
+                              eval_dataset=class_data(7, seed=3)).evaluate()["eval_loss"]
+    assert results["fasttrain"] == pytest.approx(results["transformers"], rel=1e-6)
+    assert abs(plain - results["fasttrain"]) > 1e-3  # the override really changes the number
+
+
+def test_get_eval_dataloader_returns_a_dataloader_a_subclass_may_replace(tmp_path):
+    batches = {}
+
+    class Counter(fasttrain.TrainerCallback):
+        def on_prediction_step(self, args, state, control, **kwargs):
+            batches["n"] = batches.get("n", 0) + 1
+
+    class OwnLoader(fasttrain.Trainer):
+        def get_eval_dataloader(self, eval_dataset=None):
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            return DataLoader(dataset, batch_size=1, collate_fn=self.data_collator)
+
+    plain = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path / "a"), eval_dataset=class_data(5))
+    assert isinstance(plain.get_eval_dataloader(), DataLoader)
+    assert isinstance(plain.get_test_dataloader(class_data(4)), DataLoader)
+    trainer = OwnLoader(Classifier(), _args(fasttrain, tmp_path / "b"), eval_dataset=class_data(5),
+                        callbacks=[Counter])
+    metrics = trainer.evaluate()
+    assert batches["n"] == 5 and metrics["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
+    named = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path / "c"),
+                              eval_dataset={"dev": class_data(5), "test": class_data(4, seed=2)})
+    assert len(named.get_eval_dataloader("test").dataset) == 4
+    assert {"eval_dev_loss", "eval_test_loss"} <= set(named.evaluate())
+
+
+def test_script_helpers_match_hf(tmp_path, capsys):
+    out = {}
+    for lib in (transformers, fasttrain):
+        d = tmp_path / lib.__name__
+        trainer = lib.Trainer(Classifier(), _args(lib, d), train_dataset=class_data(12),
+                              eval_dataset=class_data(6, seed=1))
+        result = trainer.train()
+        metrics = dict(result.metrics, train_samples=12)
+        capsys.readouterr()
+        trainer.log_metrics("train", metrics)
+        printed = capsys.readouterr().out.splitlines()
+        trainer.save_metrics("train", metrics)
+        trainer.save_metrics("eval", {"eval_loss": 0.5})
+        trainer.save_state()
+        batch = next(iter(trainer.get_train_dataloader()))
+        out[lib.__name__] = dict(
+            header=printed[0], keys=[line.split("=")[0].strip() for line in printed[1:]],
+            files=sorted(p.name for p in d.iterdir() if p.suffix == ".json"),
+            all_results=set(json.loads((d / "all_results.json").read_text())),
+            state_keys=set(json.loads((d / "trainer_state.json").read_text())),
+            world=trainer.is_world_process_zero(), local=trainer.is_local_process_zero(),
+            n=trainer.num_examples(trainer.get_eval_dataloader()),
+            params=trainer.get_num_trainable_parameters(), flops=trainer.floating_point_ops(batch))
+    ft, hf = out["fasttrain"], out["transformers"]
+    assert ft["header"] == hf["header"] == "***** train metrics *****"
+    assert set(hf["keys"]) <= set(ft["keys"]) and hf["all_results"] <= ft["all_results"]
+    assert {"all_results.json", "train_results.json", "eval_results.json", "trainer_state.json"} <= set(ft["files"])
+    assert hf["state_keys"] <= ft["state_keys"]
+    for key in ("world", "local", "n", "params", "flops"):
+        assert ft[key] == hf[key], key
+
+
+def test_floating_point_ops_uses_the_models_own_count(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    inputs = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+    ours = fasttrain.Trainer(model, _args(fasttrain, tmp_path / "ft")).floating_point_ops(inputs)
+    theirs = transformers.Trainer(model, _args(transformers, tmp_path / "hf")).floating_point_ops(inputs)
+    assert ours == theirs == 6 * 16 * model.num_parameters(exclude_embeddings=True)
