@@ -1,0 +1,175 @@
+"""Sharded model + optimizer state through torch.distributed.checkpoint (DCP).
+
+Under FSDP every rank writes its own shards in parallel (`shards/__<rank>_0.distcp`; rank 0
+also DCP's `shards/.metadata`), nothing is gathered to one rank. DCP's planner records
+which slice of each tensor every file holds, so loading on another world size (4 ranks to
+2, 1 to 4, FSDP to plain data parallelism) reads the slices each rank now needs: the
+resharding is DCP's, none is written here. Model and optimizer state go through
+`get/set_model_state_dict` and `get/set_optimizer_state_dict`, which key the optimizer
+state by parameter name, so it survives any re-wrapping.
+
+fasttrain's checkpoint guarantees, kept:
+- atomic: every rank writes into the checkpoint's temporary directory; rank 0 commits the
+  directory (manifest last, rename) only once every rank's files are durable (DCP fsyncs
+  each file, and its metadata is written only after every rank reported its writes), so a
+  crash mid-save leaves the previous checkpoint the newest valid one;
+- checksummed: each rank CRC-32s its own files; the sums go into the one manifest, and
+  `storage.verify` names a corrupted or missing shard;
+- nothing unpickled on load: DCP stores its metadata with pickle; `SafeFileSystemReader`
+  reads it with an unpickler that only admits DCP's own metadata classes, torch.Size and
+  dtypes; the shard payloads are raw tensor bytes (non-tensor values go through
+  `torch.load(weights_only=True)` inside DCP);
+- in the background: `save_async` stages the state into host memory (the only stall) and
+  writes on DCP's thread, over a process group of its own so its collectives never
+  interleave with the training step's.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zlib
+from concurrent.futures import Future
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from fasttrain.checkpoint.storage import CheckpointError
+
+SHARDS_DIR = "shards"
+
+_SAFE_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "Path"),
+     ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader, with its pickled metadata read by an allow-list unpickler."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = os.path.join(str(self.path), ".metadata")
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise CheckpointError(f"sharded checkpoint {str(self.path)!r} has no .metadata") from None
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"refusing to load {path!r}: {e}; fasttrain never writes such "
+                                  "metadata, do not trust this checkpoint") from None
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def has_shards(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, SHARDS_DIR))
+
+
+def _state(model, optimizer) -> dict:
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+_checkpoint_group = None
+
+
+def checkpoint_process_group():
+    """A gloo group of every rank, for the background save's collectives (created once, on
+    every rank at the same point)."""
+    global _checkpoint_group
+    if _checkpoint_group is None and dist.is_initialized():
+        _checkpoint_group = dist.new_group(backend="gloo")
+    return _checkpoint_group
+
+
+def save(directory: str, model, optimizer) -> dict:
+    """Write this rank's shards into `directory/shards` (blocking; a collective); returns
+    this rank's {relative path: {size, crc32}}."""
+    dcp.save(_state(model, optimizer), storage_writer=FileSystemWriter(_shards(directory)),
+             process_group=checkpoint_process_group())
+    return own_files(directory)
+
+
+def save_async(directory: str, model, optimizer) -> Future:
+    """Stage the state into host memory now, write it on DCP's thread; the Future's result
+    is this rank's file checksums (call `.result()` on the same thread order on every rank)."""
+    future = dcp.async_save(_state(model, optimizer), storage_writer=FileSystemWriter(_shards(directory)),
+                            process_group=checkpoint_process_group())
+    done: Future = Future()
+
+    def finished(f):
+        try:
+            f.result()
+            done.set_result(own_files(directory))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+            done.set_exception(e)
+
+    future.add_done_callback(finished)
+    return done
+
+
+def own_files(directory: str) -> dict:
+    """CRC-32 and size of the files this rank wrote (its `__<rank>_*.distcp`, and rank 0's
+    `.metadata`), keyed by their path relative to the checkpoint directory."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    shards = _shards(directory)
+    mine = [n for n in os.listdir(shards) if n.startswith(f"__{rank}_") and n.endswith(".distcp")]
+    if rank == 0:
+        mine.append(".metadata")
+    out = {}
+    for name in sorted(mine):
+        crc, size = 0, 0
+        with open(os.path.join(shards, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                crc, size = zlib.crc32(block, crc), size + len(block)
+        out[f"{SHARDS_DIR}/{name}"] = {"size": size, "crc32": crc}
+    return out
+
+
+def load(path: str, model, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Load model (and optimizer) state from `path/shards` into this run's sharding; the
+    caller verified the manifest first. Tensor-valued learning rates are kept in place (the
+    device-side LR schedule holds them)."""
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(_shards(path)),
+                 process_group=checkpoint_process_group())
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures in its own errors
+        raise CheckpointError(f"could not load the sharded state of {path!r}: {e}") from None
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        for group, lr in zip(optimizer.param_groups, lrs):
+            if isinstance(lr, torch.Tensor):
+                lr.copy_(torch.as_tensor(group["lr"]))
+                group["lr"] = lr
+
+
+def full_model_state(model) -> dict:
+    """The whole (unsharded) model state on rank 0's CPU, gathered shard by shard; empty on
+    the other ranks. For `save_model`'s single model.safetensors."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _shards(directory: str) -> str:
+    return os.path.join(directory, SHARDS_DIR)
