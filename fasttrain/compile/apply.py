@@ -39,6 +39,8 @@ __all__ = [
     "COMPILE_MODES",
     "CompileConfig",
     "CompileMonitor",
+    "SequenceLengthWatcher",
+    "allow_dynamic_lengths",
     "apply_compile",
     "compile_from_args",
     "compiled_module_names",
@@ -171,6 +173,7 @@ def apply_compile(
     _check_not_compiled(model)
     cache = configure_compile_cache(config.cache_dir)
     kwargs = config.torch_compile_kwargs()
+    model._fasttrain_compile_kwargs = dict(kwargs)  # allow_dynamic_lengths recompiles with these
     stacks = find_repeated_blocks(model) if config.per_block else []
     if not stacks:
         if config.per_block:
@@ -189,6 +192,60 @@ def apply_compile(
     logger.info("torch.compile: %d blocks per block in %s, mode=%s, cache %s",
                 n_blocks, ", ".join(stacks), mode, cache)
     return model
+
+
+def allow_dynamic_lengths(model: nn.Module) -> int:
+    """Recompile the compiled parts of `model` with `dynamic=None`, so the next new shape
+    compiles one dynamic-shape graph that every later length reuses (Dynamo's automatic
+    dynamic shapes) instead of one static graph per length, which under per-block compile
+    reaches the recompile limit within a dozen padded batches and then runs eager.
+    Returns how many modules were recompiled (0 when already dynamic or not compiled)."""
+    kwargs = getattr(model, "_fasttrain_compile_kwargs", None)
+    if kwargs is None or kwargs.get("dynamic") is not False:
+        return 0
+    kwargs = dict(kwargs, dynamic=None)
+    names = compiled_module_names(model)
+    for name in names:
+        model.get_submodule(name).compile(**kwargs)
+    model._fasttrain_compile_kwargs = kwargs
+    return len(names)
+
+
+class SequenceLengthWatcher:
+    """Watches the sequence length (dim 1 of `input_ids`, else of the first 2-D tensor) of
+    the batches a compiled model sees; at the first change (a padding collator, ragged
+    evaluation batches) it switches the model to dynamic lengths (`allow_dynamic_lengths`).
+    Fixed-length training never changes length and keeps its static kernels. Host-side
+    shape reads only: no device sync."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.first: int | None = None
+        self.switched = False
+
+    def observe(self, batch) -> bool:
+        """True when this batch made the switch."""
+        if self.switched or not isinstance(batch, dict):
+            return False
+        ids = batch.get("input_ids")
+        if not (isinstance(ids, torch.Tensor) and ids.dim() >= 2):
+            ids = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+        if ids is None:
+            return False
+        length = int(ids.shape[1])
+        if self.first is None:
+            self.first = length
+            return False
+        if length == self.first:
+            return False
+        self.switched = True
+        n = allow_dynamic_lengths(self.model)
+        if n:
+            logger.info("torch_compile: batches of varying length (%d, then %d): %d compiled module(s) "
+                        "now take the sequence length as dynamic (one more compile, none per new "
+                        "length). For static kernels pad to a fixed length (padding='max_length' or "
+                        "pad_to_multiple_of) with dataloader_drop_last=True", self.first, length, n)
+        return True
 
 
 def compile_from_args(model: nn.Module, args) -> CompileMonitor | None:

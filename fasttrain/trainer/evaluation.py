@@ -120,8 +120,11 @@ class EvaluationMixin:
         tokens = torch.zeros((), device=self.device)
         preds, label_ids = [], []
         has_loss = False
+        instruments = getattr(self, "_instruments", None)
         for batch in loader:
             batch = to_device(batch, self.device)
+            if instruments is not None:
+                instruments.observe_batch(batch)
             b_loss, b_count, logits, labels = self.prediction_step(model, batch, not want_predictions)
             if b_loss is not None:
                 has_loss = True

@@ -24,14 +24,20 @@ def _seq_len_of(dataset) -> Optional[int]:
 
 class Instruments:
     def __init__(self, args, model: torch.nn.Module, dist, train_dataset):
-        from fasttrain.compile.apply import compile_from_args
+        from fasttrain.compile.apply import SequenceLengthWatcher, compile_from_args
         from fasttrain.profiler.profiler import profiler_from_args
         self.args = args
         self.monitor = compile_from_args(model, args)  # compiles model in place; None when off
+        self.lengths = SequenceLengthWatcher(model) if self.monitor is not None else None
         self.profiler = profiler_from_args(args, model, dist.device, num_devices=dist.world_size,
                                            rank=dist.rank, seq_len=_seq_len_of(train_dataset))
         self.enabled = bool(args.profile)
         self._warm = False
+
+    def observe_batch(self, batch) -> None:
+        """A compiled model switches to dynamic lengths when batch lengths start to vary."""
+        if self.lengths is not None:
+            self.lengths.observe(batch)
 
     def step_begin(self) -> None:
         if self.enabled:

@@ -242,6 +242,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
             last = i == len(batches) - 1
             with self.dist.no_sync(model, enabled=not last):
                 batch = to_device(batch, self.device)
+                self._instruments.observe_batch(batch)
                 with self._instruments.phase("forward"), self._autocast():
                     loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
                 world = self.dist.world_size
