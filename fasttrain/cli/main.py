@@ -48,11 +48,14 @@ def add_training_argument_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainingArguments):
         tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         conv = _field_parser(tp)
-        flag = f"--{f.name}"
+        # HF's underscore spelling, and the dashed one torchrun-style commands use
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         if conv is None:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS)
         else:
-            group.add_argument(flag, type=conv, default=argparse.SUPPRESS, metavar=f.name.upper())
+            group.add_argument(*flags, dest=f.name, type=conv, default=argparse.SUPPRESS,
+                               metavar=f.name.upper())
 
 
 def load_config_file(path: str) -> dict:
