@@ -9,10 +9,10 @@ gradients are shared. Reported: p20/p50/p80 step time, GB/s at 28 bytes per para
 read p, g, m, v, write p, m, v; bf16 with fp32 master: read g(2) w m v, write w m v p(2) = 28
 as well), and speed relative to torch fused.
 
-CPU rows: fasttrain.ops.native.fused_adamw_ (fp32, and bf16 params with fp32 masters), FusedAdamW's
-CPU path (the compiled op when built, else torch's fused kernel plus master handling; the row
-name says which, and with the op built the fallback is timed too), torch fused, foreach and
-for-loop (--loop-reps steps only: it is slow). GPU rows (when CUDA is present, else "skipped:
+CPU rows: fasttrain.ops.dispatch.adamw_, what FusedAdamW runs (the C++ op when built, else
+torch's fused kernel; the row name says which), fp32 and bf16 params with fp32 masters; the
+torch fallback with masters (torch._fused_adamw_ on the masters + a rounding copy); torch
+fused, foreach and for-loop (--loop-reps steps only: it is slow). GPU rows (when CUDA is present, else "skipped:
 no GPU"): FusedAdamW's Triton kernel (fp32, bf16 + fp32 master) against torch fused/foreach
 and NVIDIA apex FusedAdam when importable, with percent of the device's peak bandwidth.
 Results go to stdout and bench/results/adamw-<time>.json with machine, versions and commit.
@@ -30,8 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, percentiles, report, time_interleaved  # noqa: E402
-import fasttrain.optim.adamw as optim_mod  # noqa: E402
-from fasttrain.ops import native as _ops  # noqa: E402
+from fasttrain.ops import dispatch, native as _ops  # noqa: E402
 from fasttrain.optim.adamw import FusedAdamW  # noqa: E402
 
 BYTES_PER_PARAM = 28
@@ -52,19 +51,22 @@ def gpt2_124m_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
 
 
 class OpStep:
-    """fasttrain.ops.native.fused_adamw_ with its own state; master=True keeps fp32 masters."""
+    """One AdamW implementation on lists of tensors, with its own state; master=True keeps
+    fp32 masters. `impl` is fasttrain.ops.dispatch.adamw_ (what FusedAdamW runs) or its torch
+    fallback (`dispatch._torch_adamw_`, what runs where the C++ library is not built)."""
 
-    def __init__(self, params, grads, master: bool):
-        self.params, self.grads = params, grads
+    def __init__(self, impl, params, grads, master: bool):
+        self.impl, self.params, self.grads = impl, params, grads
+        device = params[0].device
         self.master = [p.float() for p in params] if master else []
-        self.exp_avgs = [torch.zeros(p.shape) for p in params]
-        self.exp_avg_sqs = [torch.zeros(p.shape) for p in params]
-        self.steps = [torch.zeros(()) for _ in params]
-        self.lr = torch.tensor(LR)
+        self.exp_avgs = [torch.zeros(p.shape, device=device) for p in params]
+        self.exp_avg_sqs = [torch.zeros(p.shape, device=device) for p in params]
+        self.steps = [torch.zeros((), device=device) for _ in params]
+        self.lr = torch.tensor(LR, device=device)
 
     def __call__(self):
-        _ops.fused_adamw_(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.master,
-                          self.steps, self.lr, BETAS[0], BETAS[1], WD, EPS)
+        self.impl(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.master,
+                  self.steps, self.lr, BETAS[0], BETAS[1], WD, EPS)
 
 
 def leaves(params, grads) -> list[torch.nn.Parameter]:
@@ -84,18 +86,6 @@ def torch_step(params, grads, **impl):
     return torch.optim.AdamW(leaves(params, grads), **HP, **impl).step
 
 
-def without_compiled_ops(step):
-    """`step` forced onto FusedAdamW's torch fallback (what runs where the op is not built)."""
-    def run():
-        real = optim_mod._compiled_ops
-        optim_mod._compiled_ops = lambda: None
-        try:
-            step()
-        finally:
-            optim_mod._compiled_ops = real
-    return run
-
-
 def tensors(shapes, device):
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.randn(s, device=device, generator=gen) * 0.02 for s in shapes]
@@ -105,17 +95,15 @@ def tensors(shapes, device):
 
 def cpu_rows(shapes) -> dict:
     params, grads, params_bf16, grads_bf16 = tensors(shapes, "cpu")
-    compiled = optim_mod._compiled_ops() is not None
-    path = "compiled op" if compiled else "torch fused fallback"
-    rows = {"fasttrain C++ fp32": OpStep(params, grads, master=False),
+    ours = dispatch.implementation("adamw_", "cpu")
+    rows = {f"fasttrain ({ours}) fp32": OpStep(dispatch.adamw_, params, grads, master=False),
             BASELINE: torch_step(params, grads, fused=True),
             "torch foreach=True fp32": torch_step(params, grads, foreach=True),
-            f"FusedAdamW ({path}) fp32": fused_adamw_step(params, grads)}
-    if compiled:
-        rows["FusedAdamW (torch fused fallback) fp32"] = without_compiled_ops(
-            fused_adamw_step(params, grads))
-    rows["fasttrain C++ bf16+fp32 master"] = OpStep(params_bf16, grads_bf16, master=True)
-    rows["torch for-loop fp32"] = torch_step(params, grads, foreach=False, fused=False)
+            f"fasttrain ({ours}) bf16+fp32 master": OpStep(dispatch.adamw_, params_bf16,
+                                                          grads_bf16, master=True),
+            "torch fused fallback bf16+fp32 master": OpStep(dispatch._torch_adamw_, params_bf16,
+                                                            grads_bf16, master=True),
+            "torch for-loop fp32": torch_step(params, grads, foreach=False, fused=False)}
     return rows
 
 
@@ -156,8 +144,8 @@ def main() -> None:
     times = time_interleaved(cpu_rows(shapes), args.reps, "cpu", warmup=1,
                              reps_of={"torch for-loop fp32": args.loop_reps})
     results = report("CPU", times, BASELINE, bytes_moved=moved, extra={"device": "cpu"})
-    ours, foreach, fused = (percentiles(times[k])[1] for k in
-                            ("fasttrain C++ fp32", "torch foreach=True fp32", BASELINE))
+    ours = percentiles(next(t for k, t in times.items() if k.endswith(") fp32")))[1]
+    foreach, fused = (percentiles(times[k])[1] for k in ("torch foreach=True fp32", BASELINE))
     print(f"fasttrain fp32 vs foreach: {foreach / ours:.2f}x faster; vs fused: {fused / ours:.2f}x")
     if torch.cuda.is_available():
         results += report(f"GPU {env['gpu']}", time_interleaved(gpu_rows(shapes), args.reps,

@@ -101,16 +101,6 @@ COMPILE_SPECS = [
 ]
 
 
-def reference_unscale_and_check_(grads, inv_scale, found_inf) -> None:
-    """Plain PyTorch reference in fp32 math: same contract as `unscale_and_check_`."""
-    for g in grads:
-        x = g.float()
-        if not torch.isfinite(x).all():
-            found_inf.fill_(1.0)
-        if inv_scale is not None:
-            g.copy_(x * inv_scale.float())
-
-
 _block_table_cache: dict[tuple, torch.Tensor] = {}
 
 

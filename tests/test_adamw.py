@@ -1,5 +1,6 @@
-"""FusedAdamW against torch.optim.AdamW and the fp32 reference, on the CPU path (torch fused
-fallback) and on the Triton kernel (interpreter: conftest sets TRITON_INTERPRET=1). The
+"""FusedAdamW against torch.optim.AdamW and the fp32 reference, through each implementation
+fasttrain.ops.dispatch can pick: the C++ op (CPU), torch's fused op (CPU without the library)
+and the Triton kernel (interpreter: conftest sets TRITON_INTERPRET=1). The
 `kernel_cases` run on the GPU too (FASTTRAIN_TEST_DEVICE=cuda, tests/_devices.py)."""
 import copy
 import importlib
@@ -7,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-import fasttrain.optim.adamw as optim_mod
+from fasttrain.ops import dispatch, native
 from fasttrain.kernels._reference import adamw_reference_
 from fasttrain.optim.adamw import FusedAdamW
 from tests._devices import DEVICE, INTERPRETED
@@ -21,12 +22,16 @@ FP32_TOL = dict(rtol=1e-5, atol=2e-6)
 KERNEL_CASES = pytest.mark.kernel_cases("adamw._adamw_kernel")
 
 
-@pytest.fixture(params=["cpu", "triton"])
+@pytest.fixture(params=["c++", "torch", "triton"])
 def backend(request, monkeypatch):
-    if DEVICE.type == "cuda" and request.param == "cpu":
+    if DEVICE.type == "cuda" and request.param != "triton":
         pytest.skip("CUDA tensors always take the Triton kernel")
-    monkeypatch.setattr(optim_mod, "TRITON_ON_CPU", request.param == "triton")
-    monkeypatch.setattr(optim_mod, "_compiled_ops", lambda: None)  # the pure-torch CPU path
+    monkeypatch.setattr(dispatch, "TRITON_ON_CPU", request.param == "triton")
+    if request.param == "torch":
+        monkeypatch.setattr(native, "_loaded", False)  # as if the library were not built
+    elif request.param == "c++" and not native.available():
+        pytest.skip("the C++ ops library is not built (bash scripts/build_ops.sh)")
+    assert dispatch.implementation("adamw_", DEVICE.type) == request.param
     return request.param
 
 
@@ -216,7 +221,7 @@ def test_master_weights_state_loads_from_torch_state():
 
 
 def test_one_triton_launch_per_dtype_group(monkeypatch):
-    monkeypatch.setattr(optim_mod, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(dispatch, "TRITON_ON_CPU", True)
     launches = []
     real = adamw_kernels._launch
     monkeypatch.setattr(adamw_kernels, "_launch",
@@ -229,15 +234,12 @@ def test_one_triton_launch_per_dtype_group(monkeypatch):
 
 
 def test_cpu_dispatches_to_compiled_op_when_available(monkeypatch):
+    if not native.available():
+        pytest.skip("the C++ ops library is not built (bash scripts/build_ops.sh)")
     calls = []
-
-    class FakeOps:
-        @staticmethod
-        def fused_adamw_(*args):
-            calls.append(args)
-
-    monkeypatch.setattr(optim_mod, "_compiled_ops", lambda: FakeOps)
-    params = _params()
+    real = torch.ops.fasttrain.adamw_
+    monkeypatch.setattr(torch.ops.fasttrain, "adamw_", lambda *a: calls.append(a) or real(*a))
+    params = [p.cpu() for p in _params()]
     for p in params:
         p.grad = torch.ones_like(p)
     FusedAdamW(params).step()

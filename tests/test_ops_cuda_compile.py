@@ -1,10 +1,11 @@
-"""The CUDA ops (csrc/cuda): compile-checked here, run where a GPU is.
+"""The CUDA op (csrc/cuda: grad_norm, which the Trainer's clipping runs on CUDA): compile-checked
+here, run where a GPU is.
 
 Without a GPU (this machine, CI): nvcc compiles every .cu for sm_80 and sm_90 (no torch
-needed: the kernels are torch-free), ptxas must report no spills and no stack, the AdamW
-kernel must use 16-byte vector accesses, and the torch glue must compile against the
-installed torch headers. On a CUDA machine (marked `gpu`): the ops against torch, the Triton
-kernels in fasttrain.kernels, and the CPU references.
+needed: the kernels are torch-free), ptxas must report no spills and no stack, the norm
+kernel must read fp32 with 16-byte vector loads, and the torch glue must compile against the
+installed torch headers. On a CUDA machine (marked `gpu`): the op against the fp64 reference
+and the clipping built on it against torch.nn.utils.clip_grad_norm_.
 """
 import re
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from fasttrain.kernels._reference import grad_norm_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -43,9 +46,9 @@ def compiled(tmp_path_factory):
         cmd = [NVCC, "-std=c++17", "-O3", f"-I{ROOT / 'csrc'}", *ARCHS, "--resource-usage",
                "-Werror", "all-warnings", "-c", str(CUDA_DIR / name), "-o", str(out / f"{name}.o")]
         jobs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    jobs["adamw.ptx"] = subprocess.Popen(
+    jobs["grad_norm.ptx"] = subprocess.Popen(
         [NVCC, "-std=c++17", "-O3", f"-I{ROOT / 'csrc'}", "-arch=sm_90", "-ptx",
-         str(CUDA_DIR / "adamw.cu"), "-o", str(out / "adamw.ptx")],
+         str(CUDA_DIR / "grad_norm.cu"), "-o", str(out / "grad_norm.ptx")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     jobs["glue"] = _compile_glue(out)
     (out / "harness.cu").write_text(LAUNCHER_HARNESS)
@@ -57,7 +60,8 @@ def compiled(tmp_path_factory):
     for name, proc in jobs.items():
         text, _ = proc.communicate(timeout=300)
         results[name] = {"rc": proc.returncode, "output": text}
-    results["adamw.ptx"]["ptx"] = (out / "adamw.ptx").read_text() if (out / "adamw.ptx").exists() else ""
+    ptx = out / "grad_norm.ptx"
+    results["grad_norm.ptx"]["ptx"] = ptx.read_text() if ptx.exists() else ""
     return results
 
 
@@ -142,11 +146,11 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(compiled, name):
 
 
 @needs_nvcc
-def test_adamw_kernel_uses_16_byte_accesses(compiled):
-    ptx = compiled["adamw.ptx"]["ptx"]
-    assert compiled["adamw.ptx"]["rc"] == 0, compiled["adamw.ptx"]["output"]
+def test_norm_kernel_reads_with_vector_loads(compiled):
+    ptx = compiled["grad_norm.ptx"]["ptx"]
+    assert compiled["grad_norm.ptx"]["rc"] == 0, compiled["grad_norm.ptx"]["output"]
     assert re.search(r"ld\.global(\.\w+)*\.v4\.(f32|b32|u32)", ptx), "no 16-byte fp32 loads"
-    assert re.search(r"st\.global(\.\w+)*\.v4\.(f32|b32|u32)", ptx), "no 16-byte fp32 stores"
+    assert re.search(r"ld\.global(\.\w+)*\.v2\.(b32|u32)", ptx), "no 8-byte bf16/fp16 loads"
 
 
 @needs_nvcc
@@ -178,83 +182,46 @@ def cuda_ops():
     return torch.ops.fasttrain
 
 
-def _state(shapes, dtype, master, device="cuda", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
-    moment = torch.float32 if master else dtype
-    return [params, [torch.zeros(s, device=device, dtype=moment) for s in shapes],
-            [torch.zeros(s, device=device, dtype=moment) for s in shapes],
-            [p.float() for p in params] if master else [],
-            [torch.zeros((), device=device) for _ in shapes]]
-
-
 # 200 tensors (several launches by tensor count) and one of 25M elements (by block count)
 GPU_SHAPES = [(257, 131), (1,), (3, 5, 7)] * 66 + [(33, 2049), (25_000_001,)]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True),
-                                          (torch.float16, True), (torch.bfloat16, False)])
-def test_cuda_adamw_matches_cpu_op_and_triton(cuda_ops, dtype, master):
-    from fasttrain.kernels import adamw as triton_adamw
-
-    runs = {"cuda": _state(GPU_SHAPES, dtype, master), "cpu": _state(GPU_SHAPES, dtype, master, "cpu"),
-            "triton": _state(GPU_SHAPES, dtype, master)}
-    for step in range(5):
-        gen = torch.Generator().manual_seed(step)
-        grads = [torch.randn(s, generator=gen).to(dtype) for s in GPU_SHAPES]
-        for name, (p, m, v, w, steps) in runs.items():
-            device = "cpu" if name == "cpu" else "cuda"
-            g = [x.to(device) for x in grads]
-            lr = torch.tensor(1e-3, device=device)
-            scale = torch.tensor(4.0, device=device)
-            g = [x * 4 for x in g]
-            if name == "triton":
-                triton_adamw.fused_adamw_(p, g, m, v, w, steps, lr, 0.9, 0.95, 0.1, 1e-8,
-                                          grad_scale=scale, found_inf=torch.zeros(1, device=device))
-            else:
-                cuda_ops.adamw_(p, g, m, v, w, steps, lr, 0.9, 0.95, 0.1, 1e-8, scale,
-                                torch.zeros(1, device=device))
-    for a, b, c in zip(runs["cuda"][0], runs["cpu"][0], runs["triton"][0]):
-        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-        torch.testing.assert_close(a.cpu(), b, **tol)
-        torch.testing.assert_close(a, c, **tol)
-    if master:
-        assert all(torch.equal(p, w.to(dtype)) for p, w in zip(runs["cuda"][0], runs["cuda"][3]))
-
-
-@pytest.mark.gpu
-def test_cuda_adamw_found_inf_skips_without_sync(cuda_ops):
-    p, m, v, w, steps = _state(GPU_SHAPES[-3:], torch.bfloat16, True)
-    before = [t.clone() for t in (*p, *m, *v, *w, *steps)]
-    grads = [torch.ones_like(x) for x in p]
-    cuda_ops.adamw_(p, grads, m, v, w, steps, torch.tensor(1e-3, device="cuda"), 0.9, 0.95, 0.1,
-                    1e-8, None, torch.ones(1, device="cuda"))
-    assert all(torch.equal(a, b) for a, b in zip((*p, *m, *v, *w, *steps), before))
+def _gpu_grads(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to("cuda", dtype) for s in GPU_SHAPES]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_unscale_and_norm_match_torch_and_triton(cuda_ops, dtype):
-    from fasttrain.kernels import unscale as triton_unscale
-
-    gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(s, generator=gen).to("cuda", dtype) for s in GPU_SHAPES]
-    grads[-1][12_345_678] = float("inf")
-    ours, ref, tri = grads, [g.clone() for g in grads], [g.clone() for g in grads]
-    flags = [torch.zeros(1, device="cuda") for _ in range(3)]
-    inv = torch.tensor([1 / 1024], device="cuda")
-    cuda_ops.unscale_and_check_(ours, inv, flags[0])
-    torch._amp_foreach_non_finite_check_and_unscale_(ref, flags[1], inv)
-    triton_unscale.unscale_and_check_(tri, inv, flags[2])
-    assert [f.item() for f in flags] == [1.0, 1.0, 1.0]
-    for a, b, c in zip(ours, ref, tri):
-        assert torch.equal(a, b) and torch.equal(a, c)
-    finite = [g.nan_to_num(posinf=0.0) for g in ours]
+def test_cuda_grad_norm_matches_reference(cuda_ops, dtype):
+    grads = _gpu_grads(dtype)
     for p in (2.0, float("inf"), 1.0):
-        want = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in finite]), p)
-        torch.testing.assert_close(cuda_ops.grad_norm(finite, p).double(), want, rtol=1e-5, atol=0)
-    assert cuda_ops.grad_norm(ours, 2.0).item() == float("inf")
+        want = grad_norm_reference(grads, p)
+        torch.testing.assert_close(cuda_ops.grad_norm(grads, p), want.cuda(), rtol=1e-5, atol=0)
+    grads[-1][12_345_678] = float("inf")
+    assert cuda_ops.grad_norm(grads, 2.0).item() == float("inf")
+    grads[0][3, 4] = float("nan")
+    assert cuda_ops.grad_norm(grads, 2.0).isnan() and cuda_ops.grad_norm(grads, float("inf")).isnan()
+
+
+@pytest.mark.gpu
+def test_cuda_clipping_runs_the_op_and_matches_torch(cuda_ops):
+    from fasttrain.ops import dispatch
+
+    assert dispatch.implementation("grad_norm", "cuda") == "c++"
+    ours = [torch.nn.Parameter(torch.zeros(s, device="cuda")) for s in GPU_SHAPES]
+    ref = [torch.nn.Parameter(torch.zeros(s, device="cuda")) for s in GPU_SHAPES]
+    for a, b, g in zip(ours, ref, _gpu_grads(torch.float32)):
+        a.grad, b.grad = g.clone(), g.clone()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norm = dispatch.clip_grad_norm_(ours, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    torch.testing.assert_close(norm, want, rtol=1e-5, atol=0)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-5, atol=1e-12)
 
 
 if __name__ == "__main__":

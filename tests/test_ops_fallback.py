@@ -1,6 +1,6 @@
-"""fasttrain.ops.native without the compiled library: how the loader decides (subprocesses, since
-the library loads once per process) and that every wrapper's PyTorch fallback computes the
-same thing as torch (in process, with the loader forced to the fallback)."""
+"""fasttrain.ops without the compiled library: how the loader decides (subprocesses, since the
+library loads once per process) and that fasttrain.ops.dispatch then runs torch's own ops and
+computes the same thing (in process, with the loader forced to the fallback)."""
 import os
 import subprocess
 import sys
@@ -9,15 +9,16 @@ import textwrap
 import pytest
 import torch
 
-from fasttrain.ops import native as _ops
+from fasttrain.kernels._reference import grad_norm_reference
+from fasttrain.ops import dispatch, native as _ops
 
 PROBE = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(name)s %(message)s")
     import torch
-    from fasttrain.ops import native as _ops
+    from fasttrain.ops import dispatch, native as _ops
     print("AVAILABLE", _ops.available())
-    print("STEP_OK", _ops.grad_norm([torch.ones(4)]).item() == 2.0)
+    print("STEP_OK", dispatch.grad_norm([torch.ones(4)]).item() == 2.0)
 """)
 
 
@@ -60,6 +61,8 @@ def test_loader_takes_the_library_from_fasttrain_ops_lib(probes):
 def fallback(monkeypatch):
     monkeypatch.setattr(_ops, "_loaded", False)
     assert not _ops.available()
+    assert {dispatch.implementation(op, "cpu") for op in ("adamw_", "unscale_and_check_",
+                                                          "grad_norm")} == {"torch"}
 
 
 SHAPES = [(67, 13), (1,), (3001,)]
@@ -76,13 +79,14 @@ def _state(dtype, master):
 
 
 def _step(state, grads, **kw):
-    _ops.fused_adamw_(state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"],
-                      state["master_params"], state["state_steps"], 1e-2, 0.9, 0.99, 0.1, 1e-8, **kw)
+    dispatch.adamw_(state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"],
+                    state["master_params"], state["state_steps"], torch.tensor(1e-2), 0.9, 0.99,
+                    0.1, 1e-8, **kw)
 
 
 @pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)])
 def test_fallback_adamw_matches_torch(fallback, dtype, master):
-    """fp32 without masters goes through torch._fused_adamw_, masters through the reference."""
+    """torch._fused_adamw_ on the params (fp32) or on the fp32 masters (then rounded)."""
     state = _state(dtype, master)
     leaves = [torch.nn.Parameter(p.float()) for p in state["params"]]
     opt = torch.optim.AdamW(leaves, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
@@ -115,13 +119,12 @@ def test_fallback_unscale_and_norm_match_torch(fallback):
     grads[2][100] = float("inf")
     ref = [g.clone() for g in grads]
     found, ref_found = torch.zeros(1), torch.zeros(1)
-    _ops.unscale_and_check_(grads, torch.tensor([0.25]), found)
+    dispatch.unscale_and_check_(grads, torch.tensor([0.25]), found)
     torch._amp_foreach_non_finite_check_and_unscale_(ref, ref_found, torch.tensor([0.25]))
     assert found.item() == ref_found.item() == 1.0
     assert all(torch.equal(a, b) for a, b in zip(grads, ref))
     grads[2][100] = 0.0
-    flat = torch.cat([g.float().flatten() for g in grads])
-    for p in (2.0, float("inf")):
-        torch.testing.assert_close(_ops.grad_norm(grads, p), torch.linalg.vector_norm(flat, p))
-    with pytest.raises(RuntimeError, match="norm_type must be a positive number or inf"):
-        _ops.grad_norm(grads, 0.0)
+    for p in (2.0, float("inf"), 3.0):
+        torch.testing.assert_close(dispatch.grad_norm(grads, p), grad_norm_reference(grads, p))
+    with pytest.raises(ValueError, match="norm_type=0.0 must be a positive number or inf"):
+        dispatch.grad_norm(grads, 0.0)

@@ -7,8 +7,10 @@ import random
 import pytest
 import torch
 
+from fasttrain.ops import dispatch, native
+from fasttrain.ops.dispatch import unscale_and_check_
 from fasttrain.precision.mixed import (DynamicLossScaler, TrainingDivergedError, autocast_context,
-                                 cast_floating_params_, needs_loss_scaler, unscale_and_check_)
+                                       cast_floating_params_, needs_loss_scaler)
 
 
 @pytest.fixture(autouse=True)
@@ -269,19 +271,31 @@ def test_extra_found_inf_skips_and_counts():
     assert scaler.found_inf_flag().item() == 1.0 and scaler.get_scale() == 2.0**7
 
 
-def test_triton_backend_matches_torch_backend():
+@pytest.fixture
+def unscale_impl(monkeypatch):
+    """Force fasttrain.ops.dispatch onto one unscale implementation for CPU tensors."""
+    def force(name):
+        monkeypatch.setattr(dispatch, "TRITON_ON_CPU", name == "triton")
+        monkeypatch.setattr(native, "_loaded", False if name == "torch" else None)
+        if dispatch.implementation("unscale_and_check_", "cpu") != name:
+            pytest.skip(f"{name} unscale is not available here (C++: bash scripts/build_ops.sh)")
+    return force
+
+
+def test_every_unscale_implementation_drives_the_scaler_alike(unscale_impl):
     results = []
-    for backend in ("torch", "triton"):
+    for impl in ("torch", "c++", "triton"):
+        unscale_impl(impl)
         model = _model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = DynamicLossScaler(init_scale=2.0**6, growth_interval=2)
-        scaler._unscale_backend = backend
         for bad in [None, float("nan"), None, None, float("inf"), None]:
             _iteration(model, opt, scaler, bad)
         results.append(([p.detach().clone() for p in model.parameters()], scaler.state_dict()))
-    (p_torch, sd_torch), (p_triton, sd_triton) = results
-    assert sd_torch == sd_triton
-    assert all(torch.equal(a, b) for a, b in zip(p_torch, p_triton))
+    (p_torch, sd_torch), *others = results
+    for params, sd in others:
+        assert sd == sd_torch
+        assert all(torch.equal(a, b) for a, b in zip(params, p_torch))
 
 
 def test_state_dict_round_trip_is_exact_and_resumes_identically():
@@ -370,19 +384,19 @@ def test_misuse_errors():
         scaler.load_state_dict({"growth_factor": 2.0})
 
 
-def test_unscale_dispatch_backends_agree_and_reject_unknown():
-    grads = [torch.randn(100), torch.randn(7).bfloat16(), torch.randn(5, 3).t()]
+def test_unscale_implementations_agree_with_strided_and_mixed_grads(unscale_impl):
+    grads = [torch.randn(100), torch.randn(7).bfloat16(), torch.randn(5, 3).t(), torch.zeros(0)]
+    grads[0][17] = float("inf")
     outs = []
-    for backend in ("torch", "ops", "triton"):
+    for impl in ("torch", "c++", "triton"):
+        unscale_impl(impl)
         gs = [g.clone() for g in grads]
         found = torch.zeros(())
-        unscale_and_check_(gs, torch.tensor(0.5), found, backend=backend)
+        unscale_and_check_(gs, torch.tensor(0.5), found)
         outs.append((gs, found.item()))
     for gs, found in outs[1:]:
-        assert found == outs[0][1] == 0.0
+        assert found == outs[0][1] == 1.0
         assert all(torch.equal(a, b) for a, b in zip(gs, outs[0][0]))
-    with pytest.raises(ValueError, match="backend"):
-        unscale_and_check_(grads, None, torch.zeros(()), backend="cuda")
 
 
 # ----------------------------------------------------------------------------- policy

@@ -13,35 +13,12 @@ enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // Elements one thread block handles; tensors are cut into chunks of this size.
 constexpr int64_t kChunkSize = 65536;
 
-struct AdamwTensor {  // one parameter and its state, all contiguous, `numel` elements
-  void* param;
-  const void* grad;
-  void* exp_avg;
-  void* exp_avg_sq;
-  float* master;      // nullptr without master weights
-  const float* step;  // already incremented for this step
-  int64_t numel;
-};
-
-struct AdamwArgs {  // one launch group: the same dtypes for every tensor
-  DType param_t, grad_t, exp_avg_t, exp_avg_sq_t;
-  const float* lr_ptr;  // device lr, or nullptr to use lr_value
-  float lr_value, beta1, beta2, weight_decay, eps;
-  const float* grad_scale;  // nullptr: grads used as they are
-  const float* found_inf;   // nullptr, or skip everything when *found_inf != 0
-};
-
 struct GradTensor {
   void* data;
   int64_t numel;
 };
 
 enum class NormKind : int32_t { kTwo = 0, kInf = 1, kP = 2 };
-
-const char* launch_adamw(const AdamwTensor* tensors, int n, const AdamwArgs& args, void* stream);
-
-const char* launch_unscale_and_check(const GradTensor* tensors, int n, DType dtype,
-                                     const float* inv_scale, float* found_inf, void* stream);
 
 // Number of per-block partials launch_grad_norm_partials writes for these tensors.
 int64_t grad_norm_num_partials(const GradTensor* tensors, int n);

@@ -85,24 +85,9 @@ __device__ __forceinline__ float to_float(const void* base, DType t, int64_t i) 
   return __half2float(static_cast<const __half*>(base)[i]);
 }
 
-__device__ __forceinline__ void from_float(void* base, DType t, int64_t i, float x) {
-  if (t == DType::kFloat32) {
-    static_cast<float*>(base)[i] = x;
-  } else if (t == DType::kBFloat16) {
-    static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(x);
-  } else {
-    static_cast<__half*>(base)[i] = __float2half_rn(x);
-  }
-}
-
 __device__ __forceinline__ float bits_to_float(uint16_t bits, DType t) {
   return t == DType::kBFloat16 ? __uint_as_float(static_cast<uint32_t>(bits) << 16)
                                : __half2float(__ushort_as_half(bits));
-}
-
-__device__ __forceinline__ uint32_t float_to_bits(float x, DType t) {
-  return t == DType::kBFloat16 ? __bfloat16_as_ushort(__float2bfloat16_rn(x))
-                               : __half_as_ushort(__float2half_rn(x));
 }
 
 __device__ __forceinline__ bool aligned_for_ilp(const void* base, DType t, int64_t i) {
@@ -128,24 +113,6 @@ __device__ __forceinline__ void load_ilp(const void* base, DType t, int64_t i, i
   }
 #pragma unroll
   for (int k = 0; k < kIlp; ++k) out[k] = i + k < end ? to_float(base, t, i + k) : 0.0f;
-}
-
-__device__ __forceinline__ void store_ilp(void* base, DType t, int64_t i, int64_t end,
-                                          const float* in) {
-  if (i + kIlp <= end && aligned_for_ilp(base, t, i) && t == DType::kFloat32) {
-    *reinterpret_cast<float4*>(static_cast<float*>(base) + i) = make_float4(in[0], in[1], in[2], in[3]);
-    return;
-  }
-  if (i + kIlp <= end && aligned_for_ilp(base, t, i)) {
-    *reinterpret_cast<uint2*>(static_cast<uint16_t*>(base) + i) =
-        make_uint2(float_to_bits(in[0], t) | (float_to_bits(in[1], t) << 16),
-                   float_to_bits(in[2], t) | (float_to_bits(in[3], t) << 16));
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < kIlp; ++k) {
-    if (i + k < end) from_float(base, t, i + k, in[k]);
-  }
 }
 
 // This block's chunk of its tensor: [begin, end).

@@ -1,9 +1,8 @@
 """FusedAdamW: torch.optim.AdamW's update in one fused multi-tensor step per dtype group.
 
-Dispatch by device: CUDA tensors run the Triton kernel (`fasttrain.kernels.adamw`); CPU
-tensors run `fasttrain.ops.native.fused_adamw_` (the compiled C++ op) when it is built and loads,
-else `_torch_cpu_adamw_` below (torch._fused_adamw_, with fp32 master weights handled here).
-All three share the signature of `fasttrain.kernels.adamw.fused_adamw_`.
+The update runs `fasttrain.ops.dispatch.adamw_`, which picks the one implementation for the
+tensors' device (Triton on CUDA, the compiled C++ op on CPU, torch's fused op where the
+library is not built).
 
 Math in fp32 whatever the parameter dtype; exp_avg / exp_avg_sq are fp32; with
 master_weights=True, fp16/bf16 parameters get an fp32 `master_param` that the math updates
@@ -16,61 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from fasttrain.kernels.adamw import fused_adamw_ as triton_fused_adamw_
+from fasttrain.ops.dispatch import adamw_
 
-# Tests set this (with TRITON_INTERPRET=1) to run the Triton kernel on CPU tensors.
-TRITON_ON_CPU = False
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
-
-
-def _compiled_ops():
-    """fasttrain.ops.native when the compiled library is available, else None."""
-    try:
-        from fasttrain.ops import native as _ops
-    except ImportError:
-        return None
-    return _ops if _ops.available() else None
-
-
-@torch.no_grad()
-def _torch_cpu_adamw_(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, lr,
-                      beta1, beta2, weight_decay, eps, grad_scale=None, found_inf=None):
-    """CPU fallback: torch._fused_adamw_ on fp32 weights (the params themselves, the master
-    copies, or fp32 copies of half params), then the rounded weights back into half params."""
-    if not params:
-        return
-    inc = 1.0 if found_inf is None else 1.0 - found_inf.reshape(())
-    torch._foreach_add_(state_steps, inc)
-    if master_params:
-        weights = master_params
-    else:
-        weights = [p if p.dtype == torch.float32 else p.float() for p in params]
-    grads32 = [g if g.dtype == torch.float32 else g.float() for g in grads]
-    torch._fused_adamw_(weights, grads32, exp_avgs, exp_avg_sqs, [], state_steps, lr=lr,
-                        beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-                        amsgrad=False, maximize=False,
-                        grad_scale=None if grad_scale is None else grad_scale.reshape(()),
-                        found_inf=None if found_inf is None else found_inf.reshape(()))
-    half = [(p, w) for p, w in zip(params, weights) if p.data_ptr() != w.data_ptr()]
-    if half:  # a skipped step leaves the weights unchanged, so copying back is harmless
-        torch._foreach_copy_([p for p, _ in half], [w for _, w in half])
-
-
-def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, lr,
-                 beta1, beta2, weight_decay, eps, grad_scale=None, found_inf=None) -> None:
-    """The multi-tensor entry point; picks the implementation for the tensors' device."""
-    if not params:
-        return
-    args = (params, grads, exp_avgs, exp_avg_sqs, master_params, state_steps, lr, beta1,
-            beta2, weight_decay, eps, grad_scale, found_inf)
-    if params[0].is_cuda or TRITON_ON_CPU:
-        triton_fused_adamw_(*args)
-        return
-    ops = _compiled_ops()
-    if ops is not None:
-        ops.fused_adamw_(*args)
-    else:
-        _torch_cpu_adamw_(*args)
 
 
 def _check_hparams(lr, betas, eps, weight_decay):
@@ -172,9 +119,9 @@ class FusedAdamW(torch.optim.Optimizer):
                     if not idx:
                         continue
                     pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-                    fused_adamw_(pick(params), pick(grads), pick(m), pick(v),
-                                 pick(masters) if use_master else [], pick(steps), lr, beta1,
-                                 beta2, group["weight_decay"], group["eps"], gs, fi)
+                    adamw_(pick(params), pick(grads), pick(m), pick(v),
+                           pick(masters) if use_master else [], pick(steps), lr, beta1, beta2,
+                           group["weight_decay"], group["eps"], gs, fi)
         return loss
 
     def load_state_dict(self, state_dict):

@@ -6,8 +6,8 @@
   reached, its exact scale sequence; plus hysteresis, min/max clamps, a skipped-step count and
   divergence detection. All state lives on the device; nothing syncs on a training step when
   the optimizer skips on a device flag (FusedAdamW, torch's fused Adam/AdamW).
-- `unscale_and_check_`: one fused pass over all gradients (Triton on CUDA, the compiled op or
-  torch's foreach kernel on CPU).
+- Unscaling is one fused pass over all gradients, `fasttrain.ops.dispatch.unscale_and_check_`
+  (Triton on CUDA, the compiled op on CPU).
 - `cast_floating_params_`: bf16 weights for FusedAdamW(master_weights=True).
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ from collections import defaultdict
 from typing import Any, Iterable, Optional
 
 import torch
+
+from fasttrain.ops.dispatch import unscale_and_check_
 
 _READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
 # The scaler's device state; the names are also its state_dict keys (GradScaler's first two).
@@ -79,50 +81,7 @@ def cast_floating_params_(model: torch.nn.Module, dtype: torch.dtype = torch.bfl
     return model
 
 
-# ----------------------------------------------------------------------------- unscale
-def unscale_and_check_(grads: list[torch.Tensor], inv_scale: Optional[torch.Tensor],
-                       found_inf: torch.Tensor, backend: str = "auto") -> None:
-    """grads *= inv_scale in place (skipped when inv_scale is None) and found_inf = 1.0 if
-    any gradient holds an inf/NaN; never clears found_inf. All on found_inf's device.
-
-    backend: "auto" (Triton on CUDA, else the compiled op / torch), or force "triton"
-    (tests run it on CPU tensors under TRITON_INTERPRET=1), "ops" or "torch".
-    """
-    if backend not in ("auto", "triton", "ops", "torch"):
-        raise ValueError(f"backend={backend!r}; use 'auto', 'triton', 'ops' or 'torch'")
-    if backend == "auto":
-        backend = "triton" if found_inf.device.type == "cuda" else "ops"
-    strided = [g for g in grads if not g.is_contiguous()]
-    grads = [g for g in grads if g.is_contiguous()]
-    if backend == "triton" and grads:
-        try:
-            from fasttrain.kernels.unscale import unscale_and_check_ as triton_unscale_
-        except ImportError:  # no Triton on this platform: torch's foreach kernel below
-            strided += grads
-        else:
-            triton_unscale_(grads, inv_scale, found_inf)
-        grads = []
-    if backend == "ops" and grads:
-        try:
-            from fasttrain.ops import native as _ops
-        except ImportError:  # the compiled-ops loader is optional
-            strided += grads
-        else:
-            _ops.unscale_and_check_(grads, _or_one(inv_scale, found_inf), found_inf)
-        grads = []
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
-    for g in strided + grads:
-        by_dtype[g.dtype].append(g)
-    for group in by_dtype.values():
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf,
-                                                         _or_one(inv_scale, found_inf))
-
-
-def _or_one(inv_scale, like):
-    # Check only: the Triton kernel skips the writes; the other paths multiply by one.
-    return torch.ones_like(like) if inv_scale is None else inv_scale
-
-
+# ----------------------------------------------------------------------------- the scaler
 def _step_params(step) -> frozenset:
     """Names of the parameters `optimizer.step` accepts (cached per function)."""
     return _params_of(getattr(step, "__func__", step))
@@ -136,7 +95,6 @@ def _params_of(fn) -> frozenset:
         return frozenset()
 
 
-# ----------------------------------------------------------------------------- the scaler
 class DynamicLossScaler:
     """Dynamic loss scaling for fp16, a drop-in for `torch.amp.GradScaler`.
 
@@ -172,7 +130,6 @@ class DynamicLossScaler:
         self._state: Optional[dict[str, torch.Tensor]] = None
         self._per_optimizer: dict[int, dict[str, Any]] = {}
         self._last_found_inf: Optional[torch.Tensor] = None
-        self._unscale_backend = "auto"  # tests force "triton" to run the kernel on CPU
 
     @staticmethod
     def _validate(cfg: dict, scale: float) -> None:
@@ -260,7 +217,7 @@ class DynamicLossScaler:
                 local = found_inf if device == scale.device else torch.zeros_like(found_inf,
                                                                                    device=device)
                 inv = None if inv_scale is None else inv_scale.to(device, non_blocking=True)
-                unscale_and_check_(grads, inv, local, backend=self._unscale_backend)
+                unscale_and_check_(grads, inv, local)
                 if local is not found_inf:  # model parallel: gradients on several devices
                     found_inf = torch.maximum(found_inf, local.to(scale.device, non_blocking=True))
         return found_inf

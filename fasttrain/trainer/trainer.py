@@ -26,6 +26,7 @@ from fasttrain.data.columns import collate_or_explain, kept_columns, remove_unus
 from fasttrain.data.datasets import count_valid_labels, default_data_collator
 from fasttrain.distributed.sampler import ShardedSampler
 from fasttrain.trainer.metrics_log import MetricsLogger
+from fasttrain.ops.dispatch import clip_grad_norm_
 from fasttrain.optim.factory import build_optimizer, step_unless
 from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
@@ -281,7 +282,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
             self.scaler.unscale_(self.optimizer)
             flags.append(self.scaler.found_inf_flag())
         if args.max_grad_norm:
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, args.max_grad_norm)
+            self._grad_norm = clip_grad_norm_(self._trainable, args.max_grad_norm)
             if hasattr(self._grad_norm, "full_tensor"):  # FSDP: a replicated DTensor, no comm
                 self._grad_norm = self._grad_norm.full_tensor()
             flags.append(torch.isfinite(self._grad_norm).logical_not_().float())  # NaN loss -> NaN norm
