@@ -17,7 +17,7 @@ logger = logging.getLogger("fasttrain")
 class TrainerState:
     """The loop's progress, passed to every callback and saved as `trainer_state.json` in
     HuggingFace's layout (a file either trainer wrote loads in the other)."""
-    epoch: Optional[float] = None
+    epoch: Optional[float] = 0
     global_step: int = 0
     max_steps: int = 0
     logging_steps: int = 500

@@ -8,6 +8,7 @@ fails gets an error naming the columns it saw and the way out.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Callable, Optional
 
@@ -17,11 +18,15 @@ logger = logging.getLogger("fasttrain")
 LABEL_COLUMNS = ("label", "label_ids")
 
 
-def kept_columns(forward_args: Optional[set], label_names) -> Optional[set]:
-    """Names a batch may carry into `forward`; None when forward takes **kwargs (keep all)."""
-    if forward_args is None:
-        return None
-    return set(forward_args) | set(LABEL_COLUMNS) | set(label_names or ["labels"])
+def kept_columns(model, label_names) -> set:
+    """Names a dataset column may have to reach the model: the named parameters of its
+    forward (of the base model under PEFT), the label columns and `label_names`. As in HF,
+    a forward that also takes **kwargs keeps only its named parameters."""
+    if hasattr(model, "get_base_model"):  # a peft.PeftModel: the wrapped model's signature
+        model = model.get_base_model()
+    params = inspect.signature(model.forward).parameters.values()
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return named | set(LABEL_COLUMNS) | set(label_names or ["labels"])
 
 
 class _DropKeys:

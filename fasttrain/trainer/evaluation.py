@@ -121,7 +121,9 @@ class EvaluationMixin:
         preds, label_ids = [], []
         has_loss = False
         instruments = getattr(self, "_instruments", None)
+        n_batches = 0
         for batch in loader:
+            n_batches += 1
             batch = to_device(batch, self.device)
             if instruments is not None:
                 instruments.observe_batch(batch)
@@ -157,6 +159,7 @@ class EvaluationMixin:
         runtime = time.perf_counter() - start
         metrics[f"{metric_key_prefix}_runtime"] = runtime
         metrics[f"{metric_key_prefix}_samples_per_second"] = n_examples / max(runtime, 1e-9)
+        metrics[f"{metric_key_prefix}_steps_per_second"] = n_batches / max(runtime, 1e-9)
         return PredictionOutput(predictions, labels_all, metrics)
 
     def _update_best(self, metrics: dict) -> bool:

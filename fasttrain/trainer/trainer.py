@@ -167,7 +167,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
     def _remove_unused_columns(self, dataset, description: str):
         if not self.args.remove_unused_columns:
             return dataset
-        keep = kept_columns(self._forward_args, self.args.label_names)
+        keep = kept_columns(self.model, self.args.label_names)
         return remove_unused_columns(dataset, keep, description, type(self.model).__name__)
 
     def _collate(self, features):
