@@ -175,10 +175,6 @@ class BucketedDDP(nn.Module):
             if param.grad is not view:
                 param.grad = view
 
-    def zero_grad_buffers(self) -> None:
-        """The Trainer's name for `zero_grad()`: zero the buffers, keep `.grad` as views."""
-        self.zero_grad()
-
     @property
     def bucket_indices(self) -> list[tuple[int, ...]]:
         """The current plan: parameter indices (registration order) per bucket, in launch order."""

@@ -74,7 +74,9 @@ def _torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, master_params, state_ste
     params), then the rounded weights back into half params."""
     if found_inf is not None:
         found_inf = found_inf.reshape(())
-    torch._foreach_add_(state_steps, 1.0 if found_inf is None else 1.0 - found_inf)
+    torch._foreach_add_(state_steps, 1.0)
+    if found_inf is not None:  # the List overload: a 0-d tensor operand would be read on the host
+        torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
     weights = list(master_params) or [p if p.dtype == torch.float32 else p.float()
                                       for p in params]
     grads32 = [g if g.dtype == torch.float32 else g.float() for g in grads]

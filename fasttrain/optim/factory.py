@@ -1,13 +1,11 @@
 """Build the optimizer named by `TrainingArguments.optim`.
 
 Parameter groups follow HF: weight decay on every parameter of 2 or more dimensions, none
-on biases and norm weights. Optimizers that accept a tensor LR get one on the parameters'
+on biases and norm weights; with weight_decay=0 that split changes nothing, so there is one
+group (half the optimizer launches per step). Optimizers that accept a tensor LR get one on the parameters'
 device, so the LR schedule updates it in place with no host synchronisation.
 """
 from __future__ import annotations
-
-import functools
-import inspect
 
 import torch
 
@@ -22,6 +20,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters (every requires_grad is False); "
                          "unfreeze at least one parameter")
+    if weight_decay == 0.0:  # one group: every per-group launch of the optimizer happens once
+        return [{"params": decay + no_decay, "weight_decay": 0.0}]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
@@ -39,33 +39,11 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     if args.optim == "adamw_torch_fused":
         return torch.optim.AdamW(groups, lr=lr_tensor, betas=betas, eps=args.adam_epsilon, fused=True)
     if args.optim == "adamw_torch":
-        return torch.optim.AdamW(groups, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon)
+        # capturable keeps its step counters on the GPU (the default reads each on the host);
+        # torch allows it on accelerators only, so on the CPU it reads one per parameter
+        capturable = device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=lr_tensor if capturable else args.learning_rate, betas=betas,
+                                 eps=args.adam_epsilon, capturable=capturable)
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate)
     raise ValueError(f"unknown optim {args.optim!r}")
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_found_inf(cls) -> bool:
-    return "found_inf" in inspect.signature(cls.step).parameters
-
-
-def step_unless(optimizer, found_inf) -> None:
-    """optimizer.step(), skipped when `found_inf` (0-d float on the device) is nonzero.
-
-    FusedAdamW takes the flag as an argument and torch's fused Adam(W) reads it from the
-    attribute GradScaler uses; neither synchronises. Any other optimizer needs the flag on
-    the host.
-    """
-    if found_inf is None:
-        optimizer.step()
-    elif _takes_found_inf(type(optimizer)):
-        optimizer.step(found_inf=found_inf)
-    elif getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.grad_scale, optimizer.found_inf = None, found_inf.reshape(())
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf
-    elif not bool(found_inf):  # sync: optimizers that cannot skip on a device flag
-        optimizer.step()

@@ -68,13 +68,16 @@ def get_multiplier(name: str, num_warmup_steps: int, num_training_steps: int,
 
 
 class LRScheduler:
-    """Drives `optimizer.param_groups[i]['lr'] = base_lr[i] * m(step)`.
+    """Drives `optimizer.param_groups[i]['lr'] = base_lr[i] * m(position)`, where the
+    position is the number of optimizer steps taken that were not skipped.
 
-    The whole schedule is tabulated once (groups x steps, a few KB), so a step costs an
-    index and a copy. Device mode (every group's lr is a tensor): the step counter, the
-    table and the LRs stay on the device and are updated in place. Host mode: python
-    floats, as torch's schedulers do. Interface of torch's schedulers: step(),
-    get_last_lr(), state_dict(), load_state_dict().
+    The whole schedule is tabulated once (groups x steps, a few KB). Device mode (every
+    group's lr is a tensor): the skipped-step counter, the table and the LRs stay on the
+    device; a step costs four small ops (count the flag, position = steps - skipped, to an
+    index, index_select into the LR in place) and no host read. The counter `skipped` is the
+    run's one count of skipped steps (the Trainer logs it). Host mode: python floats, as
+    torch's schedulers do. Interface of torch's schedulers: step(), get_last_lr(),
+    state_dict(), load_state_dict().
     """
 
     def __init__(self, optimizer, multiplier: Multiplier, num_training_steps: int):
@@ -88,48 +91,66 @@ class LRScheduler:
         steps = torch.arange(num_training_steps + 1, dtype=torch.float64)
         mult = multiplier(steps)
         self.table = torch.stack([mult * base for base in self.base_lrs]).float().to(device)  # (G, S+1)
-        # the counter never passes num_training_steps (the loop stops there), so no clamp
-        self.step_count = torch.zeros((), dtype=torch.float32, device=device)
-        self._host_step = 0
+        self.skipped = torch.zeros(1, dtype=torch.float32, device=device)  # (1,): indexes as is
+        self._host_step = 0  # steps taken, skipped ones included
+        self._host_skipped = 0  # host mode only
+        self._targets = self._lr_targets() if self.device_mode else []
         self._apply()
+
+    def _lr_targets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(table row, (1,) view of the LR tensor) per distinct LR tensor: groups built
+        together share one, written once."""
+        targets, seen = [], set()
+        for i, g in enumerate(self.optimizer.param_groups):
+            if id(g["lr"]) not in seen:
+                seen.add(id(g["lr"]))
+                targets.append((self.table[i], g["lr"].view(1)))
+        return targets
 
     def _apply(self):
         last = self.table.shape[1] - 1
         if self.device_mode:
-            lrs = self.table[:, self.step_count.long()]  # (G,)
-            done = set()
-            for i, g in enumerate(self.optimizer.param_groups):
-                if id(g["lr"]) not in done:  # groups built together share one LR tensor
-                    g["lr"].copy_(lrs[i])
-                    done.add(id(g["lr"]))
+            # an index built on the device (indexing with a 0-d tensor would read it on the
+            # host: aten._local_scalar_dense); the loop never passes num_training_steps
+            index = torch.rsub(self.skipped, min(self._host_step, last)).long()
+            for row, lr in self._targets:
+                torch.index_select(row, 0, index, out=lr)
         else:
-            column = self.table[:, min(self._host_step, last)].tolist()  # a CPU tensor: no sync
+            column = self.table[:, min(self._host_step - self._host_skipped, last)].tolist()  # CPU: no sync
             for g, lr in zip(self.optimizer.param_groups, column):
                 g["lr"] = lr
 
     def step(self, skipped: Optional[torch.Tensor] = None):
         """Advance one optimizer step; `skipped` (0-d, 1 = the step was skipped) keeps the
         schedule where it is, without reading the flag on the host in device mode."""
-        if skipped is None:
-            self.step_count += 1
-            self._host_step += 1
-        elif self.device_mode:
-            self.step_count.add_(1).sub_(skipped.reshape(()))
-        else:
-            self._host_step += 1 - int(skipped)  # sync: only host-LR optimizers reach here
-            self.step_count.fill_(self._host_step)
+        self._host_step += 1
+        if skipped is not None:
+            if self.device_mode:
+                self.skipped.add_(skipped)
+            else:
+                self._host_skipped += int(skipped)  # sync: only host-LR optimizers reach here
+                self.skipped.fill_(self._host_skipped)
         self._apply()
+
+    @property
+    def step_count(self) -> int:
+        """Schedule position: steps taken and not skipped (a host read in device mode)."""
+        return self._host_step - int(self.skipped.item())  # sync: checkpoint / inspection only
 
     def get_last_lr(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]  # sync: logging only
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count.detach().cpu().clone(), "base_lrs": list(self.base_lrs)}
+        skipped = int(self.skipped.item())  # sync: checkpoint only
+        return {"step_count": torch.tensor(float(self._host_step - skipped)), "skipped": skipped,
+                "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count.copy_(state["step_count"])
-        self._host_step = int(state["step_count"])
         if list(state["base_lrs"]) != self.base_lrs:
             raise ValueError(f"the checkpoint's base learning rates {state['base_lrs']} differ from this "
                              f"run's {self.base_lrs}; resume with the same learning_rate")
+        skipped = int(state.get("skipped", 0))  # absent before skipped steps were counted here
+        self._host_step = int(state["step_count"]) + skipped
+        self._host_skipped = skipped
+        self.skipped.fill_(skipped)
         self._apply()

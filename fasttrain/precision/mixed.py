@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from collections import defaultdict
 from typing import Any, Iterable, Optional
 
 import torch
 
 from fasttrain.ops.dispatch import unscale_and_check_
+from fasttrain.optim.skip import flag_interface, step_skipping
 
 _READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
 # The scaler's device state; the names are also its state_dict keys (GradScaler's first two).
@@ -82,19 +81,6 @@ def cast_floating_params_(model: torch.nn.Module, dtype: torch.dtype = torch.bfl
 
 
 # ----------------------------------------------------------------------------- the scaler
-def _step_params(step) -> frozenset:
-    """Names of the parameters `optimizer.step` accepts (cached per function)."""
-    return _params_of(getattr(step, "__func__", step))
-
-
-@functools.lru_cache(maxsize=64)
-def _params_of(fn) -> frozenset:
-    try:
-        return frozenset(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return frozenset()
-
-
 class DynamicLossScaler:
     """Dynamic loss scaling for fp16, a drop-in for `torch.amp.GradScaler`.
 
@@ -256,31 +242,10 @@ class DynamicLossScaler:
 
     @staticmethod
     def _amp_interface(optimizer) -> frozenset:
-        """How the optimizer takes grad_scale/found_inf: {'kwargs', 'grad_scale'?} for
-        fasttrain's FusedAdamW, {'attrs', 'grad_scale'} for torch's fused optimizers, {}."""
-        if not getattr(optimizer, "_step_supports_amp_scaling", False):
-            return frozenset()
-        params = _step_params(optimizer.step)
-        if "found_inf" in params:
-            return frozenset({"kwargs"} | ({"grad_scale"} & params))
-        return frozenset({"attrs", "grad_scale"})
+        return flag_interface(optimizer)
 
     def _optimizer_step(self, optimizer, grad_scale, found_inf, args, kwargs):
-        interface = self._amp_interface(optimizer)
-        if found_inf is None:
-            return optimizer.step(*args, **kwargs)
-        if "kwargs" in interface:
-            extra = {"grad_scale": grad_scale} if grad_scale is not None else {}
-            return optimizer.step(*args, found_inf=found_inf, **extra, **kwargs)
-        if "attrs" in interface:
-            optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
-            try:
-                return optimizer.step(*args, **kwargs)
-            finally:
-                del optimizer.grad_scale, optimizer.found_inf
-        if found_inf.item() == 0:  # sync: optimizer cannot skip on a device flag
-            return optimizer.step(*args, **kwargs)
-        return None
+        return step_skipping(optimizer, found_inf, grad_scale, *args, **kwargs)
 
     def update(self, new_scale=None) -> None:
         """Advance the scale from this iteration's overflow flags, on the device, no sync.

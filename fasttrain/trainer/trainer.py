@@ -26,8 +26,9 @@ from fasttrain.data.columns import collate_or_explain, kept_columns, remove_unus
 from fasttrain.data.datasets import count_valid_labels, default_data_collator
 from fasttrain.distributed.sampler import ShardedSampler
 from fasttrain.trainer.metrics_log import MetricsLogger
-from fasttrain.ops.dispatch import clip_grad_norm_
-from fasttrain.optim.factory import build_optimizer, step_unless
+from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm
+from fasttrain.optim.factory import build_optimizer
+from fasttrain.optim.skip import flag_interface, step_skipping, takes_grad_scale
 from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
 from fasttrain.optim.schedules import LRScheduler, get_multiplier
@@ -42,6 +43,16 @@ from fasttrain.trainer.utils import (LogWindow, TrainOutput, dataset_len, extrac
 from fasttrain.training_args import TrainingArguments
 
 logger = logging.getLogger("fasttrain")
+
+
+def _nonfinite(value: torch.Tensor) -> torch.Tensor:
+    """0-d fp32 flag on the device, 1.0 when `value` is inf or NaN (x*0 is NaN exactly then),
+    in two ops and no host read."""
+    return torch.nan_to_num(value.float() * 0, nan=1.0)
+
+
+def _either(flag: Optional[torch.Tensor], other: torch.Tensor) -> torch.Tensor:
+    return other if flag is None else torch.maximum(flag, other)
 
 
 class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
@@ -197,9 +208,10 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
                     "or make the model return a loss (an object with .loss, a dict with 'loss', or "
                     "a tuple whose first item is the loss)")
             loss = loss.float()
-            if labels is None:
+            if labels is None or num_items_in_batch is None:
+                # no labels, or one micro-batch on one rank: the model's own mean is exact
                 return (loss, outputs) if return_outputs else loss
-            count = count_valid_labels(labels, self._label_shift)
+            count = self._valid_tokens(labels)
             # a mean over zero tokens is NaN; its weight is zero, so it contributes nothing
             loss_sum = torch.where(count > 0, loss * count, torch.zeros_like(loss))
         denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
@@ -235,77 +247,118 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
 
     def training_step(self, batches: list) -> torch.Tensor:
         """One optimizer step over the micro-batches in `batches`; returns the step's mean
-        loss as a device tensor (never read here)."""
+        loss as a device tensor (never read here; it may still reference the freed autograd
+        graph: detach it before keeping it)."""
         model = self.model_wrapped
-        num_items = self._step_token_count(batches)
+        batches = [to_device(b, self.device) for b in batches]  # labels are counted on the device
+        has_labels = all(self._labels(b) is not None for b in batches)
+        num_items = self._step_token_count(batches) if has_labels else None
+        world = self.dist.world_size
         step_loss = None
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with self.dist.no_sync(model, enabled=not last):
-                batch = to_device(batch, self.device)
                 self._instruments.observe_batch(batch)
                 with self._instruments.phase("forward"), self._autocast():
                     loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
-                world = self.dist.world_size
-                if num_items is None:
+                if not has_labels:
                     # No labels: the model's own mean, averaged over micro-batches; the gradient
                     # sync averages it over ranks, and the logged window sums ranks, so / world.
-                    loss = loss / len(batches)
-                    scaled, logged = loss, loss.detach() / world
+                    loss = loss / len(batches) if len(batches) > 1 else loss
+                    scaled, logged = loss, (loss.detach() / world if world > 1 else loss.detach())
                 else:
                     # Every rank divides by the global token count; the gradient sync averages
                     # over ranks, so multiply back by the world size: global sum / count.
-                    scaled, logged = (loss * world if world > 1 else loss), loss.detach()
+                    # One micro-batch on one rank: the loss itself (no detach op); everything
+                    # that reads step_loss runs under no_grad.
+                    scaled = loss * world if world > 1 else loss
+                    logged = loss if len(batches) == 1 else loss.detach()
                 step_loss = logged if step_loss is None else step_loss + logged
                 scaled = self.scaler.scale(scaled) if self.scaler is not None else scaled
                 with self._instruments.phase("backward"):
                     scaled.backward()
             if not last:
                 self._event("on_substep_end")
-        with self._instruments.phase("optimizer"):
+        self._step_counts = {}
+        with self._instruments.phase("optimizer"), torch.no_grad():
             self._optimizer_step(step_loss)
         return step_loss
 
     def _step_token_count(self, batches: list) -> Optional[torch.Tensor]:
-        labels = [self._labels(b) for b in batches]
-        if any(lab is None for lab in labels):
+        """Valid label tokens of the whole optimizer step over all ranks, on the device (no
+        host read), or None for one micro-batch on one rank: the model's mean is then exact
+        as it is, and nothing needs counting. Each micro-batch is counted once; compute_loss
+        reuses the count."""
+        if len(batches) == 1 and not self.dist.enabled:
             return None
-        local = sum(int(count_valid_labels(lab, self._label_shift)) for lab in labels)  # host data
-        return self.dist.all_reduce_sum(torch.tensor(float(local), device=self.device))
+        self._step_counts = {}
+        total = sum(self._valid_tokens(self._labels(b)) for b in batches)
+        return self.dist.all_reduce_sum(total)
+
+    def _valid_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        counts = getattr(self, "_step_counts", None)
+        if counts is None:
+            counts = self._step_counts = {}
+        count = counts.get(id(labels))
+        if count is None:
+            count = counts[id(labels)] = count_valid_labels(labels, self._label_shift)
+        return count
 
     def _optimizer_step(self, step_loss: torch.Tensor) -> None:
         """Unscale, clip and step, skipping on a device-side flag: overflow (fp16), a
         non-finite gradient norm or a non-finite loss. Nothing here reads the flag."""
         args = self.args
-        flags = []
+        found_inf = grad_scale = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-            flags.append(self.scaler.found_inf_flag())
+            found_inf = self.scaler.found_inf_flag()
         if args.max_grad_norm:
-            self._grad_norm = clip_grad_norm_(self._trainable, args.max_grad_norm)
-            if hasattr(self._grad_norm, "full_tensor"):  # FSDP: a replicated DTensor, no comm
-                self._grad_norm = self._grad_norm.full_tensor()
-            flags.append(torch.isfinite(self._grad_norm).logical_not_().float())  # NaN loss -> NaN norm
+            self._grad_norm, grad_scale = self._clip()
+            found_inf = _either(found_inf, _nonfinite(self._grad_norm))  # NaN loss -> NaN norm
         loss_bad = None
         if not args.max_grad_norm or args.nonfinite_loss_policy == "stop":
-            loss_bad = torch.isfinite(step_loss).logical_not_().float()
-            flags.append(loss_bad)
-        found_inf = flags[0] if len(flags) == 1 else torch.stack(flags).amax()
+            loss_bad = _nonfinite(step_loss)
+            found_inf = _either(found_inf, loss_bad)
         self._event("on_pre_optimizer_step")
         if self.scaler is not None:
             self.scaler.step(self.optimizer, found_inf=found_inf)
             self.scaler.update()
         else:
-            step_unless(self.optimizer, found_inf)
+            if found_inf is not None and not flag_interface(self.optimizer):
+                # foreach/for-loop AdamW, SGD: they cannot skip on a device flag, so read it
+                # once here and hand the number to both the optimizer and the schedule
+                found_inf = float(found_inf)  # sync: optimizers without a device skip flag
+            step_skipping(self.optimizer, found_inf, grad_scale)
         self._event("on_optimizer_step")
         if isinstance(self.lr_scheduler, LRScheduler):
             self.lr_scheduler.step(skipped=found_inf)
         else:
             self.lr_scheduler.step()
-        self._skipped += found_inf
+        if not self._schedule_counts_skips:  # else the schedule counted it, in self._skipped
+            self._skipped += found_inf
         if loss_bad is not None and args.nonfinite_loss_policy == "stop":
             self._nonfinite_run = (self._nonfinite_run + 1) * loss_bad
         self.dist.zero_grad(self.model_wrapped, self.optimizer)
+
+    def _clip(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(total gradient norm, divisor for the optimizer or None). An optimizer that divides
+        the gradients by a device scalar inside its update (torch's fused AdamW, FusedAdamW)
+        gets the clipping factor that way: no pass over the gradients, and the same update as
+        clip_grad_norm_ (max_norm / (norm + 1e-6), at most 1) up to rounding. Callbacks then
+        see the gradients unclipped."""
+        max_norm = self.args.max_grad_norm
+        if self.scaler is not None or not takes_grad_scale(self.optimizer) or self._sharded:
+            norm = clip_grad_norm_(self._trainable, max_norm)
+            if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor, no comm
+                norm = norm.full_tensor()
+            return norm, None
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        norm = grad_norm(grads)
+        if self._clip_offset is None or self._clip_offset.device != norm.device:
+            self._clip_offset = torch.full((), 1e-6 / max_norm, device=norm.device)
+        # (norm + 1e-6) / max_norm, at least 1: one op with a constant built once
+        divisor = torch.add(self._clip_offset, norm, alpha=1.0 / max_norm).clamp_(min=1.0)
+        return norm, divisor
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume_from_checkpoint=None, **kwargs):
@@ -344,10 +397,15 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         st.max_steps, st.num_train_epochs = max_steps, num_epochs
         st.compute_steps(args, max_steps)
         st.train_batch_size = args.per_device_train_batch_size
-        self._skipped = torch.zeros((), device=self.device)
+        # one count of skipped steps: the LR schedule's when it is ours (it holds the LR on them)
+        self._schedule_counts_skips = isinstance(self.lr_scheduler, LRScheduler) and self.lr_scheduler.device_mode
+        self._skipped = (self.lr_scheduler.skipped.view(()) if self._schedule_counts_skips
+                         else torch.zeros((), device=self.device))
+        self._clip_offset = None
         self._nonfinite_run = torch.zeros((), device=self.device)
         self._grad_norm = None
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._sharded = any(hasattr(p, "full_tensor") for p in self._trainable)  # FSDP DTensors
         self._window = LogWindow(self.device)
         self._loss_total, self._loss_steps = 0.0, 0  # host sums of the logged windows (train_loss)
         self._samples_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps

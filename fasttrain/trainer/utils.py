@@ -124,7 +124,7 @@ def uses_label_shift(model: torch.nn.Module) -> bool:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    non_blocking = device.type == "cuda"
+    non_blocking = device.type != "cpu"  # from pinned memory (the loader pins on a GPU)
     return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
 
@@ -162,6 +162,7 @@ class LogWindow:
         self.tokens = 0
         self.t0 = time.perf_counter()
 
+    @torch.no_grad()
     def add(self, step_loss, grad_norm, tokens: int = 0):
         self.loss += step_loss
         if grad_norm is not None:
