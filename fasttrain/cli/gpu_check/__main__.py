@@ -1,0 +1,5 @@
+import sys
+
+from fasttrain.cli.gpu_check.runner import main
+
+sys.exit(main())

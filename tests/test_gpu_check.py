@@ -1,0 +1,125 @@
+"""gpu_check (fasttrain/cli/gpu_check): its CPU dry run, its JSON schema, part isolation,
+and that part 2 covers every Triton kernel and every fasttrain:: op, discovered, not listed."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fasttrain.cli.gpu_check import inventory, runner
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """One CPU run of the whole script, as CI runs it (no GPU here: a dry run)."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "gpu_check.json").read_text())
+
+
+def test_dry_run_writes_the_schema_and_every_part_runs_or_says_why_not(dry_run):
+    out, report = dry_run
+    assert report["schema"] == runner.SCHEMA and report["device"] == "cpu"
+    assert list(report["parts"]) == runner.PART_NAMES + ["results_size"]
+    for name, part in report["parts"].items():
+        assert part["status"] in runner.STATUSES, (name, part)
+        # error/timeout would mean the check itself broke: on CPU each part runs its proxy
+        # to the end (pass or fail are both findings) or says why it cannot run here
+        assert part["status"] not in ("error", "timeout"), (name, part)
+        assert isinstance(part["seconds"], float) and part["seconds"] <= part["limit_s"] + 30
+        if part["status"] != "pass":
+            assert part.get("reason"), (name, part)
+        if part["status"] == "skipped":
+            assert part["reason"].startswith("skipped: "), (name, part)
+    gpu_only = {name for name, _, _, only in runner.PARTS if only}
+    assert all(report["parts"][n]["reason"].startswith("skipped: no GPU") for n in gpu_only)
+    # the CPU proxies really ran
+    assert report["parts"]["distributed"]["backend"] == "gloo"
+    assert report["parts"]["host_sync"]["method"].startswith("host-read count")
+    assert report["parts"]["environment"]["versions"]["torch"]
+    summary = (out / "summary.txt").read_text()
+    assert all(name in summary for name in report["parts"])
+    assert report["parts"]["results_size"]["status"] == "pass"
+    assert report["results_bytes"] < runner.RESULTS_LIMIT_BYTES
+    assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) == report["results_bytes"]
+
+
+def test_every_kernel_and_op_has_a_kernel_case(dry_run):
+    """A new Triton kernel or fasttrain:: op without a `kernel_cases` test fails here; so does
+    a case naming something that no longer exists."""
+    out, report = dry_run
+    cases = json.loads((out / "kernel_cases.json").read_text())
+    claimed = {name for case in cases.values() for name in case["covers"]}
+    found = inventory.everything()
+    known = set(found["triton"]) | set(found["ops"])
+    assert found["triton"] and found["ops"]
+    assert known - claimed == set(), f"no kernel_cases test covers {sorted(known - claimed)}"
+    assert claimed - known == set(), f"kernel_cases name unknown kernels/ops {sorted(claimed - known)}"
+    assert report["parts"]["correctness"]["uncovered"] == []
+
+
+def test_inventory_finds_a_new_csrc_op(tmp_path):
+    (tmp_path / "csrc" / "cuda").mkdir(parents=True)
+    (tmp_path / "csrc" / "cuda" / "new.cpp").write_text(textwrap.dedent('''
+        TORCH_LIBRARY_FRAGMENT(fasttrain, m) {
+          m.def(
+              "fancy_norm_(Tensor(a!)[] xs, float p) -> ()");
+          m.def("version() -> str");
+        }'''))
+    assert inventory.csrc_ops(tmp_path) == ["fasttrain::fancy_norm_"]
+    assert set(inventory.csrc_ops()) >= {"fasttrain::adamw_", "fasttrain::grad_norm"}
+
+
+def test_inventory_finds_a_new_triton_kernel(tmp_path, monkeypatch):
+    import importlib.util
+
+    from fasttrain.kernels import _compile_check as cc
+
+    src = tmp_path / "newop.py"
+    src.write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _helper(x):
+            return x * 2
+
+        @triton.jit
+        def _newop_kernel(x_ptr, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(x_ptr + offs, _helper(tl.load(x_ptr + offs)))
+        '''))
+    spec = importlib.util.spec_from_file_location("fasttrain.kernels.newop", src)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(cc, "kernel_modules", lambda names=None: [module])
+    assert inventory.triton_kernels() == ["newop._newop_kernel"]  # the helper rides along
+
+
+def test_a_hanging_part_is_cut_at_its_limit_and_says_so(tmp_path, monkeypatch):
+    (tmp_path / "logs").mkdir()
+    monkeypatch.setattr(runner, "worker_command",
+                        lambda *a: [sys.executable, "-c", "import time; time.sleep(120)"])
+    result = runner.run_part("stuck", "environment", 2.0, tmp_path)
+    assert result["status"] == "timeout" and result["seconds"] < 30
+    assert "after 2 s" in result["reason"]
+
+
+def test_a_crashing_part_reports_error_with_the_traceback(tmp_path):
+    (tmp_path / "logs").mkdir()
+    result = runner.run_part("broken", "environment:no_such_function", 120.0, tmp_path)
+    assert result["status"] == "error" and "no_such_function" in result["reason"]
+    assert "Traceback" in result["traceback"]
+
+
+def test_bad_part_name_is_named():
+    proc = subprocess.run([sys.executable, "-m", "fasttrain.cli.gpu_check", "/tmp/unused",
+                           "--parts", "environment,speed"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "unknown part(s) ['speed']" in proc.stderr
