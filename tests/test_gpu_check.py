@@ -1,6 +1,7 @@
 """gpu_check (fasttrain/cli/gpu_check): its CPU dry run, its JSON schema, part isolation,
 and that part 2 covers every Triton kernel and every fasttrain:: op, discovered, not listed."""
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -123,3 +124,41 @@ def test_bad_part_name_is_named():
                            "--parts", "environment,speed"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "unknown part(s) ['speed']" in proc.stderr
+
+
+# The speed code runs on the GPU only in gpu_check; here it runs at toy sizes on CPU so that
+# what the GPU will execute has at least run once (figures are not checked: timing-free).
+def test_speed_adamw_code_runs_at_toy_size():
+    from fasttrain.cli.gpu_check import speed
+
+    assert sum(math.prod(s) for s in speed.gpt2_small_shapes()) == 124_475_904
+    r = speed.adamw_figures([(64, 32), (33,), (1,)], repeats=2)
+    assert r["params"] == 64 * 32 + 34 and r["bytes_per_step"] == 28 * r["params"]
+    assert set(r["seconds"]) == {"fasttrain", "torch_fused"}
+    assert r["hbm_bytes_per_s_peak"] is None and r["fasttrain_fraction_of_peak"] is None
+
+
+def test_speed_linear_cross_entropy_code_runs_at_toy_size():
+    import torch
+
+    from fasttrain.cli.gpu_check import speed
+
+    r = speed.linear_cross_entropy_figures(64, 32, 512, torch.float32, repeats=2)
+    assert r["floor_bytes"] == (512 * 32 + 64 * 32) * 4
+    assert r["seconds"]["fused"]["n"] == 2 and r["peak_bytes_above_inputs"]["fused"] is None
+
+
+def test_speed_trainer_runs_at_toy_size(tmp_path):
+    import time
+
+    from fasttrain.cli.gpu_check import speed
+
+    r = speed.step_overhead_figures(16, steps=8, warmup=3, outdir=str(tmp_path))
+    assert r["steps_timed"] == 5 and r["fasttrain_s_per_step"] > 0 and r["hand_loop_s_per_step"] > 0
+    ctx = {"outdir": str(tmp_path), "deadline": time.time() + 600}
+    size = dict(n_layer=1, n_embd=32, n_head=2, vocab=50257, block=16)
+    r = speed.end_to_end_figures(ctx, size, batch=2, seq=16, steps=4, warmup=2, min_seconds_per_run=1)
+    assert set(r["runs"]) == {"fasttrain", "hf_trainer"} and r["fasttrain_over_hf_tokens_per_s"] > 0
+    assert r["runs"]["fasttrain"]["mfu"] is None  # no peak is known for a CPU: never guessed
+    assert not (tmp_path / "speed_end_to_end.partial.json").exists()
+

@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 
 from fasttrain.cli.gpu_check.common import NO_GPU, has_gpu, seconds_left, skipped
-from fasttrain.cli.gpu_check.inventory import REPO_ROOT, everything
+from fasttrain.cli.gpu_check.inventory import REPO_ROOT, everything, on_cuda
 
 CASES_FILE = "kernel_cases.json"
 
@@ -111,17 +111,20 @@ def run(ctx: dict) -> dict:
                        f"{len(counts)} kernels/ops; uncovered: {missing or 'none'}")
     cases, output, code = run_cases("cuda", ctx["outdir"], collect_only=False,
                                     timeout=seconds_left(ctx, reserve=5))
-    counts = per_name(cases, inventory)
+    expected = on_cuda(inventory)
+    cpu_only = expected.pop("cpu_only")
+    counts = per_name(cases, expected)
     bad = sorted(n for n, c in counts.items() if c.get("failed") or c.get("error")
                  or c.get("not run"))
-    unexercised = sorted(n for n, c in counts.items() if not c.get("passed"))
+    unexercised = sorted(n for n, c in counts.items() if not c.get("passed") and n not in cpu_only)
     outcomes = defaultdict(int)
     for case in cases.values():
         outcomes[case["outcome"]] += 1
     failures = {k: v.get("message", "")[-800:] for k, v in cases.items()
                 if v["outcome"] in ("failed", "error")}
     status = "pass" if not bad and not unexercised and code == 0 else "fail"
-    return {"status": status, "inventory": inventory, "outcomes": dict(outcomes),
+    return {"status": status, "inventory": inventory, "cpu_only_ops": cpu_only,
+            "outcomes": dict(outcomes),
             "per_kernel": counts, "failing": bad, "without_a_passing_case": unexercised,
             "failures": dict(list(failures.items())[:20]), "pytest_exit_code": code,
             "pytest_output_tail": output,

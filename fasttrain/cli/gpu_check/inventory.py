@@ -17,6 +17,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 _DEF_RE = re.compile(r'm\.def\(\s*"(\w+)\(([^"]*)\)')
+_IMPL_RE = re.compile(r'm\.impl\(\s*"(\w+)"')
 
 
 def triton_kernels() -> list[str]:
@@ -45,6 +46,15 @@ def csrc_ops(root: Path = REPO_ROOT) -> list[str]:
     return sorted(names)
 
 
+def cuda_csrc_ops(root: Path = REPO_ROOT) -> list[str]:
+    """The csrc/ ops with a CUDA kernel (m.impl in csrc/cuda/); the rest are CPU-only and on a
+    GPU their cases skip (fasttrain.ops.dispatch runs another implementation there)."""
+    names = set()
+    for path in (root / "csrc" / "cuda").rglob("*.cpp"):
+        names.update(f"fasttrain::{n}" for n in _IMPL_RE.findall(path.read_text()))
+    return sorted(names)
+
+
 def registered_ops() -> list[str]:
     """fasttrain:: ops registered in this process that take a tensor (after importing the
     kernels and loading the compiled library where it exists)."""
@@ -65,3 +75,11 @@ def registered_ops() -> list[str]:
 
 def everything() -> dict[str, list[str]]:
     return {"triton": triton_kernels(), "ops": sorted(set(csrc_ops()) | set(registered_ops()))}
+
+
+def on_cuda(found: dict[str, list[str]]) -> dict[str, list[str]]:
+    """What must pass on a GPU: every Triton kernel, the custom ops of kernels/, and the csrc
+    ops with a CUDA kernel; plus the CPU-only csrc ops, listed apart."""
+    cpu_only = sorted(set(csrc_ops()) - set(cuda_csrc_ops()))
+    return {"triton": found["triton"], "ops": sorted(set(found["ops"]) - set(cpu_only)),
+            "cpu_only": cpu_only}

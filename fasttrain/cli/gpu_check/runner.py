@@ -91,15 +91,19 @@ def run_part(name: str, target: str, limit_s: float, outdir: Path) -> dict:
             proc.wait()
     seconds = time.monotonic() - start
     _tail(log_path)
+    partial_path = outdir / f"{name}.partial.json"  # what a part measured before it was cut
     if result_path.is_file():
         result = json.loads(result_path.read_text())
         result_path.unlink()
     elif seconds >= limit_s:
         result = {"status": "timeout", "reason": f"timeout: still running after {limit_s:.0f} s "
                   f"(see logs/{name}.log)"}
+        if partial_path.is_file():
+            result["partial"] = json.loads(partial_path.read_text())
     else:
         result = {"status": "error", "reason": f"the worker exited with code {proc.returncode} "
                   f"and no result (see logs/{name}.log)"}
+    partial_path.unlink(missing_ok=True)
     if result.get("status") not in STATUSES:
         result = {"status": "error", "reason": f"part returned status {result.get('status')!r}",
                   "returned": result}
