@@ -1,116 +1,310 @@
 """TrainingArguments: the HuggingFace field names with the HuggingFace meaning.
 
-Every value is validated in `__post_init__`, before any work starts; an invalid value
-raises `ValueError` naming the field, the bad value and what is accepted.
+Every field of transformers 5.24's TrainingArguments is accepted, plus fasttrain's own
+(grouped last). Each value is validated in `__post_init__`, before any work starts; an
+invalid value raises `ValueError` naming the field, the bad value and what to set instead.
+A field that cannot apply here (uploading to the Hub, DeepSpeed) is rejected the same way
+when set to anything but its default; none is silently ignored.
+
+Value conversion lives here, in one place: JSON strings of dict fields, `warmup_steps` as a
+ratio below 1, `report_to="none"`, the `gradient_checkpointing*` aliases. Annotations use
+`Optional[list[str]]`-style types so `transformers.HfArgumentParser` can build flags.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from datetime import timedelta
+from typing import Any, Literal, Optional, Union
 
 SCHEDULER_TYPES = (
-    "linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup",
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
     "warmup_stable_decay",
 )
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "fasttrain_adamw", "sgd")
 STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 REPORT_TARGETS = ("none", "tensorboard", "jsonl", "all")
+HF_ONLY_REPORT_TARGETS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive",
+                          "flyte", "kubeflow", "mlflow", "neptune", "swanlab", "trackio", "wandb")
 NONFINITE_POLICIES = ("skip", "stop")
-DDP_BACKENDS = ("fasttrain", "torch")
+DDP_BACKENDS = ("fasttrain", "torch", "nccl", "gloo")  # nccl/gloo: fasttrain's DDP on that group
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR, "critical": logging.CRITICAL, "passive": -1}
+HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
+TOKENS_SEEN_MODES = ("no", "all", "non_padding")
+SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length", "batch_rebalance")
+_FLAG = {"nargs": "?", "const": True}  # HfArgumentParser: `--name` alone means True
+METRIC_INPUTS = ("inputs", "loss")
+ACCELERATOR_CONFIG_DEFAULTS = {  # accelerate's AcceleratorConfig, as fasttrain already behaves
+    "split_batches": False, "dispatch_batches": None, "even_batches": True,
+    "use_seedable_sampler": True, "non_blocking": False, "gradient_accumulation_kwargs": None,
+    "use_configured_state": False,
+}
+DICT_FIELDS = ("lr_scheduler_kwargs", "gradient_checkpointing_kwargs",
+               "activation_checkpointing_kwargs", "fsdp_config", "accelerator_config",
+               "liger_kernel_config")
+
+# optim names: built from torch (or fasttrain), and HF's that need a third-party library
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "fasttrain_adamw", "adafactor", "sgd",
+              "adagrad", "rmsprop")
+_LIBRARY_OPTIMIZERS = {
+    "bitsandbytes": ("adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_8bit",
+                     "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+                     "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop_bnb",
+                     "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"),
+    "torchao": ("adamw_torch_4bit", "adamw_torch_8bit"),
+    "torch_xla": ("adamw_torch_xla",),
+    "torch_npu": ("adamw_torch_npu_fused",),
+    "torchdistx": ("adamw_anyprecision",),
+    "galore_torch": ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+                     "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise"),
+    "lomo_optim": ("lomo", "adalomo"),
+    "grokadamw": ("grokadamw",),
+    "schedulefree": ("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"),
+    "apollo_torch": ("apollo_adamw", "apollo_adamw_layerwise"),
+    "optimi": ("stable_adamw",),
+}
+LIBRARY_OPTIMIZERS = {name: lib for lib, names in _LIBRARY_OPTIMIZERS.items() for name in names}
+
+# HF's liger_kernel_config keys -> fasttrain's equivalent (None: fasttrain has none)
+LIGER_EQUIVALENTS = {"fused_linear_cross_entropy": "fused_loss", "cross_entropy": "fused_loss",
+                     "rope": None, "rms_norm": None, "swiglu": None, "geglu": None,
+                     "layer_norm": None}
+
+# Set to anything but the default, these fields are refused: they cannot apply here.
+CANNOT_APPLY = {
+    "push_to_hub": "fasttrain has no Hub upload; save with trainer.save_model(dir) and run "
+                   "`huggingface_hub.upload_folder(repo_id=..., folder_path=dir)` yourself",
+    "hub_always_push": "only meaningful with push_to_hub, which fasttrain does not provide",
+    "deepspeed": "fasttrain does not run DeepSpeed; shard the model with fsdp='full_shard' "
+                 "(ZeRO-3 equivalent) or use data parallelism under torchrun",
+    "parallelism_config": "fasttrain does not take accelerate's ParallelismConfig; use fsdp=... "
+                          "for sharding and torchrun (--nproc-per-node) for data parallelism",
+    "optim_target_modules": "it selects layers for GaLore/APOLLO, optimizers fasttrain does not "
+                            "provide; remove it",
+    "debug": "HF's debug options (underflow_overflow, tpu_metrics_debug) are not available; for "
+             "non-finite values use nonfinite_loss_policy='stop'",
+}
+
+# Accepted and validated, but the behaviour is not in this build yet: refused when set, so
+# nothing is silently ignored. Remove a line when its behaviour lands.
+NOT_YET = {
+    "auto_find_batch_size": "set per_device_train_batch_size explicitly",
+    "eval_on_start": "call trainer.evaluate() before trainer.train()",
+    "label_smoothing_factor": "label smoothing is not implemented yet",
+    "neftune_noise_alpha": "NEFTune noise is not implemented yet",
+    "bf16_full_eval": "evaluation runs under the training autocast policy (bf16=True)",
+    "fp16_full_eval": "evaluation runs under the training autocast policy (fp16=True)",
+    "eval_accumulation_steps": "predictions are gathered once at the end of evaluation",
+    "include_for_metrics": "compute the extra values inside compute_metrics",
+    "batch_eval_metrics": "compute_metrics is called once on the whole evaluation set",
+    "eval_do_concat_batches": "predictions are concatenated across batches",
+    "prediction_loss_only": "evaluation returns predictions alongside the loss",
+    "save_only_model": "checkpoints always hold the optimizer state",
+    "restore_callback_states_from_checkpoint": "callback states are not restored",
+    "skip_memory_metrics": "memory figures are in the profiler's summary (profile=True)",
+    "train_sampling_strategy": "only 'random' sampling is implemented",
+    "eval_use_gather_object": "evaluation gathers tensors only",
+}
 
 
 def _bad(name: str, value: Any, accepted: str) -> ValueError:
     return ValueError(f"TrainingArguments.{name}={value!r} is invalid: {accepted}")
 
 
+class ParallelMode(enum.Enum):
+    """How this process trains alongside others; the values of HF's `ParallelMode`."""
+    NOT_PARALLEL = "not_parallel"
+    NOT_DISTRIBUTED = "not_distributed"
+    DISTRIBUTED = "distributed"
+
+
+def _parse_json_dict(name: str, value):
+    """A dict field given as a JSON string (`'{"min_lr_rate": 0.1}'`) or a .json file path."""
+    if not isinstance(value, str):
+        return value
+    text = value
+    if not value.lstrip().startswith("{"):
+        if not os.path.isfile(value):
+            raise _bad(name, value, "a dict field takes a dict, a JSON object string such as "
+                       "'{\"key\": 1}', or the path of a .json file (no such file)")
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _bad(name, value, f"is not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(parsed, dict):
+        raise _bad(name, value, "must be a JSON object ({...})")
+    return _typed_strings(parsed)
+
+
+def _typed_strings(values: dict) -> dict:
+    """As HF: string values from a command line that spell a bool or a number become one."""
+    out = {}
+    for key, v in values.items():
+        if isinstance(v, dict):
+            v = _typed_strings(v)
+        elif isinstance(v, str) and v.lower() in ("true", "false"):
+            v = v.lower() == "true"
+        elif isinstance(v, str) and v.isdigit():
+            v = int(v)
+        elif isinstance(v, str) and v.replace(".", "", 1).isdigit():
+            v = float(v)
+        out[key] = v
+    return out
+
+
 @dataclass
 class TrainingArguments:
-    output_dir: str = "runs/default"
-    overwrite_output_dir: bool = False
-    do_train: bool = True
+    # ---- output, run control (HF) -----------------------------------------------------
+    output_dir: Optional[str] = None  # None -> "trainer_output", as HF
+    do_train: bool = False
     do_eval: bool = False
     do_predict: bool = False
+    resume_from_checkpoint: Optional[str] = None
+    local_rank: int = -1  # torch.distributed.launch passes it; read local_process_index instead
 
-    # optimisation
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    optim: str = "adamw_torch_fused"
+    # ---- optimisation (HF) -----------------------------------------------------------
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 3.0
     max_steps: int = -1
+    learning_rate: float = 5e-5
     lr_scheduler_type: str = "linear"
-    lr_scheduler_kwargs: dict = field(default_factory=dict)
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    lr_scheduler_kwargs: Union[dict, str, None] = None
+    warmup_steps: float = 0  # >= 1: steps; < 1: a ratio of the total steps (HF 5)
+    optim: str = "adamw_torch_fused"
+    optim_args: Optional[str] = None  # "key=value,key=value", passed to the optimizer
+    optim_target_modules: Union[None, str, list[str]] = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    average_tokens_across_devices: bool = True
+    label_smoothing_factor: float = 0.0
+    auto_find_batch_size: bool = False
 
-    # evaluation, saving, logging
-    eval_strategy: str = "no"
-    evaluation_strategy: Optional[str] = None  # the older spelling; copied into eval_strategy
-    eval_steps: Optional[float] = None
-    save_strategy: str = "steps"
-    save_steps: float = 500
-    save_total_limit: Optional[int] = None
-    load_best_model_at_end: bool = False
-    metric_for_best_model: Optional[str] = None
-    greater_is_better: Optional[bool] = None
-    logging_dir: Optional[str] = None
+    # ---- precision, compile, kernels (HF) ----------------------------------------------
+    bf16: bool = False
+    fp16: bool = False
+    bf16_full_eval: bool = False
+    fp16_full_eval: bool = False
+    tf32: Optional[bool] = None
+    activation_checkpointing: Optional[bool] = field(default=None, metadata=_FLAG)
+    activation_checkpointing_kwargs: Union[dict, str, None] = None
+    gradient_checkpointing: Optional[bool] = field(default=None, metadata=_FLAG)  # the older name
+    gradient_checkpointing_kwargs: Union[dict, str, None] = None  # + fasttrain's "every": k-th block
+    torch_compile: bool = False
+    torch_compile_backend: Optional[str] = None  # default inductor
+    torch_compile_mode: Optional[str] = None
+    use_liger_kernel: bool = False  # -> fasttrain's fused linear cross-entropy loss
+    liger_kernel_config: Union[dict, str, None] = None
+    use_cache: bool = False
+    neftune_noise_alpha: Optional[float] = None
+    torch_empty_cache_steps: Optional[int] = None
+    use_cpu: bool = False
+
+    # ---- logging (HF) -----------------------------------------------------------------
     logging_strategy: str = "steps"
     logging_steps: float = 500
     logging_first_step: bool = False
-    report_to: Union[str, list, None] = "jsonl"
-    disable_tqdm: bool = False
+    log_on_each_node: bool = True
+    logging_nan_inf_filter: bool = True
+    include_num_input_tokens_seen: Union[str, bool] = "no"
+    log_level: str = "passive"
+    log_level_replica: str = "warning"
+    disable_tqdm: Optional[bool] = None
+    report_to: Union[None, str, list[str]] = "jsonl"  # HF's default is "none"
     run_name: Optional[str] = None
+    project: str = "huggingface"
+    trackio_space_id: Optional[str] = None
+    trackio_bucket_id: Optional[str] = None
+    trackio_static_space_id: Union[str, None, Literal[False]] = None
+    skip_memory_metrics: bool = True
 
-    # reproducibility and data
+    # ---- evaluation (HF) ----------------------------------------------------------------
+    eval_strategy: str = "no"
+    eval_steps: Optional[float] = None  # None -> logging_steps
+    eval_delay: float = 0
+    prediction_loss_only: bool = False
+    eval_on_start: bool = False
+    eval_do_concat_batches: bool = True
+    eval_use_gather_object: bool = False
+    eval_accumulation_steps: Optional[int] = None
+    include_for_metrics: list[str] = field(default_factory=list)
+    batch_eval_metrics: bool = False
+
+    # ---- saving, best model, hub (HF) -------------------------------------------------------
+    save_strategy: str = "steps"
+    save_steps: float = 500
+    save_total_limit: Optional[int] = None
+    save_only_model: bool = False
+    save_on_each_node: bool = False
+    enable_jit_checkpoint: bool = False  # fasttrain always checkpoints on SIGTERM
+    load_best_model_at_end: bool = False
+    metric_for_best_model: Optional[str] = None
+    greater_is_better: Optional[bool] = None
+    ignore_data_skip: bool = False
+    restore_callback_states_from_checkpoint: bool = False
+    push_to_hub: bool = False
+    hub_token: Optional[str] = None
+    hub_private_repo: Optional[bool] = None
+    hub_model_id: Optional[str] = None
+    hub_strategy: str = "every_save"
+    hub_always_push: bool = False
+    hub_revision: Optional[str] = None
+
+    # ---- reproducibility, data (HF) -----------------------------------------------------------
     seed: int = 42
     data_seed: Optional[int] = None
+    full_determinism: bool = False
+    dataloader_drop_last: bool = False
     dataloader_num_workers: int = 0
     dataloader_pin_memory: bool = True
-    dataloader_drop_last: bool = False
+    dataloader_persistent_workers: bool = False
+    dataloader_prefetch_factor: Optional[int] = None
+    dataloader_multiprocessing_context: Optional[str] = None
+    dataloader_in_order: bool = True
     remove_unused_columns: bool = True
-    label_names: Optional[list] = None
+    label_names: Optional[list[str]] = None
+    train_sampling_strategy: str = "random"
+    length_column_name: str = "length"
+    accelerator_config: Union[dict, str, None] = None
+    parallelism_config: Optional[Any] = None
 
-    # precision and speed
-    fp16: bool = False
-    bf16: bool = False
+    # ---- distributed (HF) ---------------------------------------------------------------
+    ddp_backend: Optional[str] = "fasttrain"
+    ddp_timeout: int = 1800
+    ddp_bucket_cap_mb: Optional[float] = 25.0
+    ddp_find_unused_parameters: Optional[bool] = None
+    ddp_broadcast_buffers: Optional[bool] = None
+    ddp_static_graph: Optional[bool] = None
+    fsdp: Optional[str] = field(default=None, metadata=_FLAG)  # or a list, or True (full_shard)
+    fsdp_config: Union[dict, str, None] = None
+    deepspeed: Union[dict, str, None] = None
+    debug: Union[str, list[str]] = ""
+
+    # ---- fasttrain's own ---------------------------------------------------------------------
+    overwrite_output_dir: bool = False
+    warmup_ratio: float = 0.0  # removed from HF 5 (warmup_steps < 1 is the ratio); kept here
+    evaluation_strategy: Optional[str] = None  # the older spelling; copied into eval_strategy
+    logging_dir: Optional[str] = None
     master_weights: bool = False
-    torch_compile: bool = False
-    torch_compile_mode: Optional[str] = None
     torch_compile_per_block: bool = True
-    torch_compile_backend: Optional[str] = None  # default inductor
     torch_compile_cache_dir: Optional[str] = None  # default ~/.cache/fasttrain/inductor
     fused_loss: bool = True
-    use_cpu: bool = False
-
-    # checkpoints and robustness
-    resume_from_checkpoint: Optional[str] = None
     nonfinite_loss_policy: str = "skip"
     max_consecutive_nonfinite: int = 10
-
-    # distributed
-    ddp_backend: str = "fasttrain"
-    ddp_timeout: int = 1800
-    ddp_bucket_cap_mb: float = 25.0
-    ddp_find_unused_parameters: bool = False
-    # sharded data parallelism and activation memory (fasttrain/distributed/fsdp.py,
-    # fasttrain/models/activation_checkpointing.py)
-    fsdp: Union[str, list, None] = ""  # "full_shard", "shard_grad_op", "hybrid_shard", "offload"
-    fsdp_config: Optional[dict] = None
-    gradient_checkpointing: bool = False
-    gradient_checkpointing_kwargs: Optional[dict] = None  # + fasttrain's "every": k-th block only
-
-    # profiling
     profile: bool = True
     profile_warmup_steps: int = 3
     profiler_trace_steps: Optional[str] = None  # "START:END", e.g. "10:12"
@@ -118,47 +312,98 @@ class TrainingArguments:
     peak_tflops: Optional[float] = None
 
     def __post_init__(self):
+        self._normalise()
+        self._validate()
+        self._validate_hf_fields()
+        if (self.load_best_model_at_end or self.lr_scheduler_type == "reduce_lr_on_plateau") \
+                and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        if self.metric_for_best_model is not None and self.greater_is_better is None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        if self.tf32 is not None:
+            self._apply_tf32()
+
+    # ---- conversion --------------------------------------------------------------------
+    def _normalise(self):
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"
+        self.output_dir = os.path.expanduser(self.output_dir)
+        for name in DICT_FIELDS:
+            setattr(self, name, _parse_json_dict(name, getattr(self, name)))
+        # gradient_checkpointing* are HF's older names: used only when the new one is unset,
+        # then mirrored, so code reading either name sees the same value
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
+            setattr(self, old, getattr(self, new))
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gradient_checkpointing = False
+        if isinstance(self.include_num_input_tokens_seen, bool):
+            self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         self.evaluation_strategy = self.eval_strategy
+        if self.eval_strategy != "no":
+            self.do_eval = True
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
-        self.report_to = list(self.report_to or ["none"])
+        self.report_to = [t for t in (self.report_to or []) if t != "none"]
         if "all" in self.report_to:
             self.report_to = ["jsonl", "tensorboard"]
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "logs")
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
-        self._validate()
-        if self.load_best_model_at_end and self.metric_for_best_model is None:
-            self.metric_for_best_model = "loss"
-        if self.metric_for_best_model is not None and self.greater_is_better is None:
-            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        if self.disable_tqdm is None:
+            self.disable_tqdm = False
+        if self.ddp_bucket_cap_mb is None:
+            self.ddp_bucket_cap_mb = 25.0
+        if self.ddp_backend is None:
+            self.ddp_backend = "fasttrain"
+        self.debug = (self.debug or "").split() if isinstance(self.debug, (str, type(None))) else self.debug
+        if isinstance(self.fsdp, list):
+            self.fsdp = " ".join(self.fsdp)
+        if self.fsdp is True:
+            self.fsdp = "full_shard"
+        if not self.fsdp:  # HF scripts pass fsdp=False or "" for "off"
+            self.fsdp = None
+        if self.fsdp_config is not None:  # HF also accepts accelerate's `fsdp_`-prefixed keys
+            self.fsdp_config = {k[5:] if k.startswith("fsdp_") else k: v
+                                for k, v in self.fsdp_config.items()}
+        if self.use_liger_kernel:
+            self.fused_loss = True
 
+    # ---- validation of the long-standing fields -----------------------------------------
     def _validate(self):
         self._check_choice("lr_scheduler_type", SCHEDULER_TYPES)
-        self._check_choice("optim", OPTIMIZERS)
         self._check_choice("eval_strategy", STRATEGIES)
         self._check_choice("save_strategy", SAVE_STRATEGIES)
         self._check_choice("logging_strategy", STRATEGIES)
         self._check_choice("nonfinite_loss_policy", NONFINITE_POLICIES)
         self._check_choice("ddp_backend", DDP_BACKENDS)
+        self._check_optimizer()
         for target in self.report_to:
             if target not in REPORT_TARGETS:
-                raise _bad("report_to", self.report_to, f"each entry must be one of {REPORT_TARGETS}")
+                why = " (an HF integration fasttrain does not ship)" if target in HF_ONLY_REPORT_TARGETS else ""
+                raise _bad("report_to", self.report_to, f"each entry must be one of {REPORT_TARGETS}; "
+                           f"{target!r} is not{why}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "max_consecutive_nonfinite"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise _bad(name, value, "must be a positive integer (1 or more)")
         for name in ("learning_rate", "weight_decay", "adam_epsilon", "warmup_ratio",
-                     "num_train_epochs", "ddp_bucket_cap_mb"):
+                     "num_train_epochs", "ddp_bucket_cap_mb", "warmup_steps", "eval_delay"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
                 raise _bad(name, value, "must be a finite number >= 0")
         if self.warmup_ratio > 1:
             raise _bad("warmup_ratio", self.warmup_ratio, "must be in [0, 1]")
+        if self.warmup_steps > 1 and self.warmup_steps != int(self.warmup_steps):
+            raise _bad("warmup_steps", self.warmup_steps, "a value >= 1 is a step count and must be "
+                       "whole; a value < 1 is a ratio of the total steps")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -167,12 +412,12 @@ class TrainingArguments:
             raise _bad("max_grad_norm", self.max_grad_norm, "must be >= 0 (0 or None disables clipping)")
         if not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1:
             raise _bad("max_steps", self.max_steps, "must be a positive integer, or -1 to use num_train_epochs")
-        if self.warmup_steps < 0:
-            raise _bad("warmup_steps", self.warmup_steps, "must be >= 0")
         for name in ("logging_steps", "save_steps", "eval_steps"):
             value = getattr(self, name)
             if value is None or value <= 0:
                 raise _bad(name, value, "must be > 0 (an integer step count, or a float < 1 as a ratio of the total steps)")
+            if value > 1 and value != int(value):
+                raise _bad(name, value, "must be a whole number of steps when above 1 (below 1 it is a ratio)")
         if self.dataloader_num_workers < 0:
             raise _bad("dataloader_num_workers", self.dataloader_num_workers, "must be >= 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:
@@ -237,12 +482,109 @@ class TrainingArguments:
         kwargs["use_reentrant"] = False
         return every, kwargs
 
+    # ---- validation of the fields added for HF 5.24 parity ---------------------------------
+    def _validate_hf_fields(self):
+        if self.lr_scheduler_type == "reduce_lr_on_plateau" and self.eval_strategy == "no":
+            raise _bad("lr_scheduler_type", self.lr_scheduler_type, "reduces the LR when the "
+                       "evaluation metric stops improving, so it needs eval_strategy 'steps' or 'epoch'")
+        self._check_choice("log_level", tuple(LOG_LEVELS))
+        self._check_choice("log_level_replica", tuple(LOG_LEVELS))
+        self._check_choice("hub_strategy", HUB_STRATEGIES)
+        self._check_choice("include_num_input_tokens_seen", TOKENS_SEEN_MODES)
+        self._check_choice("train_sampling_strategy", SAMPLING_STRATEGIES)
+        for entry in self.include_for_metrics:
+            if entry not in METRIC_INPUTS:
+                raise _bad("include_for_metrics", self.include_for_metrics,
+                           f"each entry must be one of {METRIC_INPUTS}")
+        if not 0.0 <= self.label_smoothing_factor < 1.0:
+            raise _bad("label_smoothing_factor", self.label_smoothing_factor, "must be in [0, 1) (0 disables it)")
+        if self.neftune_noise_alpha is not None and not self.neftune_noise_alpha > 0:
+            raise _bad("neftune_noise_alpha", self.neftune_noise_alpha, "must be > 0, or None to disable NEFTune")
+        for name in ("torch_empty_cache_steps", "eval_accumulation_steps", "dataloader_prefetch_factor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise _bad(name, value, "must be a positive integer, or None")
+        if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:
+            raise _bad("dataloader_prefetch_factor", self.dataloader_prefetch_factor,
+                       "only applies to worker processes: set dataloader_num_workers > 0 or leave it None")
+        if self.dataloader_persistent_workers and self.dataloader_num_workers == 0:
+            raise _bad("dataloader_persistent_workers", True,
+                       "only applies to worker processes: set dataloader_num_workers > 0")
+        if self.dataloader_multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
+            raise _bad("dataloader_multiprocessing_context", self.dataloader_multiprocessing_context,
+                       "accepted values are fork, spawn, forkserver (or None for torch's default)")
+        if self.fp16_full_eval and self.bf16_full_eval:
+            raise ValueError("TrainingArguments: fp16_full_eval=True and bf16_full_eval=True are both set; choose one")
+        if not self.average_tokens_across_devices and self.world_size > 1:
+            raise _bad("average_tokens_across_devices", False, "fasttrain always divides the summed "
+                       "loss by the token count of all ranks (the exact mean); leave it True")
+        if self.save_on_each_node and self.world_size != int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)):
+            raise _bad("save_on_each_node", True, "fasttrain writes checkpoints from global rank 0 "
+                       "to a filesystem every node shares; leave it False")
+        if self.ddp_broadcast_buffers and self.ddp_backend != "torch":
+            raise _bad("ddp_broadcast_buffers", True, "fasttrain's DDP broadcasts buffers once, at "
+                       "wrapping; for a broadcast before every forward set ddp_backend='torch'")
+        self._validate_accelerator_config()
+        self._validate_liger_config()
+        defaults = _field_defaults()
+        for name, instead in {**CANNOT_APPLY, **NOT_YET}.items():
+            default = defaults[name]
+            off = (None, "", False, [], {}) if default in (None, "", False) else (default,)
+            if getattr(self, name) not in off:
+                raise _bad(name, getattr(self, name), f"not supported by fasttrain: {instead}")
+
+    def _validate_accelerator_config(self):
+        config = self.accelerator_config
+        if config is None:
+            return
+        if not isinstance(config, dict):  # accelerate's AcceleratorConfig object
+            config = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+            self.accelerator_config = config
+        for key, value in config.items():
+            if key not in ACCELERATOR_CONFIG_DEFAULTS:
+                raise _bad("accelerator_config", config, f"unknown key {key!r}; known keys are "
+                           f"{sorted(ACCELERATOR_CONFIG_DEFAULTS)}")
+            if key != "non_blocking" and value != ACCELERATOR_CONFIG_DEFAULTS[key]:
+                raise _bad("accelerator_config", config, f"{key}={value!r} is not supported: fasttrain "
+                           f"shards data itself as {key}={ACCELERATOR_CONFIG_DEFAULTS[key]!r} does")
+
+    def _validate_liger_config(self):
+        for key, enabled in (self.liger_kernel_config or {}).items():
+            if key not in LIGER_EQUIVALENTS:
+                raise _bad("liger_kernel_config", self.liger_kernel_config, f"unknown key {key!r}; "
+                           f"known keys are {sorted(LIGER_EQUIVALENTS)}")
+            if enabled and LIGER_EQUIVALENTS[key] is None:
+                raise _bad("liger_kernel_config", self.liger_kernel_config, f"fasttrain has no "
+                           f"kernel for {key!r}; set it to False (fasttrain fuses the loss: "
+                           "fused_linear_cross_entropy)")
+
+    def _check_optimizer(self):
+        if self.optim in OPTIMIZERS:
+            return
+        lib = LIBRARY_OPTIMIZERS.get(self.optim)
+        if lib is None:
+            raise _bad("optim", self.optim, f"accepted values are {', '.join(OPTIMIZERS)} (HF's "
+                       f"library-backed names: {', '.join(sorted(LIBRARY_OPTIMIZERS))})")
+        import importlib.util
+        state = "is not installed" if importlib.util.find_spec(lib) is None else \
+            "is installed, but fasttrain does not build this optimizer"
+        raise _bad("optim", self.optim, f"this optimizer comes from the `{lib}` library, which "
+                   f"{state}; use one of {', '.join(OPTIMIZERS)}, or build it yourself and pass "
+                   "Trainer(optimizers=(optimizer, None))")
+
     def _check_choice(self, name: str, accepted: tuple):
         value = getattr(self, name)
         if value not in accepted:
-            raise _bad(name, value, f"accepted values are {', '.join(accepted)}")
+            raise _bad(name, value, f"accepted values are {', '.join(map(str, accepted))}")
 
-    # ---- derived quantities ---------------------------------------------------------
+    def _apply_tf32(self):
+        import torch
+        if self.tf32 and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8):
+            raise _bad("tf32", True, "TF32 needs an Ampere or newer NVIDIA GPU; leave tf32=None here")
+        torch.backends.cuda.matmul.allow_tf32 = bool(self.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(self.tf32)
+
+    # ---- the process's place in the job (HF's properties) --------------------------------
     @property
     def world_size(self) -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
@@ -252,6 +594,42 @@ class TrainingArguments:
         return int(os.environ.get("RANK", "0"))
 
     @property
+    def local_process_index(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def device(self):
+        import torch
+        if torch.cuda.is_available() and not self.use_cpu:
+            return torch.device("cuda", self.local_process_index if self.world_size > 1 else torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def n_gpu(self) -> int:
+        """GPUs this process drives: fasttrain runs one device per process (no DataParallel)."""
+        return 1 if self.device.type == "cuda" else 0
+
+    @property
+    def parallel_mode(self) -> ParallelMode:
+        return ParallelMode.DISTRIBUTED if self.world_size > 1 else ParallelMode.NOT_PARALLEL
+
+    @property
+    def should_log(self) -> bool:
+        return (self.local_process_index if self.log_on_each_node else self.process_index) == 0
+
+    @property
+    def should_save(self) -> bool:
+        return self.process_index == 0  # fasttrain writes from global rank 0 (shared filesystem)
+
+    @property
+    def place_model_on_device(self) -> Optional[bool]:
+        return None  # as HF: no integration overrides where the model goes
+
+    @property
+    def ddp_timeout_delta(self) -> timedelta:
+        return timedelta(seconds=self.ddp_timeout)
+
+    @property
     def train_batch_size(self) -> int:
         return self.per_device_train_batch_size
 
@@ -259,16 +637,55 @@ class TrainingArguments:
     def eval_batch_size(self) -> int:
         return self.per_device_eval_batch_size
 
-    def get_warmup_steps(self, num_training_steps: int) -> int:
-        if self.warmup_steps > 0:
-            return self.warmup_steps
-        return math.ceil(num_training_steps * self.warmup_ratio)
+    def get_process_log_level(self) -> int:
+        """The logging level of this process: log_level on the processes that log (should_log),
+        log_level_replica on the others; 'passive' keeps the current level."""
+        name = self.log_level if self.should_log else self.log_level_replica
+        level = LOG_LEVELS[name]
+        return logging.getLogger("fasttrain").getEffectiveLevel() if level == -1 else level
 
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work"):
+        """Run the block on the main process (of each node with local=True) first, then on the
+        others, e.g. `datasets.map` so replicas reuse its cache. Starts the process group
+        when the job runs under torchrun and no group exists yet (the Trainer reuses it)."""
+        if self.world_size <= 1:
+            yield
+            return
+        from fasttrain.distributed import barrier
+        from fasttrain.distributed.context import DistContext
+        DistContext.from_args(self)  # joins the torchrun group (or reuses an existing one)
+        is_main = (self.local_process_index if local else self.process_index) == 0
+        if not is_main:
+            barrier()  # wait for the main process to finish `desc`
+        try:
+            yield
+        finally:
+            if is_main:
+                barrier()  # release the replicas
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        ratio = self.warmup_steps if self.warmup_steps > 0 else self.warmup_ratio
+        return math.ceil(num_training_steps * ratio)
+
+    # ---- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = f"<{f.name.upper()}>" if f.name.endswith("_token") and value else value
+        return out
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+    def to_sanitized_dict(self) -> dict:
+        """Scalars only (TensorBoard's hparams): anything else as its string."""
+        d = {**self.to_dict(), "train_batch_size": self.train_batch_size,
+             "eval_batch_size": self.eval_batch_size}
+        return {k: v if type(v) in (bool, int, float, str) else str(v) for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainingArguments":
@@ -278,3 +695,13 @@ class TrainingArguments:
             raise ValueError(f"TrainingArguments got unknown field(s) {unknown}; "
                              f"see `fasttrain train --help` for the accepted names")
         return cls(**values)
+
+
+def _field_defaults() -> dict:
+    out = {}
+    for f in dataclasses.fields(TrainingArguments):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out

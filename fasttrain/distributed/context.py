@@ -75,7 +75,8 @@ class DistContext:
                 local = int(os.environ.get("LOCAL_RANK", "0"))
                 device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
                 return cls(rank, local, dist.get_world_size(), device)
-            info = init_distributed(timeout_s=args.ddp_timeout, use_cuda=use_cuda)
+            backend = args.ddp_backend if args.ddp_backend in ("nccl", "gloo") else None
+            info = init_distributed(timeout_s=args.ddp_timeout, backend=backend, use_cuda=use_cuda)
             _install_teardown(destroy_distributed)
             return cls(info.rank, info.local_rank, info.world_size, info.device)
         device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
@@ -96,10 +97,13 @@ class DistContext:
         if args.ddp_backend == "torch":
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
+            options = {k: v for k, v in (("broadcast_buffers", args.ddp_broadcast_buffers),
+                                         ("static_graph", args.ddp_static_graph)) if v is not None}
             return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=args.ddp_bucket_cap_mb,
-                                           find_unused_parameters=args.ddp_find_unused_parameters)
+                                           find_unused_parameters=bool(args.ddp_find_unused_parameters),
+                                           **options)
         return BucketedDDP(model, bucket_cap_mb=args.ddp_bucket_cap_mb,
-                           find_unused_parameters=args.ddp_find_unused_parameters)
+                           find_unused_parameters=bool(args.ddp_find_unused_parameters))
 
     def no_sync(self, model, enabled: bool):
         if enabled and self.enabled and hasattr(model, "no_sync"):

@@ -1,5 +1,6 @@
-"""Where logged records go: a JSONL file (always) and TensorBoard (report_to). The console
-(progress bar or printed records) belongs to ProgressCallback/PrinterCallback.
+"""Where logged records go: a JSONL file (unless report_to is "none": then no log file at
+all) and TensorBoard (report_to). The console (progress bar or printed records) belongs to
+ProgressCallback/PrinterCallback.
 
 Only the main process writes. Records arrive already on the host: the Trainer reads its
 device-side accumulators once per logging step and hands plain floats here.
@@ -31,10 +32,11 @@ class MetricsLogger:
         self.args = args
         self.tb = None
         self.jsonl_path = os.path.join(args.output_dir, LOG_FILE)
+        self.jsonl = bool(args.report_to)  # [] is report_to="none"
         if not self.enabled:
             return
         os.makedirs(args.output_dir, exist_ok=True)
-        if not resume or history is not None:
+        if self.jsonl and (not resume or history is not None):
             tmp = self.jsonl_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 for record in history or []:
@@ -46,8 +48,9 @@ class MetricsLogger:
             return
         line = {k: _jsonable(v) for k, v in record.items()}
         line.setdefault("step", step)
-        with open(self.jsonl_path, "a", encoding="utf-8") as f:  # a few lines per logging step
-            f.write(json.dumps(line) + "\n")
+        if self.jsonl:
+            with open(self.jsonl_path, "a", encoding="utf-8") as f:  # a few lines per logging step
+                f.write(json.dumps(line) + "\n")
         if self.tb is None and "tensorboard" in self.args.report_to:
             require("tensorboard", "tensorboard", 'report_to="tensorboard"')
             from torch.utils.tensorboard import SummaryWriter

@@ -32,13 +32,14 @@ from fasttrain.optim.skip import flag_interface, step_skipping, takes_grad_scale
 from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
 from fasttrain.optim.schedules import LRScheduler, get_multiplier
+from fasttrain.trainer import hf_options
 from fasttrain.trainer.evaluation import EvaluationMixin
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.checkpointing import CheckpointMixin
 from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
 from fasttrain.trainer.script_helpers import ScriptHelpersMixin
 from fasttrain.trainer.utils import (LogWindow, TrainOutput, dataset_len, extract_loss,
-                                     forward_arg_names, samples_in, set_seed,
+                                     forward_arg_names, samples_in,
                                      to_device, tokens_in, uses_label_shift)
 from fasttrain.training_args import TrainingArguments
 
@@ -76,6 +77,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.optimizer, self.lr_scheduler = optimizers
+        hf_options.apply_log_level(self.args)
         self.dist = self._build_distributed()
         self.device = self.dist.device
         self._set_model(model)
@@ -100,6 +102,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         self.model_wrapped = self.model
         self._label_shift = uses_label_shift(model)
         self._forward_args = forward_arg_names(model)
+        hf_options.apply_model_options(self.model, self.args)
 
     def call_model_init(self, trial=None):
         """A fresh model from `model_init` (called with `trial` if it takes an argument)."""
@@ -138,7 +141,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
             optimizer = optimizer or self.optimizer
-            kwargs = dict(self.args.lr_scheduler_kwargs)
+            kwargs = dict(self.args.lr_scheduler_kwargs or {})
             mult = get_multiplier(self.args.lr_scheduler_type,
                                   self.args.get_warmup_steps(num_training_steps),
                                   num_training_steps, **kwargs)
@@ -173,7 +176,8 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           collate_fn=self._collate, num_workers=self.args.dataloader_num_workers,
                           pin_memory=self.args.dataloader_pin_memory and self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(self.args.seed))
+                          generator=torch.Generator().manual_seed(self.args.seed),
+                          **hf_options.loader_options(self.args))
 
     def _remove_unused_columns(self, dataset, description: str):
         if not self.args.remove_unused_columns:
@@ -367,7 +371,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         args = self.args
         resume_from_checkpoint = resume_from_checkpoint or args.resume_from_checkpoint
         self._prepare_output_dir(resume_from_checkpoint)
-        set_seed(args.seed)
+        hf_options.seed_everything(args)
         if self.model_init is not None:  # as HF: a fresh model (and optimizer) seeded by args.seed
             self._set_model(self.call_model_init())
             self.callback_handler.model = self.model
@@ -413,6 +417,8 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         epoch, micro_done = 0, 0
         if resume_from_checkpoint:
             epoch, micro_done = self._resume(resume_from_checkpoint)
+            if args.ignore_data_skip:  # HF: resume at the start of the saved epoch's data
+                micro_done = 0
         self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint),
                                      history=st.log_history if resume_from_checkpoint else None)
         self._install_signal_handler()
@@ -475,6 +481,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
                 st.num_input_tokens_seen += tokens * self.dist.world_size
                 st.total_flos += sum(self.floating_point_ops(b) for b in batches) * self.dist.world_size
                 self._window.add(step_loss, self._grad_norm, tokens)
+                hf_options.maybe_empty_cache(args, st.global_step, self.device)
                 self._event("on_step_end")  # DefaultFlowCallback sets the flags, others may change them
                 self._maybe_log_save_evaluate(epoch_end=False)
                 if self.control.should_training_stop or self.control.should_epoch_stop:
