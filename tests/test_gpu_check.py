@@ -162,3 +162,35 @@ def test_speed_trainer_runs_at_toy_size(tmp_path):
     assert r["runs"]["fasttrain"]["mfu"] is None  # no peak is known for a CPU: never guessed
     assert not (tmp_path / "speed_end_to_end.partial.json").exists()
 
+
+
+def test_sync_guard_records_each_synchronising_call_with_its_stack(monkeypatch):
+    """The GPU side of part 3 without a GPU: torch's sync warning ("warn" level) raised inside
+    an armed step is recorded with the step and the caller's stack; outside, it is not."""
+    import warnings
+
+    import torch
+
+    from fasttrain.cli.gpu_check import host_sync
+
+    levels = []
+    monkeypatch.setattr(host_sync, "has_gpu", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", levels.append)
+    guard = host_sync.SyncGuard(logging_steps=4, max_steps=8)
+
+    class State:
+        global_step = 0
+
+    def reads_a_loss():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    for step in range(8):
+        State.global_step = step
+        guard.on_step_begin(None, State, None)
+        if step in (1, 3, 4):  # steps 2 (armed), 4 (logging: not armed), 5 (armed)
+            reads_a_loss()
+        guard.on_step_end(None, State, None)
+    assert guard.checked == [2, 3, 5, 6, 7]
+    assert [s["step"] for s in guard.syncs] == [2, 5]
+    assert all("reads_a_loss" in s["stack"] for s in guard.syncs)
+    assert levels == ["warn", 0] * 5 and warnings.showwarning is not guard._record

@@ -13,7 +13,9 @@ def has_gpu() -> bool:
 
 
 def device() -> torch.device:
-    return torch.device("cuda") if has_gpu() else torch.device("cpu")
+    """The current CUDA device with its index (DDP's device_ids and NCCL's device_id need
+    one), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if has_gpu() else torch.device("cpu")
 
 
 def skipped(reason: str, **extra) -> dict:
