@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -34,6 +35,8 @@ def build(ctx: dict) -> dict:
     cmd = ["bash", str(REPO_ROOT / "scripts" / "build_ops.sh"), "-DFASTTRAIN_WITH_CUDA=ON",
            f"-DCMAKE_CUDA_ARCHITECTURES={arch}"]
     env = dict(os.environ, PYTHON=sys.executable)
+    if shutil.which("nvcc") is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        env.setdefault("CUDACXX", "/usr/local/cuda/bin/nvcc")  # nvcc installed off the PATH
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           timeout=seconds_left(ctx, reserve=20), cwd=REPO_ROOT)
     result = {"command": " ".join(cmd), "returncode": proc.returncode, "arch": f"sm_{arch}",

@@ -39,6 +39,25 @@ def _tool_version(cmd: list[str]):
     return found.group(1) if found else out.strip()[:80]
 
 
+def _nccl_version():
+    if not has_gpu():
+        return None
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception as e:  # noqa: BLE001 - a torch built without NCCL
+        return f"unavailable: {e}"
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)  # older torch: an int
+
+
+def _driver_from_smi():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0] if out else None
+
+
 def declared_minimums(pyproject=REPO_ROOT / "pyproject.toml") -> dict[str, str]:
     """{'python': '3.10', 'torch': '2.6', ...} from requires-python and the '>=' pins."""
     text = pyproject.read_text()
@@ -63,7 +82,7 @@ def versions() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if has_gpu() else None,
+        "nccl": _nccl_version(),
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "nvidia_ml_py": _version("nvidia-ml-py"),
@@ -90,27 +109,32 @@ def hbm_peak(device_name: str | None) -> float | None:
 
 
 def _nvml(index: int) -> dict:
+    """An NVML sample through fasttrain's interface, then the driver and the memory clock x
+    bus width, each reading kept if the ones after it fail."""
     from fasttrain.profiler.nvml import NvmlUnavailable, open_device
 
     try:
         dev = open_device(index)
     except NvmlUnavailable as e:
-        return {"status": "unavailable", "reason": str(e)}
+        return {"status": "unavailable", "reason": str(e), "driver": _driver_from_smi()}
+    out = {"status": "ok"}
     try:
-        out = {"status": "ok", "sample": dev.sample().as_dict()}
+        out["sample"] = dev.sample().as_dict()
         import pynvml
 
         handle = pynvml.nvmlDeviceGetHandleByIndex(dev.index)
-        out["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        out["driver"] = driver.decode() if isinstance(driver, bytes) else driver
         clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
         bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
         # double data rate: two transfers per memory clock
         out["hbm_bytes_per_s_from_clocks"] = clock_mhz * 1e6 * bus_bits / 8 * 2
-        return out
     except Exception as e:  # noqa: BLE001 - a reading NVML lacks on this device
-        return {"status": "partial", "reason": f"{type(e).__name__}: {e}"}
+        out.update(status="partial", reason=f"{type(e).__name__}: {e}")
+        out.setdefault("driver", _driver_from_smi())
     finally:
         dev.close()
+    return out
 
 
 def run(ctx: dict) -> dict:
