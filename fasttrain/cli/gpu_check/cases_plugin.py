@@ -1,6 +1,6 @@
 """pytest plugin (`-p fasttrain.cli.gpu_check.cases_plugin`): writes, to the JSON file named by
-$FASTTRAIN_CASES_OUT, every collected `kernel_cases` test with the names it covers and, once
-run, its outcome. Part 2 of gpu_check reads it per kernel; tests/test_gpu_check.py reads it
+$FASTTRAIN_CASES_OUT, every collected `kernel_cases` or `gpu` test with the names it covers
+(kernel_cases' arguments; none for a plain gpu test) and, once run, its outcome. Part 2 of gpu_check reads it per kernel; tests/test_gpu_check.py reads it
 after `--collect-only` to check that every discovered kernel and op has a case."""
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ _cases: dict[str, dict] = {}
 def pytest_collection_finish(session):
     for item in session.items:  # after -m deselection
         marker = item.get_closest_marker("kernel_cases")
-        if marker is not None:
-            _cases[item.nodeid] = {"covers": list(marker.args), "outcome": "not run"}
+        if marker is not None or item.get_closest_marker("gpu") is not None:
+            covers = list(marker.args) if marker is not None else []
+            _cases[item.nodeid] = {"covers": covers, "outcome": "not run"}
 
 
 def pytest_runtest_logreport(report):

@@ -62,15 +62,17 @@ def build(ctx: dict) -> dict:
             else "built, but the library did not load with CUDA kernels"}
 
 
-def case_files() -> list[str]:
+def case_files(marker: str = "kernel_cases") -> list[str]:
     tests = REPO_ROOT / "tests"
+    needle = f"mark.{marker}"
     return sorted(str(p.relative_to(REPO_ROOT)) for p in tests.glob("test_*.py")
-                  if "kernel_cases" in p.read_text())
+                  if needle in p.read_text())
 
 
-def run_cases(device: str, outdir: str, collect_only: bool, timeout: float) -> tuple[dict, str, int]:
-    """pytest -m kernel_cases on `device`; returns ({nodeid: case}, output tail, exit code)."""
-    out = os.path.join(outdir, CASES_FILE)
+def run_cases(device: str, outdir: str, collect_only: bool, timeout: float,
+              marker: str = "kernel_cases") -> tuple[dict, str, int]:
+    """pytest -m MARKER on `device`; returns ({nodeid: case}, output tail, exit code)."""
+    out = os.path.join(outdir, CASES_FILE if marker == "kernel_cases" else f"{marker}_tests.json")
     env = dict(os.environ, FASTTRAIN_TEST_DEVICE=device, FASTTRAIN_CASES_OUT=out)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     if device == "cuda":
@@ -78,9 +80,9 @@ def run_cases(device: str, outdir: str, collect_only: bool, timeout: float) -> t
         library = REPO_ROOT / "build" / "libfasttrain_ops.so"
         if not library.is_file():  # the build part failed: the op cases fail, none rebuilds
             env["FASTTRAIN_OPS_LIB"] = str(library)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "kernel_cases", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", marker, "-p", "no:cacheprovider",
            "-p", "fasttrain.cli.gpu_check.cases_plugin", "-o", "addopts=", "-rfE",
-           *(["--collect-only"] if collect_only else []), *case_files()]
+           *(["--collect-only"] if collect_only else []), *case_files(marker)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                               cwd=REPO_ROOT)
@@ -138,3 +140,21 @@ def run(ctx: dict) -> dict:
                                             f"{unexercised}; pytest exit {code}"}),
             "summary": f"{outcomes.get('passed', 0)}/{len(cases)} cases passed on the GPU over "
             f"{len(counts)} kernels/ops" + (f"; failing: {bad}" if bad else "")}
+
+
+def gpu_tests(ctx: dict) -> dict:
+    """The rest of the suite's GPU-only tests (marked `gpu`, skipped in CI), run here."""
+    if not has_gpu():
+        return skipped(NO_GPU + "; the tests marked gpu skip in CI for the same reason")
+    cases, output, code = run_cases("cuda", ctx["outdir"], collect_only=False,
+                                    timeout=seconds_left(ctx, reserve=5), marker="gpu")
+    outcomes = defaultdict(int)
+    for case in cases.values():
+        outcomes[case["outcome"]] += 1
+    bad = sorted(k for k, v in cases.items() if v["outcome"] not in ("passed", "skipped"))
+    status = "pass" if cases and not bad and code == 0 else "fail"
+    return {"status": status, "outcomes": dict(outcomes), "tests": cases, "pytest_exit_code": code,
+            "pytest_output_tail": output,
+            **({} if status == "pass" else {"reason": f"not passing: {bad}; pytest exit {code}"}),
+            "summary": f"{outcomes.get('passed', 0)}/{len(cases)} gpu-marked tests passed"
+            + (f"; not passing: {bad}" if bad else "")}

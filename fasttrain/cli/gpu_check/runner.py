@@ -33,6 +33,7 @@ PARTS = [
     ("environment", "environment", 30, False),
     ("build_ops", "correctness:build", 180, True),
     ("correctness", "correctness", 150, False),
+    ("gpu_tests", "correctness:gpu_tests", 90, True),
     ("host_sync", "host_sync", 90, False),
     ("distributed", "dist_smoke", 60, False),
     ("speed_adamw", "speed:adamw", 45, True),
