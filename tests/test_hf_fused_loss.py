@@ -96,3 +96,28 @@ def test_gemma2_soft_capping_is_detected():
                                     vocab_size=64, max_position_embeddings=32)
     model = transformers.Gemma2ForCausalLM(cfg)
     assert fused_causal_lm_loss(model, _batch(64)) is None
+
+
+def test_trainer_logs_once_why_the_fused_loss_is_off(tmp_path, caplog):
+    import logging
+
+    from fasttrain import Trainer, TrainingArguments
+
+    class OwnHead(torch.nn.Module):  # labels, but no output embedding to fuse with
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 8)
+            self.out = torch.nn.Parameter(torch.randn(16, 8))
+
+        def forward(self, input_ids, labels):
+            logits = self.emb(input_ids) @ self.out.t()
+            return {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+    data = [{"input_ids": torch.arange(4) % 16, "labels": torch.arange(4) % 16} for _ in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                             save_strategy="no", disable_tqdm=True, report_to="none")
+    with caplog.at_level(logging.INFO, logger="fasttrain"):
+        Trainer(OwnHead(), args, train_dataset=data).train()
+    lines = [r.getMessage() for r in caplog.records if "fused loss off" in r.getMessage()]
+    assert lines == ["fused loss off, the model's own loss runs (full logits): "
+                     "the model has no nn.Linear output embedding"]

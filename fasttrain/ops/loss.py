@@ -7,6 +7,10 @@ shifted left by one; or `shift_labels` from the batch when given). It returns th
 loss over valid tokens and their count, the two numbers the Trainer's token-normalised
 accumulation needs; the model's own mean loss equals sum / count.
 
+Under data parallelism `fused_loss_through(wrapper, model, inputs)` runs it as the forward
+of the wrapper (DDP, BucketedDDP, or FSDP's fully_shard'ed model itself), so the wrapper's
+gradient reduction and parameter gathering work as for the model's own forward.
+
 It returns None, and the Trainer falls back to the model's own forward, whenever it cannot
 reproduce the model's loss exactly: no labels, no nn.Linear output embedding, a loss other
 than ForCausalLMLoss, logit soft-capping or scaling in the config or the forward, a
@@ -41,10 +45,9 @@ def _forward_is_plain(model_cls: type) -> bool:
     return "self.loss_function(" in src and not any(w in src for w in _FORWARD_RED_FLAGS)
 
 
-def _why_not(model, inputs) -> Optional[str]:
-    """The reason the fused loss does not apply, or None when it does."""
-    if inputs.get("labels") is None and inputs.get("shift_labels") is None:
-        return "the batch has no labels"
+def model_reason(model) -> Optional[str]:
+    """The reason the fused loss can never apply to this model, or None (depends on the
+    model alone: callers check it once)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         return "the model has no nn.Linear output embedding"
@@ -57,13 +60,25 @@ def _why_not(model, inputs) -> Optional[str]:
             return f"config.{field}={value} changes the logits"
     if getattr(config, "output_router_logits", False):
         return "a mixture-of-experts auxiliary loss is added to the LM loss"
-    if inputs.get("logits_to_keep", 0) not in (0, None):
-        return "logits_to_keep slices the hidden states"
     if not _forward_is_plain(type(model)):
         return "the model's forward post-processes logits or adds to the loss"
     if _base_model(model) is None:
         return "the base model (model.base_model_prefix) was not found"
     return None
+
+
+def batch_reason(inputs) -> Optional[str]:
+    """The reason the fused loss does not apply to this batch, or None."""
+    if inputs.get("labels") is None and inputs.get("shift_labels") is None:
+        return "the batch has no labels"
+    if inputs.get("logits_to_keep", 0) not in (0, None):
+        return "logits_to_keep slices the hidden states"
+    return None
+
+
+def _why_not(model, inputs) -> Optional[str]:
+    """The reason the fused loss does not apply, or None when it does."""
+    return batch_reason(inputs) or model_reason(model)
 
 
 def _base_model(model):
@@ -78,12 +93,13 @@ def _shifted_labels(inputs, ignore_index):
     return labels[..., 1:]
 
 
-def fused_causal_lm_loss(model, inputs: dict, ignore_index: int = -100
+def fused_causal_lm_loss(model, inputs: dict, ignore_index: int = -100, checked: bool = False
                          ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(summed fp32 loss over valid tokens, count of valid tokens) as 0-d tensors, or None
     when the fused path cannot reproduce `model(**inputs).loss` (see the module docstring).
+    checked=True: the caller has already found `_why_not(model, inputs)` to be None.
     """
-    if _why_not(model, inputs) is not None:
+    if not checked and _why_not(model, inputs) is not None:
         return None
     model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
     outputs = _base_model(model)(**model_inputs, return_dict=True)
@@ -102,6 +118,26 @@ def fused_causal_lm_loss(model, inputs: dict, ignore_index: int = -100
                                 reduction="sum")
     count = (target != ignore_index).sum()
     return loss, count
+
+
+def fused_loss_through(wrapper: torch.nn.Module, model: torch.nn.Module, inputs: dict,
+                       ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_causal_lm_loss(model, inputs)` run as the forward of `wrapper`, the module
+    that wraps `model` for data parallelism (DDP, BucketedDDP) or is `model` itself
+    (FSDP's fully_shard, no wrapper). The wrapper's forward machinery runs exactly as for
+    `wrapper(**inputs)`: DDP prepares its gradient reduction, FSDP gathers the root's
+    parameters (the output embedding among them) around the call. Only the inner forward
+    changes, for the call's duration: hidden states -> fused linear cross-entropy, so the
+    (tokens x vocab) logits never exist. The caller has checked eligibility."""
+    def fused_forward(**kwargs):
+        return fused_causal_lm_loss(model, kwargs, ignore_index, checked=True)
+
+    model.forward = fused_forward  # an instance attribute shadows the class's forward
+    try:
+        out = wrapper(**inputs)
+    finally:
+        del model.forward
+    return out[0], out[1]
 
 
 def fused_loss_unavailable_reason(model, inputs: dict) -> Optional[str]:

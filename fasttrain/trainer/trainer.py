@@ -226,17 +226,34 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         return type(self).compute_loss is not Trainer.compute_loss
 
     def _fused_loss(self, model, inputs):
-        if not self.args.fused_loss or self._is_builtin(model):
+        """(summed loss, valid tokens) from the fused linear cross-entropy of an HF causal LM,
+        run through the data-parallel wrapper when there is one (its gradient sync and
+        parameter gathering stay as they are), or None: the model's own loss then runs, and
+        the reason is logged once."""
+        if not self.args.fused_loss:
             return None
-        if getattr(self, "_fsdp", None) is not None:
-            # the fused loss reads the output embedding outside the root forward, where FSDP
-            # has not gathered it; the model's own loss runs inside the gathered forward
-            return None
+        inner = getattr(model, "module", model)  # DDP/BucketedDDP wrap; FSDP shards in place
+        if self._is_builtin(inner):
+            return None  # its forward already uses the fused linear cross-entropy
         try:
-            from fasttrain.ops.loss import fused_causal_lm_loss
+            from fasttrain.ops import loss as fused
         except ImportError:
+            self._fused_loss_skipped("fasttrain.kernels (Triton) is not importable")
             return None
-        return fused_causal_lm_loss(model, inputs)
+        cache = self.__dict__.setdefault("_fused_model_reasons", {})
+        if id(inner) not in cache:  # the model's part does not change from step to step
+            cache[id(inner)] = fused.model_reason(inner)
+        reason = cache[id(inner)] or fused.batch_reason(inputs)
+        if reason is not None:
+            self._fused_loss_skipped(reason)
+            return None
+        return fused.fused_loss_through(model, inner, inputs)
+
+    def _fused_loss_skipped(self, reason: str) -> None:
+        logged = self.__dict__.setdefault("_fused_reasons_logged", set())
+        if reason not in logged:
+            logged.add(reason)
+            logger.info("fused loss off, the model's own loss runs (full logits): %s", reason)
 
     @staticmethod
     def _is_builtin(model) -> bool:
