@@ -282,7 +282,7 @@ def end_to_end(ctx: dict) -> dict:
     if not has_gpu():
         return skipped(NO_GPU)
     size = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, block=1024)  # GPT-2 small, 124M
-    r = end_to_end_figures(ctx, size, batch=8, seq=1024, steps=40, warmup=15,
+    r = end_to_end_figures(ctx, size, batch=8, seq=1024, steps=30, warmup=10,
                            min_seconds_per_run=60)
     runs = r["runs"]
 
