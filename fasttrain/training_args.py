@@ -146,18 +146,33 @@ def _parse_json_dict(name: str, value):
     return _typed_strings(parsed)
 
 
-def _typed_strings(values: dict) -> dict:
-    """As HF: string values from a command line that spell a bool or a number become one."""
+def parse_optim_args(text: Optional[str]) -> dict:
+    """HF's `optim_args` ("momentum=0.9,nesterov=True") as typed keyword arguments."""
+    pairs = {}
+    for item in filter(None, (text or "").replace(" ", "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _bad("optim_args", text, "write 'key=value,key=value', e.g. 'momentum=0.9,nesterov=True'")
+        pairs[key] = value
+    return _typed_strings(pairs, signed=True)
+
+
+def _typed_strings(values: dict, signed: bool = False) -> dict:
+    """As HF: string values from a command line that spell a bool or a number become one
+    (`signed`: also negative numbers and exponents, as optim_args needs)."""
     out = {}
     for key, v in values.items():
         if isinstance(v, dict):
-            v = _typed_strings(v)
+            v = _typed_strings(v, signed)
         elif isinstance(v, str) and v.lower() in ("true", "false"):
             v = v.lower() == "true"
         elif isinstance(v, str) and v.isdigit():
             v = int(v)
         elif isinstance(v, str) and v.replace(".", "", 1).isdigit():
             v = float(v)
+        elif signed and isinstance(v, str):
+            with contextlib.suppress(ValueError):
+                v = int(v) if v.lstrip("-").isdigit() else float(v)
         out[key] = v
     return out
 
@@ -524,6 +539,7 @@ class TrainingArguments:
         if self.ddp_broadcast_buffers and self.ddp_backend != "torch":
             raise _bad("ddp_broadcast_buffers", True, "fasttrain's DDP broadcasts buffers once, at "
                        "wrapping; for a broadcast before every forward set ddp_backend='torch'")
+        parse_optim_args(self.optim_args)  # the syntax; the keys are checked against the optimizer
         self._validate_accelerator_config()
         self._validate_liger_config()
         defaults = _field_defaults()

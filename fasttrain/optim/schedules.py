@@ -1,70 +1,22 @@
 """Learning-rate schedules whose step counter can live on the device.
 
-Each schedule is a multiplier m(step) written with tensor ops only, so it runs on a
-device-resident step counter: the LR of an optimizer that accepts a tensor LR is updated
-in place every step with no host synchronisation, and a step skipped for overflow (loss
-scaling) does not advance the schedule (the counter adds `1 - found_inf`). Optimizers that
-only take float LRs get the same multiplier computed on the host.
+Every HF `lr_scheduler_type` but reduce_lr_on_plateau is a multiplier m(step)
+(`lr_multipliers.py`, HF's formulas) tabulated once: the LR of an optimizer that accepts a
+tensor LR is updated in place every step with no host synchronisation, and a step skipped
+for overflow (loss scaling) does not advance the schedule. Optimizers that only take float
+LRs get the same table read on the host. reduce_lr_on_plateau is torch's ReduceLROnPlateau,
+stepped on evaluation metrics (`step_on_metrics`), as HF does.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-Multiplier = Callable[[torch.Tensor], torch.Tensor]
+from fasttrain.optim.lr_multipliers import Multiplier, get_multiplier
 
-
-def _warmup(step, warmup: int):
-    if warmup <= 0:
-        return torch.ones_like(step)
-    return torch.clamp(step / warmup, max=1.0)
-
-
-def _progress(step, warmup: int, total: int):
-    return torch.clamp((step - warmup) / max(1, total - warmup), 0.0, 1.0)
-
-
-def get_multiplier(name: str, num_warmup_steps: int, num_training_steps: int,
-                   min_lr_rate: float = 0.0, num_decay_steps: Optional[int] = None,
-                   num_cycles: float = 0.5) -> Multiplier:
-    """The LR multiplier of schedule `name` as a function of a float step tensor."""
-    w, n = num_warmup_steps, num_training_steps
-
-    def linear(s):
-        return torch.where(s < w, _warmup(s, w), 1.0 - _progress(s, w, n))
-
-    def cosine(s, floor=0.0):
-        p = _progress(s, w, n)
-        cos = 0.5 * (1.0 + torch.cos(math.pi * 2.0 * num_cycles * p))
-        return torch.where(s < w, _warmup(s, w), floor + (1.0 - floor) * cos)
-
-    def constant(s):
-        return torch.ones_like(s)
-
-    def constant_with_warmup(s):
-        return _warmup(s, w)
-
-    def warmup_stable_decay(s):
-        decay = num_decay_steps if num_decay_steps is not None else max(1, int(0.1 * n))
-        decay_start = n - decay
-        p = torch.clamp((s - decay_start) / max(1, decay), 0.0, 1.0)
-        down = min_lr_rate + (1.0 - min_lr_rate) * 0.5 * (1.0 + torch.cos(math.pi * p))
-        up = min_lr_rate + (1.0 - min_lr_rate) * _warmup(s, w)  # as HF: warm-up starts at the floor
-        return torch.where(s < w, up, torch.where(s < decay_start, torch.ones_like(s), down))
-
-    table = {
-        "linear": linear,
-        "cosine": cosine,
-        "cosine_with_min_lr": lambda s: cosine(s, floor=min_lr_rate),
-        "constant": constant,
-        "constant_with_warmup": constant_with_warmup,
-        "warmup_stable_decay": warmup_stable_decay,
-    }
-    if name not in table:
-        raise ValueError(f"unknown lr_scheduler_type {name!r}; accepted: {', '.join(table)}")
-    return table[name]
+__all__ = ["LRScheduler", "Multiplier", "get_multiplier", "build_scheduler", "step_scheduler",
+           "learning_rate_used", "step_on_metrics", "is_metric_driven"]
 
 
 class LRScheduler:
@@ -94,6 +46,8 @@ class LRScheduler:
         self.skipped = torch.zeros(1, dtype=torch.float32, device=device)  # (1,): indexes as is
         self._host_step = 0  # steps taken, skipped ones included
         self._host_skipped = 0  # host mode only
+        self._last_skipped = None  # the last step's skip flag (device mode), for lr_used()
+        self._host_last_skipped = 0
         self._targets = self._lr_targets() if self.device_mode else []
         self._apply()
 
@@ -124,13 +78,30 @@ class LRScheduler:
         """Advance one optimizer step; `skipped` (0-d, 1 = the step was skipped) keeps the
         schedule where it is, without reading the flag on the host in device mode."""
         self._host_step += 1
+        self._last_skipped, self._host_last_skipped = None, 0
         if skipped is not None:
             if self.device_mode:
                 self.skipped.add_(skipped)
+                self._last_skipped = skipped  # a reference, no op: read on logging steps only
             else:
-                self._host_skipped += int(skipped)  # sync: only host-LR optimizers reach here
+                self._host_last_skipped = int(skipped)  # sync: only host-LR optimizers reach here
+                self._host_skipped += self._host_last_skipped
                 self.skipped.fill_(self._host_skipped)
         self._apply()
+
+    def lr_used(self) -> list[float]:
+        """The LRs the last optimizer step ran with (the schedule has moved past them unless
+        that step was skipped): what HF logs as `learning_rate`. Before any step: the LRs
+        the first step will use."""
+        if self._host_step == 0:
+            return self.table[:, 0].tolist()
+        if self.device_mode:
+            last = int(float(self._last_skipped)) if self._last_skipped is not None else 0  # sync: logging step
+            position = self._host_step - int(self.skipped.item())  # sync: logging step
+        else:
+            last, position = self._host_last_skipped, self._host_step - self._host_skipped
+        column = min(max(0, position - (1 - last)), self.table.shape[1] - 1)
+        return self.table[:, column].tolist()
 
     @property
     def step_count(self) -> int:
@@ -154,3 +125,55 @@ class LRScheduler:
         self._host_skipped = skipped
         self.skipped.fill_(skipped)
         self._apply()
+
+
+def build_scheduler(args, optimizer, num_training_steps: int):
+    """The scheduler TrainingArguments ask for: a tabulated LRScheduler, or for
+    reduce_lr_on_plateau torch's ReduceLROnPlateau (stepped on evaluation metrics)."""
+    kwargs = dict(args.lr_scheduler_kwargs or {})
+    if args.lr_scheduler_type == "reduce_lr_on_plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
+    mult = get_multiplier(args.lr_scheduler_type, args.get_warmup_steps(num_training_steps),
+                          num_training_steps, lr_init=args.learning_rate, **kwargs)
+    return LRScheduler(optimizer, mult, num_training_steps)
+
+
+def is_metric_driven(scheduler) -> bool:
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def step_scheduler(scheduler, optimizer, skipped: Optional[torch.Tensor] = None):
+    """Advance `scheduler` after an optimizer step. Returns what `learning_rate_used` needs
+    for a scheduler fasttrain did not build: the LRs this step used, captured before stepping
+    (HF logs those), as floats or device copies (no host sync)."""
+    if isinstance(scheduler, LRScheduler):
+        scheduler.step(skipped=skipped)
+        return None
+    if is_metric_driven(scheduler):
+        return None  # it steps on evaluation metrics (step_on_metrics)
+    used = [g["lr"].detach().clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+            for g in optimizer.param_groups]
+    scheduler.step()
+    return used
+
+
+def learning_rate_used(scheduler, optimizer, captured=None) -> float:
+    """The LR the last optimizer step used, for logging (a sync: logging steps only)."""
+    if isinstance(scheduler, LRScheduler):
+        return scheduler.lr_used()[0]
+    if captured is not None:
+        return float(captured[0])  # sync: logging step
+    return float(optimizer.param_groups[0]["lr"])  # sync: logging step (metric-driven: HF reads it so)
+
+
+def step_on_metrics(scheduler, metrics: dict, metric_for_best_model: str) -> None:
+    """reduce_lr_on_plateau: feed it the evaluation metric (as HF: metric_for_best_model,
+    'eval_'-prefixed)."""
+    if not is_metric_driven(scheduler) or not metrics:
+        return
+    key = metric_for_best_model if metric_for_best_model.startswith("eval_") else f"eval_{metric_for_best_model}"
+    if key not in metrics:
+        raise KeyError(f"lr_scheduler_type='reduce_lr_on_plateau' watches metric_for_best_model="
+                       f"{metric_for_best_model!r}, but evaluation returned only {sorted(metrics)}; "
+                       "set metric_for_best_model to one of them")
+    scheduler.step(metrics[key])

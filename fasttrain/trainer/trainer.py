@@ -31,7 +31,8 @@ from fasttrain.optim.factory import build_optimizer
 from fasttrain.optim.skip import flag_interface, step_skipping, takes_grad_scale
 from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
-from fasttrain.optim.schedules import LRScheduler, get_multiplier
+from fasttrain.optim.schedules import (LRScheduler, build_scheduler, learning_rate_used,
+                                       step_on_metrics, step_scheduler)
 from fasttrain.trainer import hf_options
 from fasttrain.trainer.evaluation import EvaluationMixin
 from fasttrain.trainer.instruments import Instruments
@@ -140,12 +141,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            optimizer = optimizer or self.optimizer
-            kwargs = dict(self.args.lr_scheduler_kwargs or {})
-            mult = get_multiplier(self.args.lr_scheduler_type,
-                                  self.args.get_warmup_steps(num_training_steps),
-                                  num_training_steps, **kwargs)
-            self.lr_scheduler = LRScheduler(optimizer, mult, num_training_steps)
+            self.lr_scheduler = build_scheduler(self.args, optimizer or self.optimizer, num_training_steps)
         return self.lr_scheduler
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
@@ -351,10 +347,8 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
                 found_inf = float(found_inf)  # sync: optimizers without a device skip flag
             step_skipping(self.optimizer, found_inf, grad_scale)
         self._event("on_optimizer_step")
-        if isinstance(self.lr_scheduler, LRScheduler):
-            self.lr_scheduler.step(skipped=found_inf)
-        else:
-            self.lr_scheduler.step()
+        # a scheduler fasttrain did not build hands back the LRs this step used, for logging
+        self._lr_captured = step_scheduler(self.lr_scheduler, self.optimizer, skipped=found_inf)
         if not self._schedule_counts_skips:  # else the schedule counted it, in self._skipped
             self._skipped += found_inf
         if loss_bad is not None and args.nonfinite_loss_policy == "stop":
@@ -425,6 +419,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         self._clip_offset = None
         self._nonfinite_run = torch.zeros((), device=self.device)
         self._grad_norm = None
+        self._lr_captured = None
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._sharded = any(hasattr(p, "full_tensor") for p in self._trainable)  # FSDP DTensors
         self._window = LogWindow(self.device)
@@ -527,6 +522,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
             with self._instruments.expect_compiles("evaluation (dropout off)"):
                 metrics = self.evaluate()
             new_best = self._update_best(metrics)
+            step_on_metrics(self.lr_scheduler, metrics, args.metric_for_best_model)
             if args.save_strategy == "best":
                 control.should_save = new_best
         if control.should_save and (args.save_strategy != "no" or preempted):
@@ -548,7 +544,8 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
             return
         self._loss_total += window["loss"] * window["steps"]
         self._loss_steps += window["steps"]
-        record = {"loss": window["loss"], "learning_rate": self.lr_scheduler.get_last_lr()[0],
+        lr = learning_rate_used(self.lr_scheduler, self.optimizer, self._lr_captured)
+        record = {"loss": window["loss"], "learning_rate": lr,
                   "epoch": round(st.epoch, 4)}
         if window.get("grad_norm") is not None:
             record["grad_norm"] = window["grad_norm"]
