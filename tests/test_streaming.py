@@ -77,16 +77,18 @@ class Counter(IterableDataset):
         self.next = state["next"]
 
 
-def test_stateful_dataset_resumes_from_its_state_without_rereading():
-    ds = Counter(50)
-    shard = StreamShard(ds, 0, 1)
+@pytest.mark.parametrize("world", [1, 2])
+def test_stateful_dataset_resumes_from_its_state_without_rereading(world):
+    shard = StreamShard(Counter(50), 0, world)
     it = iter(DataLoader(shard, batch_size=4))
     first = [next(it).tolist() for _ in range(3)]
     state = shard.state_dict()
-    assert state == {"dataset": {"next": 12}}
+    # rank 0 of `world` took every world-th example; the stream stopped right after the last
+    assert first[-1] == [world * k for k in range(8, 12)]
+    assert state == {"dataset": {"next": 11 * world + 1}, "index": 11 * world + 1}
     rest = [b.tolist() for b in it]
-    saved = {"world_size": 1, "per_device_train_batch_size": 4, "micro_batches_done": 3, "num_workers": 0}
-    plan = resume_plan(saved, 1, 4, 0, stateful_state=state)
+    saved = {"world_size": world, "per_device_train_batch_size": 4, "micro_batches_done": 3, "num_workers": 0}
+    plan = resume_plan(saved, world, 4, 0, stateful_state=state)
     assert plan == {"state": state}
-    resumed = [b.tolist() for b in DataLoader(StreamShard(Counter(50), 0, 1, resume=plan), batch_size=4)]
-    assert first[-1] == [8, 9, 10, 11] and resumed == rest
+    resumed = [b.tolist() for b in DataLoader(StreamShard(Counter(50), 0, world, resume=plan), batch_size=4)]
+    assert resumed == rest and len(rest) > 1

@@ -25,8 +25,12 @@ fasttrain's checkpoint guarantees, kept:
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pickle
+import shutil
+import time
 import zlib
 from concurrent.futures import Future
 from typing import Optional
@@ -35,13 +39,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from fasttrain.checkpoint.storage import CheckpointError
 
+logger = logging.getLogger("fasttrain")
+
 SHARDS_DIR = "shards"
+STAGING_PREFIX = ".tmp-shards-"
 
 _SAFE_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name) for name in (
@@ -106,21 +114,79 @@ def save(directory: str, model, optimizer) -> dict:
 
 
 def save_async(directory: str, model, optimizer) -> Future:
-    """Stage the state into host memory now, write it on DCP's thread; the Future's result
-    is this rank's file checksums (call `.result()` on the same thread order on every rank)."""
+    """Stage the state into host memory now and write it on DCP's thread. When this rank's
+    files are durable, their checksums go to `directory/shards/__<rank>.crc.json` (the
+    sign for the committing rank that this rank is done) and the Future resolves to them."""
     future = dcp.async_save(_state(model, optimizer), storage_writer=FileSystemWriter(_shards(directory)),
                             process_group=checkpoint_process_group())
     done: Future = Future()
+    rank = dist.get_rank() if dist.is_initialized() else 0
 
     def finished(f):
         try:
             f.result()
-            done.set_result(own_files(directory))
+            files = own_files(directory)
+            _write_durable(os.path.join(_shards(directory), f"__{rank}.crc.json"), json.dumps(files).encode())
+            done.set_result(files)
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits
             done.set_exception(e)
 
     future.add_done_callback(finished)
     return done
+
+
+def _write_durable(path: str, data: bytes) -> None:
+    tmp = path + ".part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardedStateIO:
+    """The Checkpointer's model/optimizer seam for sharded (FSDP) runs, through DCP.
+
+    `snapshot` (every rank, training thread): stage the shards into host memory and start
+    writing them into a staging directory beside the checkpoints; `write` (rank 0's saver
+    thread): wait until every rank's shards are durable, move them into the checkpoint's
+    temporary directory and list them (with their checksums) in its manifest, which the
+    Checkpointer then commits; `load` (every rank): DCP reads the slices this run's
+    sharding needs, whatever world size wrote them."""
+
+    def __init__(self, output_dir: str, world_size: int, timeout_s: float = 1800.0):
+        self.output_dir, self.world_size, self.timeout_s = output_dir, world_size, timeout_s
+        token = [f"{os.getpid()}-{time.time_ns()}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(token, src=0)  # one staging name on every rank
+        self.token, self.saves = token[0], 0
+
+    def snapshot(self, model, optimizer, is_main: bool):
+        self.saves += 1
+        staging = os.path.join(self.output_dir, f"{STAGING_PREFIX}{self.token}-{self.saves}")
+        return staging, save_async(staging, model, optimizer)
+
+    def write(self, writer, snap) -> None:
+        staging, future = snap
+        future.result()  # rank 0's own shards and DCP's .metadata (written after every rank reported)
+        files = {}
+        deadline = time.monotonic() + self.timeout_s
+        for rank in range(self.world_size):
+            sign = os.path.join(_shards(staging), f"__{rank}.crc.json")
+            while not os.path.exists(sign):
+                if time.monotonic() > deadline:
+                    raise CheckpointError(f"rank {rank} did not finish writing its shards into "
+                                          f"{staging!r} within {self.timeout_s:.0f} s")
+                time.sleep(0.01)
+            with open(sign, encoding="utf-8") as f:
+                files.update(json.load(f))
+            os.remove(sign)
+        os.replace(_shards(staging), _shards(writer.tmp))
+        shutil.rmtree(staging, ignore_errors=True)
+        writer.files.update(files)
+
+    def load(self, path: str, model, optimizer) -> None:
+        load(path, model, optimizer)
 
 
 def own_files(directory: str) -> dict:
@@ -154,7 +220,11 @@ def load(path: str, model, optimizer: Optional[torch.optim.Optimizer]) -> None:
                  process_group=checkpoint_process_group())
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures in its own errors
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps per-rank failures
+        for failure in getattr(e, "failures", {}).values():  # {rank: (exception, traceback)}
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, CheckpointError):
+                raise inner from None
         raise CheckpointError(f"could not load the sharded state of {path!r}: {e}") from None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:

@@ -75,6 +75,7 @@ class StreamShard(IterableDataset):
         self.dataset = dataset
         self.resume = dict(resume or {})
         self.epoch = 0
+        self._next_index = 0  # stream index of the next example (read by state_dict)
 
     def set_epoch(self, epoch: int) -> None:
         """A new pass over the stream (HF datasets reshuffle their buffer by epoch)."""
@@ -83,36 +84,47 @@ class StreamShard(IterableDataset):
             self.dataset.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return {"dataset": self.dataset.state_dict()} if is_stateful(self.dataset) else {}
+        """This rank's position (no workers): the dataset's own state and the stream index
+        the next example will have; {} for a dataset without state_dict()."""
+        if not is_stateful(self.dataset):
+            return {}
+        return {"dataset": self.dataset.state_dict(), "index": self._next_index}
 
     def __iter__(self) -> Iterator[Any]:
-        resume, self.resume = self.resume, {}  # a resume applies to the first pass only
-        if "state" in resume:
-            self.dataset.load_state_dict(resume["state"]["dataset"])
+        # not a generator: the resume plan is taken when the iterator is made (in each
+        # worker for a multi-worker loader), and applies to the first pass only
+        resume, self.resume = self.resume, {}
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        if "state" in resume:
+            self.dataset.load_state_dict(resume["state"]["dataset"])
         if self.hf:  # split by node above; datasets shards itself across workers
             skip = resume.get("skip_global", 0) // self.world_size + sum(resume.get("skip_per_shard", [0]))
             if skip and workers > 1:
                 logger.warning("resuming a datasets.IterableDataset with dataloader_num_workers=%d: "
                                "the position is approximate (datasets splits files across workers); "
                                "use num_workers=0 for an exact resume", workers)
-            yield from self._skipping(iter(self.dataset), skip // workers)
-            return
+            return self._skipping(iter(self.dataset), skip // workers)
         # the worker that produces this rank's next batch plays the shard whose turn it is
         role = (worker + resume.get("rotate", 0)) % workers
-        shards, mine = self.world_size * workers, self.rank * workers + role
-        skip_mine = resume["skip_per_shard"][role] if "skip_per_shard" in resume else 0
-        skip_global = resume.get("skip_global", 0)
+        shards = self.world_size * workers
+        return self._shard(self.rank * workers + role, shards,
+                           skip_mine=resume["skip_per_shard"][role] if "skip_per_shard" in resume else 0,
+                           skip_global=resume.get("skip_global", 0),
+                           start=resume["state"].get("index", 0) if "state" in resume else 0)
+
+    def _shard(self, mine: int, shards: int, skip_mine: int, skip_global: int, start: int):
         t0, logged = time.perf_counter(), not (skip_mine or skip_global)
-        for i, example in enumerate(self.dataset):
+        self._next_index = start
+        for i, example in enumerate(self.dataset, start=start):
+            self._next_index = i + 1
             if i < skip_global or (i - skip_global) % shards != mine:
                 continue
             if skip_mine:
                 skip_mine -= 1
                 continue
             if not logged:
-                _log_skip(i, time.perf_counter() - t0, self.rank, worker)
+                _log_skip(i, time.perf_counter() - t0, self.rank, mine % max(1, shards // self.world_size))
                 logged = True
             yield example
 

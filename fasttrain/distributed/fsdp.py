@@ -29,8 +29,13 @@ from torch import nn
 
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload",
                 "auto_wrap", "no_shard")
-FSDP_CONFIG_KEYS = ("reshard_after_forward", "activation_checkpointing", "num_replicas",
-                    "min_num_params", "transformer_layer_cls_to_wrap", "version")
+FSDP_CONFIG_KEYS = ("reshard_after_forward", "activation_checkpointing", "num_replicas")
+# HF/accelerate keys that FSDP2 per-block wrapping makes moot: accepted, logged, not used
+FSDP_CONFIG_MOOT = ("min_num_params", "transformer_layer_cls_to_wrap", "version", "backward_prefetch",
+                    "forward_prefetch", "limit_all_gathers", "use_orig_params", "sync_module_states",
+                    "cpu_ram_efficient_loading", "state_dict_type", "auto_wrap_policy", "xla",
+                    "xla_fsdp_settings", "xla_fsdp_grad_ckpt", "xla_fsdp_v2", "offload_params",
+                    "sharding_strategy", "cpu_offload", "activation_cpu_offload")
 
 
 @dataclass
@@ -53,10 +58,12 @@ class FSDPConfig:
         if not options:
             return None
         config = dict(fsdp_config or {})
-        unknown = sorted(k for k in config if k not in FSDP_CONFIG_KEYS and not k.startswith("fsdp_"))
+        config = {k[5:] if k.startswith("fsdp_") else k: v for k, v in config.items()}
+        unknown = sorted(k for k in config if k not in FSDP_CONFIG_KEYS + FSDP_CONFIG_MOOT)
         if unknown:
-            raise ValueError(f"TrainingArguments.fsdp_config has unknown key(s) {unknown}; "
-                             f"accepted: {', '.join(FSDP_CONFIG_KEYS)}")
+            raise ValueError(f"TrainingArguments.fsdp_config has unknown key(s) {unknown}; used: "
+                             f"{', '.join(FSDP_CONFIG_KEYS)}; accepted from HF/accelerate and not needed "
+                             f"with FSDP2's per-block wrapping: {', '.join(FSDP_CONFIG_MOOT)}")
         if "no_shard" in options:
             raise ValueError("TrainingArguments.fsdp='no_shard' is plain data parallelism: leave "
                              "fsdp empty to get fasttrain's DDP, or use 'full_shard'")
