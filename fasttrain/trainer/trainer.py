@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fasttrain.checkpoint import storage as ckpt
+from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, prepare_output_dir, save_model_files
 from fasttrain.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
                                  TrainerControl, TrainerState)
 from fasttrain.data.columns import collate_or_explain, kept_columns, remove_unused_columns
@@ -34,13 +33,13 @@ from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast
 from fasttrain.optim.schedules import (LRScheduler, build_scheduler, learning_rate_used,
                                        step_on_metrics, step_scheduler)
 from fasttrain.trainer import hf_options
-from fasttrain.trainer.evaluation import EvaluationMixin
+from fasttrain.trainer.evaluation import loss_sum_and_count, run_evaluation, update_best
 from fasttrain.trainer.instruments import Instruments
-from fasttrain.trainer.checkpointing import CheckpointMixin
 from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
 from fasttrain.trainer.script_helpers import ScriptHelpersMixin
-from fasttrain.trainer.utils import (LogWindow, TrainOutput, dataset_len, extract_loss,
-                                     forward_arg_names, samples_in,
+from fasttrain.trainer.run_state import RunState
+from fasttrain.trainer.utils import (PredictionOutput, TrainOutput, dataset_len, extract_logits,
+                                     extract_loss, forward_arg_names, samples_in,
                                      to_device, tokens_in, uses_label_shift)
 from fasttrain.training_args import TrainingArguments
 
@@ -57,7 +56,7 @@ def _either(flag: Optional[torch.Tensor], other: torch.Tensor) -> torch.Tensor:
     return other if flag is None else torch.maximum(flag, other)
 
 
-class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
+class Trainer(ScriptHelpersMixin):
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, data_collator=None,
                  train_dataset: Optional[Dataset] = None, eval_dataset=None,
                  processing_class=None, tokenizer=None, model_init: Optional[Callable] = None,
@@ -92,10 +91,19 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         self.callback_handler = CallbackHandler([DefaultFlowCallback, *(callbacks or []), console],
                                                 self.model, self.processing_class,
                                                 self.optimizer, self.lr_scheduler)
-        self._stop_signal = None
-        self._pending_best = False
-        self._logger = None
-        self._saver = ckpt.AsyncSaver()
+        # built by train(): the loop's mutable state and the components that act on it
+        self.run: Optional[RunState] = None
+        self.checkpointer: Optional[Checkpointer] = None
+        self._instruments: Optional[Instruments] = None
+        self._train_sampler: Optional[ShardedSampler] = None
+        self._trainable: Optional[list] = None
+        self._sharded = False  # FSDP: parameters are DTensors
+        self._fsdp = None
+        self._logger: Optional[MetricsLogger] = None
+        self.profile_summary: Optional[dict] = None
+        # per-step caches: each micro-batch's valid-token count, the clip constant
+        self._step_counts: dict = {}
+        self._clip_offset: Optional[torch.Tensor] = None
         self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
 
     def _set_model(self, model) -> None:
@@ -313,9 +321,7 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         return self.dist.all_reduce_sum(total)
 
     def _valid_tokens(self, labels: torch.Tensor) -> torch.Tensor:
-        counts = getattr(self, "_step_counts", None)
-        if counts is None:
-            counts = self._step_counts = {}
+        counts = self._step_counts
         count = counts.get(id(labels))
         if count is None:
             count = counts[id(labels)] = count_valid_labels(labels, self._label_shift)
@@ -330,8 +336,8 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
             self.scaler.unscale_(self.optimizer)
             found_inf = self.scaler.found_inf_flag()
         if args.max_grad_norm:
-            self._grad_norm, grad_scale = self._clip()
-            found_inf = _either(found_inf, _nonfinite(self._grad_norm))  # NaN loss -> NaN norm
+            self.run.grad_norm, grad_scale = self._clip()
+            found_inf = _either(found_inf, _nonfinite(self.run.grad_norm))  # NaN loss -> NaN norm
         loss_bad = None
         if not args.max_grad_norm or args.nonfinite_loss_policy == "stop":
             loss_bad = _nonfinite(step_loss)
@@ -348,11 +354,8 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
             step_skipping(self.optimizer, found_inf, grad_scale)
         self._event("on_optimizer_step")
         # a scheduler fasttrain did not build hands back the LRs this step used, for logging
-        self._lr_captured = step_scheduler(self.lr_scheduler, self.optimizer, skipped=found_inf)
-        if not self._schedule_counts_skips:  # else the schedule counted it, in self._skipped
-            self._skipped += found_inf
-        if loss_bad is not None and args.nonfinite_loss_policy == "stop":
-            self._nonfinite_run = (self._nonfinite_run + 1) * loss_bad
+        self.run.lr_captured = step_scheduler(self.lr_scheduler, self.optimizer, skipped=found_inf)
+        self.run.record_optimizer_step(found_inf, loss_bad if args.nonfinite_loss_policy == "stop" else None)
         self.dist.zero_grad(self.model_wrapped, self.optimizer)
 
     def _clip(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -381,7 +384,8 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
             raise TypeError(f"train() got unexpected arguments {sorted(kwargs)}")
         args = self.args
         resume_from_checkpoint = resume_from_checkpoint or args.resume_from_checkpoint
-        self._prepare_output_dir(resume_from_checkpoint)
+        prepare_output_dir(args.output_dir, bool(resume_from_checkpoint), args.overwrite_output_dir,
+                           self.dist.is_main)
         hf_options.seed_everything(args)
         if self.model_init is not None:  # as HF: a fresh model (and optimizer) seeded by args.seed
             self._set_model(self.call_model_init())
@@ -412,54 +416,48 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         st.max_steps, st.num_train_epochs = max_steps, num_epochs
         st.compute_steps(args, max_steps)
         st.train_batch_size = args.per_device_train_batch_size
-        # one count of skipped steps: the LR schedule's when it is ours (it holds the LR on them)
-        self._schedule_counts_skips = isinstance(self.lr_scheduler, LRScheduler) and self.lr_scheduler.device_mode
-        self._skipped = (self.lr_scheduler.skipped.view(()) if self._schedule_counts_skips
-                         else torch.zeros((), device=self.device))
         self._clip_offset = None
-        self._nonfinite_run = torch.zeros((), device=self.device)
-        self._grad_norm = None
-        self._lr_captured = None
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._sharded = any(hasattr(p, "full_tensor") for p in self._trainable)  # FSDP DTensors
-        self._window = LogWindow(self.device)
-        self._loss_total, self._loss_steps = 0.0, 0  # host sums of the logged windows (train_loss)
-        self._samples_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
-                                  * self.dist.world_size)
-        epoch, micro_done = 0, 0
+        # one count of skipped steps: the LR schedule's when it is ours (it holds the LR on them)
+        schedule_counts = isinstance(self.lr_scheduler, LRScheduler) and self.lr_scheduler.device_mode
+        self.run = RunState(self.device, self.dist.world_size, args.per_device_train_batch_size,
+                            skipped=self.lr_scheduler.skipped.view(()) if schedule_counts else None,
+                            skips_counted_elsewhere=schedule_counts)
+        self.checkpointer = self._build_checkpointer()
         if resume_from_checkpoint:
-            epoch, micro_done = self._resume(resume_from_checkpoint)
+            self.checkpointer.load(resume_from_checkpoint)
             if args.ignore_data_skip:  # HF: resume at the start of the saved epoch's data
-                micro_done = 0
+                self.run.micro_batches_done = 0
         self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint),
                                      history=st.log_history if resume_from_checkpoint else None)
-        self._install_signal_handler()
+        self.run.install_sigterm_handler()
         self.model_wrapped.train()  # evaluation restores the mode it found
         self._event("on_train_begin")
         start_time = time.perf_counter()
         start_step = st.global_step
-        self._window.t0 = start_time  # set-up and resume time are not training time
+        self.run.window.t0 = start_time  # set-up and resume time are not training time
         try:
             with self._instruments.oom_guard():
-                self._run_epochs(loader, epoch, micro_done, num_epochs, steps_per_epoch, micro_per_epoch)
-            self._saver.wait()
+                self._run_epochs(loader, num_epochs, micro_per_epoch)
+            self.checkpointer.wait()
         finally:
-            self._saver.drain()
-            self._restore_signal_handler()
+            self.checkpointer.drain()
+            self.run.restore_sigterm_handler()
             self._logger.close()
             self.profile_summary = self._instruments.finish(self.dist.is_main, quiet=args.disable_tqdm)
         runtime = time.perf_counter() - start_time
         if args.load_best_model_at_end and st.best_model_checkpoint:
             ckpt.load_model_weights(self.model, st.best_model_checkpoint)
-        rest = self._window.flush(self.dist)  # steps after the last logging step count too
+        rest = self.run.window.flush(self.dist)  # steps after the last logging step count too
         if rest:
-            self._loss_total += rest["loss"] * rest["steps"]
-            self._loss_steps += rest["steps"]
-        train_loss = self._loss_total / self._loss_steps if self._loss_steps else float("nan")
+            self.run.add_logged_window(rest)
+        train_loss = self.run.mean_logged_loss()
         steps_run = st.global_step - start_step
+        samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dist.world_size
         # HF's end-of-training record (logged, so it reaches log_history and the console)
         metrics = {"train_runtime": round(runtime, 4),
-                   "train_samples_per_second": round(steps_run * self._samples_per_step / max(runtime, 1e-9), 3),
+                   "train_samples_per_second": round(steps_run * samples_per_step / max(runtime, 1e-9), 3),
                    "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
                    "total_flos": st.total_flos, "train_loss": train_loss}
         self.log(dict(metrics))
@@ -469,38 +467,35 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         self._event("on_train_end")
         return TrainOutput(st.global_step, train_loss, metrics)
 
-    def _run_epochs(self, loader, epoch, micro_done, num_epochs, steps_per_epoch, micro_per_epoch):
-        args, st = self.args, self.state
+    def _run_epochs(self, loader, num_epochs: int, micro_per_epoch: int):
+        args, st, run = self.args, self.state, self.run
         ga = args.gradient_accumulation_steps
-        while epoch < num_epochs and st.global_step < st.max_steps:
-            self._train_sampler.set_epoch(epoch, skip=micro_done * args.per_device_train_batch_size)
-            self._epoch, self._micro_done = epoch, micro_done
+        while run.epoch < num_epochs and st.global_step < st.max_steps:
+            self._train_sampler.set_epoch(run.epoch, skip=run.micro_batches_done * args.per_device_train_batch_size)
             self._event("on_epoch_begin")
             iterator = iter(loader)
             inst = self._instruments
-            while micro_done < micro_per_epoch and st.global_step < st.max_steps:
+            while run.micro_batches_done < micro_per_epoch and st.global_step < st.max_steps:
                 self._event("on_step_begin")
                 inst.step_begin()
                 with inst.phase("data"):
-                    batches = [next(iterator) for _ in range(min(ga, micro_per_epoch - micro_done))]
-                micro_done += len(batches)
-                self._micro_done = micro_done
+                    batches = [next(iterator) for _ in range(min(ga, micro_per_epoch - run.micro_batches_done))]
+                run.advance(len(batches))
                 step_loss = self.training_step(batches)
                 tokens = sum(tokens_in(b) for b in batches)
                 inst.step_end(st.global_step + 1, tokens, sum(samples_in(b) for b in batches))
                 st.global_step += 1
-                st.epoch = epoch + micro_done / micro_per_epoch
+                st.epoch = run.epoch + run.micro_batches_done / micro_per_epoch
                 st.num_input_tokens_seen += tokens * self.dist.world_size
                 st.total_flos += sum(self.floating_point_ops(b) for b in batches) * self.dist.world_size
-                self._window.add(step_loss, self._grad_norm, tokens)
+                run.window.add(step_loss, run.grad_norm, tokens)
                 hf_options.maybe_empty_cache(args, st.global_step, self.device)
                 self._event("on_step_end")  # DefaultFlowCallback sets the flags, others may change them
                 self._maybe_log_save_evaluate(epoch_end=False)
                 if self.control.should_training_stop or self.control.should_epoch_stop:
                     break
-            if micro_done >= micro_per_epoch or self.control.should_epoch_stop:
-                epoch, micro_done = epoch + 1, 0  # a checkpoint saved now resumes at the next epoch
-                self._epoch, self._micro_done = epoch, 0
+            if run.micro_batches_done >= micro_per_epoch or self.control.should_epoch_stop:
+                run.next_epoch()  # a checkpoint saved now resumes at the next epoch
             self._event("on_epoch_end")  # also when max_steps or a callback ended training mid-epoch
             self._maybe_log_save_evaluate(epoch_end=True)
             if self.control.should_training_stop:
@@ -516,48 +511,47 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
         if preempted:
             control.should_save = control.should_training_stop = True
         if control.should_log:
-            self._log_training(self._window.flush(self.dist))
+            self._log_training(self.run.window.flush(self.dist))
         metrics, paused = None, control.should_evaluate or control.should_save
+        new_best = False  # a best result belongs to a checkpoint of this step only
         if control.should_evaluate and self.eval_dataset is not None:
             with self._instruments.expect_compiles("evaluation (dropout off)"):
                 metrics = self.evaluate()
-            new_best = self._update_best(metrics)
+            new_best = update_best(metrics, args, st)
             step_on_metrics(self.lr_scheduler, metrics, args.metric_for_best_model)
             if args.save_strategy == "best":
                 control.should_save = new_best
         if control.should_save and (args.save_strategy != "no" or preempted):
             # a preemption save must be on disk before the process exits
-            self._save_checkpoint(metrics, blocking=preempted)
+            self._save_checkpoint(metrics, blocking=preempted, best=new_best)
             self._event("on_save")
-        self._saver.poll()  # a failed background save surfaces here, at the next step
+        self.checkpointer.poll()  # a failed background save surfaces here, at the next step
         if preempted:
             logger.warning("received %s: saved checkpoint-%d and stopped cleanly",
-                           self._stop_signal or "SIGTERM (on another rank)", step)
+                           self.run.stop_signal or "SIGTERM (on another rank)", step)
         if paused:
-            self._window.t0 = time.perf_counter()  # tokens/s counts training time only
-        self._pending_best = False  # a best result belongs to a checkpoint of this step only
+            self.run.window.t0 = time.perf_counter()  # tokens/s counts training time only
         control.should_log = control.should_evaluate = control.should_save = False
 
     def _log_training(self, window: dict):
         st = self.state
         if not window:
             return
-        self._loss_total += window["loss"] * window["steps"]
-        self._loss_steps += window["steps"]
-        lr = learning_rate_used(self.lr_scheduler, self.optimizer, self._lr_captured)
+        self.run.add_logged_window(window)
+        lr = learning_rate_used(self.lr_scheduler, self.optimizer, self.run.lr_captured)
         record = {"loss": window["loss"], "learning_rate": lr,
                   "epoch": round(st.epoch, 4)}
         if window.get("grad_norm") is not None:
             record["grad_norm"] = window["grad_norm"]
         record["tokens_per_second"] = window["tokens_per_second"]
-        record["skipped_steps"] = int(self._skipped.item())  # sync: logging step
+        record["skipped_steps"] = int(self.run.skipped.item())  # sync: logging step
         st.skipped_steps = record["skipped_steps"]
         if self.scaler is not None:
             record["loss_scale"] = float(self.scaler.get_scale())  # sync: logging step
             self.scaler.check_divergence()
         record.update(self._instruments.log_metrics())
         if self.args.nonfinite_loss_policy == "stop":
-            run = int(self._nonfinite_run.item())  # sync: logging step
+            run = int(self.run.nonfinite_run.item())  # sync: logging step
             if run >= self.args.max_consecutive_nonfinite:
                 raise FloatingPointError(
                     f"the loss was non-finite for {run} consecutive steps (limit "
@@ -577,27 +571,128 @@ class Trainer(CheckpointMixin, EvaluationMixin, ScriptHelpersMixin):
             self._logger = MetricsLogger(self.args, self.dist.is_main, 0, resume=True)
         self._logger.log(record, st.global_step)
 
-    # ------------------------------------------------------------------ signals
-    def _install_signal_handler(self):
-        self._prev_handler = None
-        try:
-            self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:  # not the main thread: leave signals to the caller
-            self._prev_handler = None
-
     def _preemption_agreed(self, agree_now: bool) -> bool:
         """Whether to save and stop now. One process decides at the end of the step the
         signal arrived in. Ranks may receive it in different steps, so under data
         parallelism they agree at the next logging-cadence step (every logging_steps, epoch
         end, last step), never in between: no rank can stop while another still trains."""
-        requested = self._stop_signal is not None
+        requested = self.run.stop_signal is not None
         if not self.dist.enabled:
             return requested
         return self.dist.any_flag(requested) if agree_now else False
 
-    def _on_sigterm(self, signum, frame):
-        self._stop_signal = signal.Signals(signum).name
+    # ------------------------------------------------------------------ checkpoints
+    def _build_checkpointer(self) -> Checkpointer:
+        args = self.args
+        components = RunComponents(
+            model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+            run_state=self.run, trainer_state=self.state, scaler=self.scaler,
+            callbacks=self.callback_handler, training_args=args.to_dict())
+        return Checkpointer(args.output_dir, components, self.dist, save_total_limit=args.save_total_limit,
+                            keep_best=args.load_best_model_at_end)
 
-    def _restore_signal_handler(self):
-        if self._prev_handler is not None:
-            signal.signal(signal.SIGTERM, self._prev_handler)
+    def _save_checkpoint(self, metrics=None, blocking: bool = False, best: bool = False) -> str:
+        """Save `checkpoint-<global_step>`; `best`: it holds the new best model."""
+        if self.scaler is not None:
+            self.scaler.check_divergence()  # a diverged fp16 run stops before it saves
+        return self.checkpointer.save(self.state.global_step, best=best, blocking=blocking)
+
+    def save_model(self, output_dir=None) -> None:
+        """Weights (safetensors) and config of the model, for inference or fine-tuning."""
+        if self.dist.is_main:
+            save_model_files(self.model, output_dir or self.args.output_dir)
+
+    # ------------------------------------------------------------------ evaluation (HF API)
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        """The evaluation DataLoader (HF's contract: a subclass may return its own).
+        `eval_dataset` may be a dataset, or the name of one when Trainer(eval_dataset=...)
+        is a dict."""
+        if isinstance(eval_dataset, str):
+            if not isinstance(self.eval_dataset, dict) or eval_dataset not in self.eval_dataset:
+                raise KeyError(f"get_eval_dataloader({eval_dataset!r}): Trainer(eval_dataset=...) is not a "
+                               f"dict with that key (keys: {sorted(self.eval_dataset or {}) if isinstance(self.eval_dataset, dict) else None})")
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval dataset: pass Trainer(eval_dataset=...) "
+                             "or evaluate(eval_dataset=...)")
+        return self._eval_loader(dataset, "evaluation")
+
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        """The DataLoader predict() reads `test_dataset` with."""
+        if test_dataset is None:
+            raise ValueError("predict() needs a test dataset: predict(test_dataset)")
+        return self._eval_loader(test_dataset, "test")
+
+    def _eval_loader(self, dataset, description: str) -> DataLoader:
+        n = dataset_len(dataset, f"{description} dataset")
+        sampler = ShardedSampler(n, rank=self.dist.rank, world_size=self.dist.world_size,
+                                 shuffle=False, pad=False)
+        dataset = self._remove_unused_columns(dataset, description)
+        return self._loader(dataset, sampler, self.args.per_device_eval_batch_size, False)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        if eval_dataset is None and isinstance(self.eval_dataset, dict):
+            eval_dataset = self.eval_dataset
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for name, ds in eval_dataset.items():
+                metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        loader = self.get_eval_dataloader(eval_dataset)
+        output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=self.compute_metrics is None,
+                                      ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        self.log(dict(output.metrics))
+        self._event("on_evaluate", metrics=output.metrics)
+        return output.metrics
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
+        loader = self.get_test_dataloader(test_dataset)
+        output = self.evaluation_loop(loader, "Prediction", prediction_loss_only=False,
+                                      ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        self._event("on_predict", metrics=output.metrics)
+        return output
+
+    def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
+        """(loss_sum, token_count, logits, labels) of one batch; logits None when not needed."""
+        labels = self._labels(inputs)
+        if self._compute_loss_overridden() and labels is not None:
+            return self._prediction_step_user_loss(model, inputs, prediction_loss_only, labels)
+        with torch.no_grad(), self._autocast():
+            fused = None
+            if prediction_loss_only and labels is not None:
+                fused = self._fused_loss(model, inputs)
+            if fused is not None:
+                return fused[0].detach(), fused[1], None, labels
+            kwargs = {}
+            if not prediction_loss_only and self._forward_args and "return_logits" in self._forward_args:
+                kwargs["return_logits"] = True
+            outputs = model(**inputs, **kwargs)
+        loss = extract_loss(outputs)
+        logits = None if prediction_loss_only else extract_logits(outputs)
+        if loss is None or labels is None:
+            return None, None, logits, labels
+        loss_sum, count = loss_sum_and_count(loss, labels, self._label_shift)
+        return loss_sum.detach(), count, logits, labels
+
+    def _prediction_step_user_loss(self, model, inputs, prediction_loss_only, labels):
+        """A subclass's compute_loss decides the evaluation loss too (as in HF), so best-model
+        selection and early stopping see the loss it trains with. HF averages that per-batch
+        loss over examples; so does this: weight = the batch's example count."""
+        with torch.no_grad(), self._autocast():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach().float().mean()
+        count = torch.tensor(float(labels.shape[0]), device=loss.device)
+        logits = None if prediction_loss_only else extract_logits(outputs)
+        return loss * count, count, logits, labels
+
+    def evaluation_loop(self, dataloader, description: str = "Evaluation", prediction_loss_only=None,
+                        ignore_keys=None, metric_key_prefix: str = "eval") -> PredictionOutput:
+        """Loss (token-weighted, as training), predictions and metrics over `dataloader`."""
+        self.callback_handler.eval_dataloader = dataloader
+        return run_evaluation(
+            dataloader, self.num_examples(dataloader), self.model, self.prediction_step, dist=self.dist,
+            device=self.device, want_predictions=not prediction_loss_only, metric_key_prefix=metric_key_prefix,
+            compute_metrics=self.compute_metrics, preprocess_logits=self.preprocess_logits_for_metrics,
+            observe_batch=self._instruments.observe_batch if self._instruments is not None else None,
+            on_step=lambda: self._event("on_prediction_step"))

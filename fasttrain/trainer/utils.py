@@ -1,10 +1,8 @@
-"""Small helpers the Trainer composes: seeds and RNG state, loss extraction, batches."""
+"""Small helpers the Trainer composes: seeds, loss extraction, batches."""
 from __future__ import annotations
 
 import inspect
-import math
 import random
-import time
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -49,33 +47,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every RNG the training step may draw from, in plain tensors and ints (loadable with
-    torch.load(weights_only=True))."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": {"version": py[0], "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
-        "numpy": {"kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def extract_loss(outputs) -> Optional[torch.Tensor]:
@@ -146,40 +117,6 @@ def pad_and_concat(arrays: list, pad_value=IGNORE_INDEX) -> np.ndarray:
 
 def denumpify(metrics: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
-
-
-class LogWindow:
-    """Device-side accumulators between logging steps; read once per logging step."""
-
-    def __init__(self, device):
-        self.device = device
-        self.reset()
-
-    def reset(self):
-        self.loss = torch.zeros((), device=self.device)
-        self.grad_norm = torch.zeros((), device=self.device)  # the last step's (as HF logs it)
-        self.steps = 0
-        self.tokens = 0
-        self.t0 = time.perf_counter()
-
-    @torch.no_grad()
-    def add(self, step_loss, grad_norm, tokens: int = 0):
-        self.loss += step_loss
-        if grad_norm is not None:
-            self.grad_norm = grad_norm  # a reference: read on the logging step
-        self.steps += 1
-        self.tokens += tokens
-
-    def flush(self, dist) -> dict:
-        if self.steps == 0:
-            return {}
-        loss = dist.all_reduce_sum(self.loss.clone())
-        values = torch.stack([loss, self.grad_norm]).tolist()  # sync: logging step
-        elapsed = time.perf_counter() - self.t0  # after the sync: the device work is done
-        out = {"loss": values[0] / self.steps, "steps": self.steps, "grad_norm": values[1] or None,
-               "tokens_per_second": self.tokens * dist.world_size / max(elapsed, 1e-9)}
-        self.reset()
-        return out
 
 
 def samples_in(batch: dict) -> int:

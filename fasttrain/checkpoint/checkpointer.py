@@ -1,0 +1,245 @@
+"""Save and resume a training run from the components it is handed; no Trainer needed.
+
+A run is whatever `RunComponents` lists: model, optimizer, LR scheduler, loss scaler, the
+loop state (data position, logging window, device-side counters: any object with
+`state_dict()`/`load_state_dict()` whose state is plain JSON), the TrainerState, the
+callbacks' state and every rank's RNG. Exact resume restores all of it, so a resumed run
+takes the same steps, bit for bit, as one that never stopped.
+
+Model and optimizer state go through a `StateIO` (the seam for sharded formats): the default
+`FullStateIO` writes `model.safetensors` + `optimizer.pt` from rank 0, which holds the full
+state (single process, DDP). A sharded backend (torch.distributed.checkpoint for FSDP) is
+another `StateIO`; nothing else here changes. The file layout and crash safety (temp dir,
+fsync, rename, CRC-32 manifest, background writes) are `storage.py`'s.
+
+May import: torch, fasttrain.checkpoint, fasttrain.callbacks, fasttrain.distributed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from typing import Any, Optional, Protocol
+
+import torch
+
+from fasttrain.callbacks import TrainerState
+from fasttrain.checkpoint import storage
+from fasttrain.checkpoint.rng import rng_state, set_rng_state
+from fasttrain.distributed.context import DistContext
+
+logger = logging.getLogger("fasttrain")
+
+OPTIMIZER_FILE = "optimizer.pt"
+DATA_STATE_FILE = "data_state.json"
+# TrainerState fields that describe this process or this run's plan, not the saved run
+_NOT_RESTORED = ("is_local_process_zero", "is_world_process_zero", "max_steps")
+
+
+class StateIO(Protocol):
+    """How model and optimizer state reach the checkpoint directory and come back.
+
+    `snapshot` runs on every rank on the training thread (it may run collectives) and
+    returns a host-memory copy, safe to write while training goes on; `write` runs on
+    rank 0's background saver thread with the checkpoint's `storage.CheckpointWriter`
+    (files it writes are listed in the manifest); `load` runs on every rank."""
+
+    def snapshot(self, model: torch.nn.Module, optimizer, is_main: bool) -> Any: ...
+
+    def write(self, writer: storage.CheckpointWriter, snap: Any) -> None: ...
+
+    def load(self, path: str, model: torch.nn.Module, optimizer) -> None: ...
+
+
+class FullStateIO:
+    """Full (unsharded) state from rank 0: `model.safetensors` (tied weights stored once)
+    and `optimizer.pt`."""
+
+    def snapshot(self, model, optimizer, is_main: bool):
+        if not is_main:
+            return None
+        weights, aliases = storage.dedupe_shared(model.state_dict())
+        return storage.snapshot({"weights": weights, "optimizer": optimizer.state_dict()}), aliases
+
+    def write(self, writer, snap) -> None:
+        state, aliases = snap
+        writer.write_model(state["weights"], aliases)
+        writer.write_torch(OPTIMIZER_FILE, state["optimizer"])
+
+    def load(self, path: str, model, optimizer) -> None:
+        storage.load_model_weights(model, path)
+        lr_tensors = [g["lr"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(storage.read_torch(path, OPTIMIZER_FILE))
+        for g, lr in zip(optimizer.param_groups, lr_tensors):
+            if isinstance(lr, torch.Tensor):  # keep the device-resident LR the schedule updates
+                lr.copy_(torch.as_tensor(g["lr"]))
+                g["lr"] = lr
+
+
+@dataclasses.dataclass
+class RunComponents:
+    """Everything a checkpoint holds. `run_state` and `scaler` are Stateful
+    (`state_dict`/`load_state_dict`); `callbacks` has `stateful_state()`/`restore_state()`
+    (fasttrain.callbacks.CallbackHandler); `training_args` is a plain dict, saved for the
+    record and never loaded."""
+    model: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    run_state: Any
+    trainer_state: TrainerState
+    scaler: Any = None
+    callbacks: Any = None
+    training_args: Optional[dict] = None
+
+
+class Checkpointer:
+    def __init__(self, output_dir: str, components: RunComponents, dist: Optional[DistContext] = None,
+                 save_total_limit: Optional[int] = None, keep_best: bool = False,
+                 state_io: Optional[StateIO] = None, saver: Optional[storage.AsyncSaver] = None):
+        """`keep_best`: rotation never deletes `trainer_state.best_model_checkpoint`."""
+        self.output_dir = output_dir
+        self.c = components
+        self.dist = dist or DistContext()
+        self.save_total_limit, self.keep_best = save_total_limit, keep_best
+        self.state_io = state_io or FullStateIO()
+        self.saver = saver or storage.AsyncSaver()
+
+    # ------------------------------------------------------------------ saving
+    def save(self, step: int, best: bool = False, blocking: bool = False) -> str:
+        """Snapshot every component into host memory (the only part the caller waits for),
+        then write `checkpoint-<step>` on the background saver. A collective: call on every
+        rank. `best`: this checkpoint becomes `trainer_state.best_model_checkpoint`."""
+        c = self.c
+        check_weights_finite(c.model)
+        path = os.path.join(self.output_dir, f"{storage.PREFIX}{step}")
+        if best:
+            c.trainer_state.best_model_checkpoint = path
+        if c.callbacks is not None:
+            c.trainer_state.stateful_callbacks = c.callbacks.stateful_state()
+        rng_states = self.dist.all_gather_object(rng_state())
+        model_snap = self.state_io.snapshot(c.model, c.optimizer, self.dist.is_main)
+        if self.dist.is_main:
+            snap = storage.snapshot({
+                "scheduler": c.lr_scheduler.state_dict(),
+                "scaler": c.scaler.state_dict() if c.scaler is not None else None})
+            files = {"trainer_state.json": c.trainer_state.to_json_string().encode(),
+                     DATA_STATE_FILE: c.run_state.state_dict(), "training_args.json": c.training_args,
+                     "config.json": model_config(c.model)}
+            keep = c.trainer_state.best_model_checkpoint if self.keep_best else None
+            self.saver.submit(lambda: self._write(step, model_snap, snap, rng_states, files, keep))
+            if blocking:
+                self.saver.wait()
+        self.dist.barrier()
+        return path
+
+    def _write(self, step, model_snap, snap, rng_states, files, keep) -> None:
+        writer = storage.CheckpointWriter(self.output_dir, step)
+        self.state_io.write(writer, model_snap)
+        writer.write_torch("scheduler.pt", snap["scheduler"])
+        if snap["scaler"] is not None:
+            writer.write_torch("scaler.pt", snap["scaler"])
+        for rank, state in enumerate(rng_states):
+            writer.write_torch(f"rng_state_{rank}.pt", state)
+        for name, value in files.items():
+            if isinstance(value, bytes):
+                writer.write_bytes(name, value)
+            elif value is not None:
+                writer.write_json(name, value)
+        writer.commit(step)
+        storage.rotate(self.output_dir, self.save_total_limit, keep=keep)
+
+    def poll(self) -> None:
+        """Re-raise a failed background save (call once per step)."""
+        self.saver.poll()
+
+    def wait(self) -> None:
+        self.saver.wait()
+
+    def drain(self) -> None:
+        self.saver.drain()
+
+    # ------------------------------------------------------------------ resuming
+    def resolve(self, resume) -> str:
+        """The checkpoint `resume` names: True/"latest" = the newest valid one in output_dir."""
+        if resume is True or resume == "latest":
+            path = storage.find_resumable(self.output_dir)
+            if path is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.output_dir!r} holds no "
+                                 "valid checkpoint; train without resuming, or pass a checkpoint path")
+            return path
+        storage.verify(str(resume))
+        return str(resume)
+
+    def load(self, resume) -> str:
+        """Restore every component from the checkpoint `resume` names; returns its path."""
+        c = self.c
+        path = self.resolve(resume)
+        logger.info("resuming from %s", path)
+        # first: a run that cannot resume exactly (other world size, batch size) fails here
+        c.run_state.load_state_dict(storage.read_json(path, DATA_STATE_FILE), where=f"checkpoint {path!r}")
+        self.state_io.load(path, c.model, c.optimizer)
+        c.lr_scheduler.load_state_dict(storage.read_torch(path, "scheduler.pt"))
+        if c.scaler is not None:
+            c.scaler.load_state_dict(storage.read_torch(path, "scaler.pt"))
+        saved = TrainerState.from_dict(storage.read_json(path, "trainer_state.json"))
+        for f in dataclasses.fields(TrainerState):
+            if f.name not in _NOT_RESTORED:
+                setattr(c.trainer_state, f.name, getattr(saved, f.name))
+        if c.callbacks is not None:
+            c.callbacks.restore_state(c.trainer_state.stateful_callbacks)
+        set_rng_state(storage.read_torch(path, f"rng_state_{self.dist.rank}.pt"))
+        return path
+
+
+def check_weights_finite(model: torch.nn.Module) -> None:
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    if not bool(finite):  # sync: once per save
+        raise FloatingPointError("refusing to save a checkpoint: the model weights contain NaN/inf. "
+                                 "Earlier checkpoints are intact; resume from one with a lower "
+                                 "learning rate.")
+
+
+def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool, is_main: bool) -> None:
+    """Refuse to mix a new run into an old run's checkpoints unless told how."""
+    if os.path.isfile(output_dir):
+        raise ValueError(f"output_dir {output_dir!r} is a file; choose a directory")
+    if not resuming and not overwrite and storage.list_checkpoints(output_dir):
+        raise ValueError(
+            f"output_dir {output_dir!r} already holds checkpoints of an earlier run. Pass "
+            "resume_from_checkpoint=True to continue it, overwrite_output_dir=True to start "
+            "over there (its checkpoints will be replaced), or choose another output_dir.")
+    if is_main:
+        if not resuming and overwrite:
+            for path in storage.list_checkpoints(output_dir):  # as promised: start over there
+                shutil.rmtree(path)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create output_dir {output_dir!r}: {e}") from None
+
+
+def save_model_files(model: torch.nn.Module, output_dir: str) -> None:
+    """Weights (safetensors) and config of the model, for inference or fine-tuning."""
+    os.makedirs(output_dir, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(output_dir, safe_serialization=True)
+        return
+    with open(os.path.join(output_dir, storage.MODEL_FILE), "wb") as f:
+        f.write(storage.model_bytes(model.state_dict()))
+    config = model_config(model)
+    if config is not None:
+        with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+
+
+def model_config(model):
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if dataclasses.is_dataclass(config):
+        return {"model_type": "fasttrain-gpt", **dataclasses.asdict(config)}
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return None

@@ -1,0 +1,150 @@
+"""The mutable state of one `train()` run, in one object the Trainer owns.
+
+`RunState` is everything the loop changes as it goes that is not already a component's own
+state (weights, optimizer, LR schedule, loss scaler: those save themselves) nor the
+HF-visible `TrainerState` (global step, epoch as a float, log history, best metric):
+  - the loop position: epoch and micro-batches consumed in it (the data position a resume
+    starts the sampler from, so nothing is replayed or skipped);
+  - the logging window: device-side loss and grad-norm accumulators since the last log;
+  - device-side counters: skipped optimizer steps and the current run of non-finite losses;
+  - the last gradient norm (a device tensor, read only on logging steps) and, for a
+    scheduler fasttrain did not build, the LRs the last step used;
+  - the stop signal a SIGTERM handler recorded;
+  - the host sums of the logged losses (the final train_loss).
+The Checkpointer saves it as `data_state.json` through `state_dict()`/`load_state_dict()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from typing import Optional
+
+import torch
+
+
+class LogWindow:
+    """Device-side accumulators between logging steps; read once per logging step."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.loss = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)  # the last step's (as HF logs it)
+        self.steps = 0
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    @torch.no_grad()
+    def add(self, step_loss, grad_norm, tokens: int = 0):
+        self.loss += step_loss
+        if grad_norm is not None:
+            self.grad_norm = grad_norm  # a reference: read on the logging step
+        self.steps += 1
+        self.tokens += tokens
+
+    def flush(self, dist) -> dict:
+        if self.steps == 0:
+            return {}
+        loss = dist.all_reduce_sum(self.loss.clone())
+        values = torch.stack([loss, self.grad_norm]).tolist()  # sync: logging step
+        elapsed = time.perf_counter() - self.t0  # after the sync: the device work is done
+        out = {"loss": values[0] / self.steps, "steps": self.steps, "grad_norm": values[1] or None,
+               "tokens_per_second": self.tokens * dist.world_size / max(elapsed, 1e-9)}
+        self.reset()
+        return out
+
+
+@dataclasses.dataclass(eq=False)
+class RunState:
+    """`world_size` and `per_device_train_batch_size` fix what `micro_batches_done` means:
+    a resume must use the same values (checked by `load_state_dict`)."""
+    device: torch.device
+    world_size: int = 1
+    per_device_train_batch_size: int = 1
+    epoch: int = 0
+    micro_batches_done: int = 0
+    window: LogWindow = None
+    skipped: torch.Tensor = None        # optimizer steps skipped (overflow, non-finite)
+    # True when `skipped` is a view of a counter another component advances (the device LR
+    # schedule's): the run's one count of skipped steps, so it is not added to twice
+    skips_counted_elsewhere: bool = False
+    nonfinite_run: torch.Tensor = None  # consecutive non-finite losses, 0 after a finite one
+    grad_norm: Optional[torch.Tensor] = None
+    lr_captured: Optional[list] = None  # LRs the last step used, from a scheduler not fasttrain's
+    stop_signal: Optional[str] = None
+    # host sums over the logged windows of this process's run, for the final train_loss
+    # (not checkpointed: as HF, train_loss covers the steps this run trained)
+    logged_loss_total: float = 0.0
+    logged_loss_steps: int = 0
+
+    def __post_init__(self):
+        self.window = self.window or LogWindow(self.device)
+        if self.skipped is None:
+            self.skipped = torch.zeros((), device=self.device)
+        if self.nonfinite_run is None:
+            self.nonfinite_run = torch.zeros((), device=self.device)
+
+    # ------------------------------------------------------------------ the step's updates
+    def record_optimizer_step(self, found_inf, loss_bad: Optional[torch.Tensor]) -> None:
+        """Device-side bookkeeping of one optimizer step; reads nothing on the host."""
+        if not self.skips_counted_elsewhere:
+            self.skipped += found_inf
+        if loss_bad is not None:
+            self.nonfinite_run = (self.nonfinite_run + 1) * loss_bad
+
+    def add_logged_window(self, window: dict) -> None:
+        self.logged_loss_total += window["loss"] * window["steps"]
+        self.logged_loss_steps += window["steps"]
+
+    def mean_logged_loss(self) -> float:
+        return self.logged_loss_total / self.logged_loss_steps if self.logged_loss_steps else float("nan")
+
+    def advance(self, micro_batches: int) -> None:
+        self.micro_batches_done += micro_batches
+
+    def next_epoch(self) -> None:
+        self.epoch, self.micro_batches_done = self.epoch + 1, 0
+
+    # ------------------------------------------------------------------ stop on SIGTERM
+    def install_sigterm_handler(self) -> None:
+        """Record a SIGTERM in `stop_signal`; the loop saves and stops at the step's end."""
+        try:
+            self._prev_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        except ValueError:  # not the main thread: leave signals to the caller
+            self._prev_handler = None
+
+    def restore_sigterm_handler(self) -> None:
+        if getattr(self, "_prev_handler", None) is not None:
+            signal.signal(signal.SIGTERM, self._prev_handler)
+            self._prev_handler = None
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        w = self.window
+        values = torch.stack([w.loss, w.grad_norm, self.skipped, self.nonfinite_run]).tolist()  # sync: save
+        return {"epoch": self.epoch, "micro_batches_done": self.micro_batches_done,
+                "world_size": self.world_size,
+                "per_device_train_batch_size": self.per_device_train_batch_size,
+                "window": {"loss": values[0], "grad_norm": values[1], "steps": w.steps, "tokens": w.tokens},
+                "skipped": values[2], "nonfinite_run": values[3]}
+
+    def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"{where} was written by {state['world_size']} processes, this "
+                             f"run has {self.world_size}; exact resume needs the same world size")
+        if state["per_device_train_batch_size"] != self.per_device_train_batch_size:
+            raise ValueError(f"{where} used per_device_train_batch_size="
+                             f"{state['per_device_train_batch_size']}; resume with the same value")
+        self.epoch, self.micro_batches_done = state["epoch"], state["micro_batches_done"]
+        w = self.window
+        w.loss.fill_(state["window"]["loss"])
+        w.grad_norm.fill_(state["window"]["grad_norm"])
+        w.steps, w.tokens = state["window"]["steps"], state["window"]["tokens"]
+        self.skipped.fill_(state["skipped"])
+        self.nonfinite_run.fill_(state["nonfinite_run"])
