@@ -92,7 +92,7 @@ def test_worker_failure_becomes_an_error_row(monkeypatch):
 def test_real_bench_run_prints_table_and_writes_files(tmp_path):
     cmd = [sys.executable, "-m", "fasttrain.cli.bench", "bench", "--compile", "off", "--fused", "off",
            "--seq-len", "32", "--batch", "2", "--warmup", "1", "--steps", "3", "--threads", "1",
-           "--ddp", "1,2", "--out", str(tmp_path)]
+           "--ddp", "1,2", "--repeats", "2", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "tokens_per_second" in proc.stdout and "1.00x" in proc.stdout
@@ -101,6 +101,8 @@ def test_real_bench_run_prints_table_and_writes_files(tmp_path):
     assert "error" not in row and row["tokens_per_second"] > 0 and row["mfu"] is None
     assert row["step_time_p20"] <= row["step_time_p50"] <= row["step_time_p80"]
     assert row["flops_per_token"] > 0 and row["peak_memory_source"] == "host peak RSS"
+    assert row["repeats"] == 2 and len(row["tokens_per_second_repeats"]) == 2
+    assert row["tps_p20"] <= row["tokens_per_second"] <= row["tps_p80"]
     assert result["machine"]["torch"].startswith("2.") and "git_commit" in result["machine"]
     assert result["machine"]["omp_num_threads"] == 1
     assert next(tmp_path.glob("bench-*.csv")).read_text().startswith("# host: ")
@@ -116,3 +118,21 @@ def test_worker_commands_single_and_ddp():
     cmd = bench.worker_command({**cfg, "ddp": 4})
     assert cmd[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     assert "--nproc-per-node=4" in cmd and json.loads(cmd[-1])["ddp"] == 4
+
+
+def test_repeats_summarised_with_spread_and_paired_speedups(capsys):
+    assert parse().repeats == 3
+    base = bench.summarize_repeats([{"model": "tiny", "tokens_per_second": v, "mfu": None} for v in (90.0, 100.0, 110.0)])
+    assert base["tokens_per_second"] == 100.0 and base["tps_p20"] == pytest.approx(94.0)
+    assert base["tps_p80"] == pytest.approx(106.0) and base["tps_spread"] == pytest.approx(0.12)
+    # repeat i against repeat i: the same drift cancels in the ratio (2x every time)
+    fast = bench.summarize_repeats([{"model": "tiny", "tokens_per_second": v} for v in (180.0, 200.0, 220.0)])
+    broken = bench.summarize_repeats([{"model": "tiny", "tokens_per_second": 1.0}, {"model": "tiny", "error": "boom"}])
+    rows = [base, fast, broken]
+    add_speedups(rows)
+    assert fast["speedup"] == fast["speedup_p20"] == fast["speedup_p80"] == pytest.approx(2.0)
+    assert broken["error"] == "boom" and broken["speedup"] is None
+    warnings = bench.spread_warnings(rows)
+    assert len(warnings) == 2 and "spread 12%" in warnings[0] and "unreliable" in warnings[0]
+    tight = bench.summarize_repeats([{"model": "tiny", "tokens_per_second": v} for v in (100.0, 101.0, 102.0)])
+    assert bench.spread_warnings([tight]) == []

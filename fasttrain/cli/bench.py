@@ -2,9 +2,12 @@
 
 Every configuration (model size x sequence length x batch x precision x compile x fused
 kernels x DDP processes) runs in a fresh process (`fasttrain.cli.bench_worker`, under
-`torch.distributed.run` when DDP > 1) for W warm-up and M timed steps of the real Trainer.
-The table shows tokens/s, MFU, peak memory, compile time and the speed-up against the first
-row; CSV and JSON files carry the same rows plus the machine, versions and git commit.
+`torch.distributed.run` when DDP > 1) for W warm-up steps (never timed) and M timed steps of
+the real Trainer, R times, interleaved (every configuration once per repeat, in turn), so
+drift on a loaded machine hits all alike. The table shows tokens/s as p50 [p20, p80] over
+the repeats, MFU, peak memory, compile time and the speed-up against the first row (the
+median of per-repeat ratios, with its p20/p80); a wide spread is warned about. CSV and JSON
+files carry the same rows, every repeat, the machine, load, versions and git commit.
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ from fasttrain.cli.bench_worker import RESULT_PREFIX
 AXES = ("model", "seq_len", "batch", "precision", "compile", "fused", "ddp")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COLUMNS = ("model", "seq_len", "batch", "precision", "compile", "fused", "ddp", "tokens_per_second",
-           "step_time_p50", "mfu", "peak_memory_gib", "compile_time_s", "speedup", "note", "error")
+           "tps_p20", "tps_p80", "step_time_p50", "mfu", "peak_memory_gib", "compile_time_s", "speedup",
+           "speedup_p20", "speedup_p80", "note", "error")
+# (p80 - p20) / p50 of tokens/s above which the figures are flagged as unreliable
+WIDE_SPREAD = 0.10
 
 
 def _ints(name: str):
@@ -108,11 +114,54 @@ def _error_line(text: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize_repeats(runs: list[dict]) -> dict:
+    """One row from the repeats of a configuration: tokens/s p20/p50/p80 over the repeats,
+    the other figures from the median run; an error in any repeat makes an error row."""
+    failed = [r for r in runs if r.get("error")]
+    if failed:
+        return {**failed[0], "repeats": len(runs)}
+    tps = [r["tokens_per_second"] for r in runs]
+    median_run = sorted(runs, key=lambda r: r["tokens_per_second"])[(len(runs) - 1) // 2]
+    p20, p50, p80 = (_percentile(tps, q) for q in (0.2, 0.5, 0.8))
+    if "tokens_per_second_per_device" in median_run:  # consistent with the p50 below
+        median_run = {**median_run, "tokens_per_second_per_device": p50 / median_run.get("world_size", 1)}
+    return {**median_run, "tokens_per_second": p50, "tps_p20": p20, "tps_p80": p80,
+            "tps_spread": (p80 - p20) / p50 if p50 else None, "tokens_per_second_repeats": tps,
+            "repeats": len(runs)}
+
+
 def add_speedups(rows: list[dict]) -> None:
-    base = rows[0].get("tokens_per_second") if rows else None
+    """Speed-up against the first row: with repeats, the median (p20, p80) of the per-repeat
+    ratios (repeat i of a row against repeat i of the baseline, run side by side)."""
+    base = rows[0] if rows else {}
+    base_reps = base.get("tokens_per_second_repeats")
     for row in rows:
-        tps = row.get("tokens_per_second")
-        row["speedup"] = tps / base if base and tps else None
+        tps, reps = row.get("tokens_per_second"), row.get("tokens_per_second_repeats")
+        if base_reps and reps and len(reps) == len(base_reps) and not row.get("error"):
+            ratios = [a / b for a, b in zip(reps, base_reps)]
+            row["speedup"], row["speedup_p20"], row["speedup_p80"] = (
+                _percentile(ratios, q) for q in (0.5, 0.2, 0.8))
+        else:
+            row["speedup"] = tps / base.get("tokens_per_second") if base.get("tokens_per_second") and tps else None
+
+
+def spread_warnings(rows: list[dict]) -> list[str]:
+    return [f"warning: {_label(r)}: tokens/s spread {r['tps_spread']:.0%} over {r['repeats']} repeats "
+            f"(p20 {r['tps_p20']:.4g}, p80 {r['tps_p80']:.4g}); the machine is busy or the run too "
+            "short: treat these figures as unreliable (raise --steps/--repeats, run on an idle machine)"
+            for r in rows if (r.get("tps_spread") or 0) > WIDE_SPREAD]
+
+
+def _label(cfg: dict) -> str:
+    return ", ".join(f"{k}={_cell(cfg, k)}" for k in AXES)
 
 
 def _git_commit() -> str | None:
@@ -134,7 +183,8 @@ def machine_info() -> dict:
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "git_commit": _git_commit(),
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     for name in ("triton", "transformers", "fasttrain"):
         try:
             from importlib.metadata import version
@@ -152,7 +202,7 @@ def _cell(row: dict, column: str) -> str:
         return "on" if value else "off"
     if column == "mfu":
         return f"{value:.1%}"
-    if column == "speedup":
+    if column.startswith("speedup"):
         return f"{value:.2f}x"
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -186,20 +236,27 @@ def main(args: argparse.Namespace) -> int:
     matrix = build_matrix(args)
     meta = machine_info()
     meta["omp_num_threads"] = args.threads or os.environ.get("OMP_NUM_THREADS")
-    print(f"fasttrain bench: {len(matrix)} configuration(s), {args.warmup} warm-up + {args.steps} "
-          f"timed steps each, one fresh process per configuration", flush=True)
-    rows = []
-    for i, cfg in enumerate(matrix, start=1):
-        label = ", ".join(f"{k}={_cell(cfg, k)}" for k in AXES)
-        print(f"[{i}/{len(matrix)}] {label}", flush=True)
-        rows.append(run_config(cfg, args.timeout, args.threads))
-        if rows[-1].get("error"):
-            print(f"    failed: {rows[-1]['error']}", flush=True)
+    meta["repeats"] = args.repeats
+    print(f"fasttrain bench: {len(matrix)} configuration(s) x {args.repeats} interleaved repeat(s), "
+          f"{args.warmup} warm-up (not timed) + {args.steps} timed steps each, one fresh process per run",
+          flush=True)
+    runs: list[list[dict]] = [[] for _ in matrix]
+    for rep in range(args.repeats):
+        for i, cfg in enumerate(matrix):
+            if runs[i] and runs[i][-1].get("error"):
+                continue  # a failing configuration fails again: do not wait for it twice
+            print(f"[repeat {rep + 1}/{args.repeats}, {i + 1}/{len(matrix)}] {_label(cfg)}", flush=True)
+            runs[i].append(run_config(cfg, args.timeout, args.threads))
+            if runs[i][-1].get("error"):
+                print(f"    failed: {runs[i][-1]['error']}", flush=True)
+    rows = [summarize_repeats(r) for r in runs]
     add_speedups(rows)
     print()
     print(format_table(rows))
-    print(f"machine: {meta['platform']}, {meta['cpu_count']} CPUs, GPUs {meta['gpus'] or 'none'}; "
-          f"torch {meta['torch']}, commit {meta['git_commit']}")
+    for line in spread_warnings(rows):
+        print(line)
+    print(f"machine: {meta['platform']}, {meta['cpu_count']} CPUs, load {meta['load_avg_1min']}, GPUs "
+          f"{meta['gpus'] or 'none'}; torch {meta['torch']}, commit {meta['git_commit']}")
     json_path, csv_path = write_results(rows, meta, Path(args.out))
     print(f"wrote {json_path}\nwrote {csv_path}")
     return 1 if all(r.get("error") for r in rows) else 0
@@ -229,6 +286,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ddp", type=_ints("ddp"), default=[1], help="data-parallel processes (default: 1)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps, not timed (default: 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of every configuration, interleaved; tokens/s is reported as "
+                        "p50 [p20, p80] over them (default: 3)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for each worker (default: inherit; per process under DDP)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration (default: 900)")
@@ -245,6 +305,8 @@ def _checked_main(args: argparse.Namespace) -> int:
         raise SystemExit(f"fasttrain bench: --model {unknown} unknown; choose from {sorted(MODEL_SIZES)}")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"fasttrain bench: --threads {args.threads}: must be >= 1")
+    if args.repeats < 1:
+        raise SystemExit(f"fasttrain bench: --repeats {args.repeats}: must be >= 1")
     if args.warmup < 0 or args.steps < 1:
         raise SystemExit(f"fasttrain bench: --warmup {args.warmup} / --steps {args.steps}: "
                          "need warmup >= 0 and steps >= 1")
