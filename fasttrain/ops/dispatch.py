@@ -162,8 +162,9 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
     """
     parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float32)
+    if not grads:  # on the params' device, so callers can combine it with device flags
+        device = parameters[0].device if parameters else None
+        return torch.zeros((), dtype=torch.float32, device=device)
     if any(_is_dtensor(g) for g in grads):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type)
     total = grad_norm(grads, norm_type)
