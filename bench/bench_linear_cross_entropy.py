@@ -4,10 +4,12 @@ and time of forward+backward.
     python3 bench/bench_linear_cross_entropy.py [--tokens 4096] [--hidden 1024]
         [--vocab 65536] [--reps 3]
 
-CPU (fp32): every measurement runs in a fresh process (so peak RSS is that call's own);
-"extra peak" = peak RSS during forward+backward minus RSS with the inputs built. The floor
-is the gradients themselves: grad_weight (V*H) + grad_hidden (N*H). Processes alternate
-fused/unfused, so machine noise hits both alike; time is p20/p50/p80 over those processes.
+CPU (fp32, Linux): every measurement runs in a fresh process; "extra peak" = the peak RSS
+during forward+backward (VmHWM, reset just before) minus the RSS with the inputs built. The floor
+is the gradients themselves: grad_weight (V*H) + grad_hidden (N*H), printed as its own row.
+Processes alternate fused/unfused, so machine noise hits both alike; memory and time are
+p20/p50/p80 over those processes, and the time ratio is taken per fused/unfused pair.
+Results also go to bench/results/linear_cross_entropy-<time>.json with machine and versions.
 GPU (when present): bf16 at vocab 128256, torch.cuda.max_memory_allocated above the inputs,
 otherwise "skipped: no GPU".
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -31,12 +32,12 @@ from fasttrain.kernels import linear_cross_entropy  # noqa: E402
 
 
 def _inputs(N, H, V, device, dtype):
+    """Built in place (no temporaries), so building them leaves no freed peak behind."""
     gen = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(N, H, device=device, dtype=dtype, generator=gen).requires_grad_()
-    weight = (torch.randn(V, H, device=device, dtype=dtype, generator=gen) / H ** 0.5)
-    weight.requires_grad_()
+    hidden = torch.empty(N, H, device=device, dtype=dtype).normal_(generator=gen)
+    weight = torch.empty(V, H, device=device, dtype=dtype).normal_(std=H ** -0.5, generator=gen)
     target = torch.randint(0, V, (N,), device=device, generator=gen)
-    return hidden, weight, target
+    return hidden.requires_grad_(), weight.requires_grad_(), target
 
 
 def _run(mode, hidden, weight, target):
@@ -48,19 +49,31 @@ def _run(mode, hidden, weight, target):
     return loss
 
 
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise KeyError(key)
 
 
 def child(mode, N, H, V):
-    """One measurement in this (fresh) process; prints a JSON line."""
+    """One measurement in this (fresh) process; prints a JSON line.
+
+    Growth of peak RSS = the high-water mark during forward+backward minus the resident size
+    just before. The mark is reset first (Linux: `5` into /proc/self/clear_refs), so a higher
+    peak from earlier (imports, building the inputs) cannot hide part of the growth.
+    """
     _run(mode, *_inputs(8, 16, 32, "cpu", torch.float32))  # first-call imports, tiny shape
     hidden, weight, target = _inputs(N, H, V, "cpu", torch.float32)
-    before = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
     t0 = time.perf_counter()
     _run(mode, hidden, weight, target)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"mode": mode, "extra_peak": _rss_bytes() - before, "seconds": seconds}))
+    print(json.dumps({"mode": mode, "extra_peak": _status_bytes("VmHWM") - before,
+                      "seconds": seconds}))
 
 
 def cpu_rows(args):
@@ -73,19 +86,27 @@ def cpu_rows(args):
                                    "--hidden", str(H), "--vocab", str(V)],
                                   capture_output=True, text=True, check=True)
             samples[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"\nCPU fp32 fwd+bwd, tokens={N} hidden={H} vocab={V}; gradient floor "
-          f"{floor / 2**20:.0f} MiB")
+    print(f"\nCPU fp32 fwd+bwd, tokens={N} hidden={H} vocab={V}, {args.reps} fresh processes per "
+          f"row, interleaved; p50 [p20, p80]")
+    print(f"  {'floor':8s} grad_weight + grad_hidden {floor / 2**20:8.0f} MiB (1.00x floor)")
+    # time ratio per interleaved pair: both processes of a pair saw about the same machine load
+    pair_ratio = percentiles([f["seconds"] / u["seconds"]
+                              for f, u in zip(samples["fused"], samples["unfused"])])
     rows = []
-    base_t = percentiles([s["seconds"] for s in samples["unfused"]])[1]
     for mode, runs in samples.items():
-        mem = percentiles([s["extra_peak"] for s in runs])[1]
+        m20, m50, m80 = (m / 2**20 for m in percentiles([s["extra_peak"] for s in runs]))
         p20, p50, p80 = percentiles([s["seconds"] for s in runs])
-        rows.append({"device": "cpu", "row": mode, "extra_peak_MiB": mem / 2**20,
-                     "x_floor": mem / floor, "p20_s": p20, "p50_s": p50, "p80_s": p80,
-                     "time_vs_unfused": p50 / base_t})
-        print(f"  {mode:8s} extra peak {mem / 2**20:8.0f} MiB ({mem / floor:5.2f}x floor)  "
-              f"time p20 {p20:6.2f} p50 {p50:6.2f} p80 {p80:6.2f} s  "
-              f"({p50 / base_t:4.2f}x unfused)")
+        row = {"device": "cpu", "row": mode, "extra_peak_MiB": m50, "extra_peak_p20_MiB": m20,
+               "extra_peak_p80_MiB": m80, "floor_MiB": floor / 2**20,
+               "x_floor": m50 * 2**20 / floor, "p20_s": p20, "p50_s": p50, "p80_s": p80}
+        line = (f"  {mode:8s} extra peak {m50:8.0f} MiB [{m20:.0f}, {m80:.0f}] "
+                f"({row['x_floor']:5.2f}x floor)  time {p50:6.2f} s [{p20:.2f}, {p80:.2f}]")
+        if mode == "fused":
+            row["time_vs_unfused_p20_p50_p80"] = pair_ratio
+            line += (f"  ({pair_ratio[1]:4.2f}x unfused [{pair_ratio[0]:.2f}, "
+                     f"{pair_ratio[2]:.2f}] per pair)")
+        rows.append(row)
+        print(line)
     return rows
 
 
@@ -130,8 +151,15 @@ def main():
     if args.child:
         child(args.child, args.tokens, args.hidden, args.vocab)
         return
-    results = {"env": environment(), "rows": cpu_rows(args) + gpu_rows(args)}
-    print(json.dumps(results["env"]))
+    env = environment()
+    results = {"env": env, "rows": cpu_rows(args) + gpu_rows(args)}
+    print(f"{env['cpu']}, {env['threads']} threads, load {env['load_avg_1min']:.1f} | torch "
+          f"{env['torch']} | commit {env['commit']}")
+    out_dir = Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / f"linear_cross_entropy-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

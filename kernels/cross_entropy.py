@@ -233,6 +233,7 @@ def _(logits, target, ignore_index, label_smoothing, z_loss, reduction, compute_
 
 def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[5]
+    ctx.set_materialize_grads(False)  # else the backward gets a zero-filled (N, V) for grad
     ctx.save_for_backward(output[1])
 
 

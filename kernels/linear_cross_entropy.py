@@ -146,6 +146,9 @@ def _(hidden, weight, target, bias, grad_loss, ignore_index, label_smoothing, z_
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, target, bias, ignore_index, ls, z, reduction, _ = inputs
+    # The gradient outputs get no gradient of their own: without this autograd would hand the
+    # backward a zero-filled (V, H) and (N, H) for them, doubling the peak memory.
+    ctx.set_materialize_grads(False)
     ctx.reduction, ctx.options = reduction, (ignore_index, ls, z)
     ctx.has_bias = bias is not None
     if reduction == "none":

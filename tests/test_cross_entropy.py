@@ -8,6 +8,7 @@ import torch
 
 from fasttrain.kernels import cross_entropy
 from fasttrain.kernels._reference import cross_entropy_reference
+from tests._allocations import Allocations
 from tests._devices import DEVICE
 
 # The package re-exports the function under the module's name, so fetch the module itself.
@@ -139,6 +140,17 @@ def test_torch_compile_fullgraph():
     ref.backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(logits.grad, ref_in.grad)
+
+
+def test_backward_allocates_no_logits_sized_buffer():
+    """The backward scales the gradient the forward wrote: no second (N, V) buffer (autograd
+    must not hand it a zero-filled gradient for the op's gradient output)."""
+    logits = torch.randn(64, 512, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 512, (64,), device=DEVICE)
+    loss = cross_entropy(logits, target)
+    with Allocations() as allocs:
+        loss.backward()
+    assert [n for n in allocs.sizes if n >= logits.numel()] == [], allocs.sizes
 
 
 def test_no_grad_runs_without_gradient_buffers():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fasttrain.kernels import linear_cross_entropy
 from fasttrain.kernels._reference import linear_cross_entropy_reference
+from tests._allocations import Allocations
 from tests._devices import DEVICE
 
 ce_mod = importlib.import_module("fasttrain.kernels.cross_entropy")
@@ -119,6 +120,20 @@ def test_default_chunking_never_builds_full_logits():
     out = linear_cross_entropy(hidden, weight, target)
     torch.testing.assert_close(out, linear_cross_entropy_reference(hidden, weight, target),
                                rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_allocates_no_weight_sized_buffer(reduction):
+    """mean: the backward only scales the gradients made in the forward, in place (autograd
+    must not hand it zero-filled gradients for the op's gradient outputs: 2x the floor);
+    none: it recomputes, so exactly one (V, H) and one (N, H) gradient appear."""
+    hidden, weight, _, target = _case((64,), 16, 512)
+    loss = linear_cross_entropy(hidden, weight, target, reduction=reduction)
+    with Allocations() as allocs:
+        loss.sum().backward() if reduction == "none" else loss.backward()
+    V, H = weight.shape
+    big = [n for n in allocs.sizes if n >= V * H]
+    assert big == ([] if reduction == "mean" else [V * H]), allocs.sizes
 
 
 def test_frozen_weight_and_no_grad():
