@@ -193,4 +193,5 @@ def test_sync_guard_records_each_synchronising_call_with_its_stack(monkeypatch):
     assert guard.checked == [2, 3, 5, 6, 7]
     assert [s["step"] for s in guard.syncs] == [2, 5]
     assert all("reads_a_loss" in s["stack"] for s in guard.syncs)
-    assert levels == ["warn", 0] * 5 and warnings.showwarning is not guard._record
+    assert guard.by_owner == {__file__: 2}  # owner: the innermost caller outside torch
+    assert levels == ["warn", 0] * 5 and warnings.showwarning is not guard._show_warning
