@@ -38,6 +38,9 @@ def test_each_device_has_one_implementation_per_op(monkeypatch):
     assert dispatch.implementation("grad_norm", "cuda") == "c++"
     assert {dispatch.implementation(op, "cpu") for op in ("adamw_", "unscale_and_check_",
                                                           "grad_norm")} == {"c++"}
+    monkeypatch.setattr(dispatch, "_triton_importable", lambda: False)  # CUDA torch, no Triton
+    assert dispatch.implementation("adamw_", "cuda") == "torch"
+    assert dispatch.implementation("unscale_and_check_", "cuda") == "torch"
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipped, and left alone (coefficient 1)

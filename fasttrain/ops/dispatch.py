@@ -8,7 +8,7 @@
 
 The last column is torch's own op, used where the compiled library is not built (a plain
 `pip install` builds no C++); a CUDA torch without the library's CUDA kernels also takes
-torch's op for `grad_norm`. Which implementation won, and by how much, is measured in
+torch's op for `grad_norm`, and one without Triton torch's ops for AdamW and unscale. Which implementation won, and by how much, is measured in
 `bench/bench_adamw.py` and `bench/bench_grad_ops.py` (docs/csrc.md). The plain PyTorch fp32
 references every implementation is tested against are in `kernels/_reference.py`.
 
@@ -16,6 +16,8 @@ Every function here keeps its tensors on their device and never reads them on th
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections import defaultdict
 from typing import Iterable, Optional, Sequence
 
@@ -32,10 +34,17 @@ Tensors = Sequence[torch.Tensor]
 def implementation(op: str, device_type: str) -> str:
     """Which implementation `op` runs on `device_type` now: "triton", "c++" or "torch"."""
     if op in ("adamw_", "unscale_and_check_") and (device_type == "cuda" or TRITON_ON_CPU):
-        return "triton"
+        if _triton_importable():
+            return "triton"
+        return "torch"  # a CUDA torch without Triton (e.g. on Windows): torch's own op
     if native.has_kernel_on(op, device_type):
         return "c++"
     return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 # ----------------------------------------------------------------------------- AdamW
