@@ -97,9 +97,6 @@ CANNOT_APPLY = {
 # nothing is silently ignored. Remove a line when its behaviour lands.
 NOT_YET = {
     "auto_find_batch_size": "set per_device_train_batch_size explicitly",
-    "eval_on_start": "call trainer.evaluate() before trainer.train()",
-    "label_smoothing_factor": "label smoothing is not implemented yet",
-    "neftune_noise_alpha": "NEFTune noise is not implemented yet",
     "bf16_full_eval": "evaluation runs under the training autocast policy (bf16=True)",
     "fp16_full_eval": "evaluation runs under the training autocast policy (fp16=True)",
     "eval_accumulation_steps": "predictions are gathered once at the end of evaluation",
@@ -108,7 +105,6 @@ NOT_YET = {
     "eval_do_concat_batches": "predictions are concatenated across batches",
     "prediction_loss_only": "evaluation returns predictions alongside the loss",
     "save_only_model": "checkpoints always hold the optimizer state",
-    "restore_callback_states_from_checkpoint": "callback states are not restored",
     "skip_memory_metrics": "memory figures are in the profiler's summary (profile=True)",
     "train_sampling_strategy": "only 'random' sampling is implemented",
     "eval_use_gather_object": "evaluation gathers tensors only",

@@ -92,6 +92,7 @@ class RunComponents:
     scaler: Any = None
     callbacks: Any = None
     training_args: Optional[dict] = None
+    restore_callbacks: bool = True  # False: saved, not restored (HF's restore_callback_states_from_checkpoint)
 
 
 class Checkpointer:
@@ -187,7 +188,7 @@ class Checkpointer:
         for f in dataclasses.fields(TrainerState):
             if f.name not in _NOT_RESTORED:
                 setattr(c.trainer_state, f.name, getattr(saved, f.name))
-        if c.callbacks is not None:
+        if c.callbacks is not None and c.restore_callbacks:
             c.callbacks.restore_state(c.trainer_state.stateful_callbacks)
         set_rng_state(storage.read_torch(path, f"rng_state_{self.dist.rank}.pt"))
         return path

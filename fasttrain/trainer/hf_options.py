@@ -1,5 +1,6 @@
-"""TrainingArguments options that HF scripts set and that act outside the training step:
-data loader knobs, determinism, log levels, the model's KV cache, emptying the allocator cache.
+"""TrainingArguments options that HF scripts set and that act around the training step:
+data loader knobs, determinism, log levels, the model's KV cache, emptying the allocator
+cache, NEFTune noise, counting input tokens.
 
 Each function takes the arguments and does one thing, so the Trainer calls it in one line.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 import torch
 
@@ -56,3 +58,45 @@ def maybe_empty_cache(args, step: int, device: torch.device) -> None:
     every = args.torch_empty_cache_steps
     if every and step % every == 0 and device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _input_embeddings(model):
+    base = getattr(model, "module", model)  # a data-parallel wrapper
+    if hasattr(base, "base_model") and hasattr(base.base_model, "model"):  # a PEFT model
+        base = base.base_model.model
+    get = getattr(base, "get_input_embeddings", None)
+    return get() if get is not None else None
+
+
+def activate_neftune(model, alpha: Optional[float]):
+    """neftune_noise_alpha (NEFTune, arXiv 2310.05914): in training mode the input embeddings
+    get uniform noise in +-alpha/sqrt(seq_len * width). Returns the hook handle (None when off)."""
+    if alpha is None:
+        return None
+    embeddings = _input_embeddings(model)
+    if embeddings is None:
+        raise ValueError(f"TrainingArguments.neftune_noise_alpha={alpha} needs a model with "
+                         f"get_input_embeddings() (an HF model); {type(model).__name__} has none")
+
+    def add_noise(module, inputs, output):
+        if not module.training:
+            return output
+        # HF's bound, computed as HF does (fp32 on the host), so a seeded run draws the same noise
+        bound = float(alpha / torch.sqrt(torch.tensor(output.size(1) * output.size(2))))
+        return output + torch.zeros_like(output).uniform_(-bound, bound)
+
+    return embeddings.register_forward_hook(add_noise)
+
+
+def tokens_seen(batches: list, args) -> int:
+    """Input tokens of a step's host batches for include_num_input_tokens_seen: every
+    position ('all', and fasttrain's own count when 'no'), or the attended ones
+    ('non_padding', from attention_mask)."""
+    total = 0
+    for batch in batches:
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        if args.include_num_input_tokens_seen == "non_padding" and isinstance(mask, torch.Tensor):
+            total += int(mask.sum())  # host data (batches are collated on the CPU)
+        elif isinstance(ids, torch.Tensor):
+            total += ids.numel()
+    return total

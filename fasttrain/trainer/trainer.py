@@ -202,6 +202,8 @@ class Trainer(ScriptHelpersMixin):
         optimizer step) the result is this micro-batch's summed token loss divided by it, so
         the micro-batch losses of a step add up to the step's exact mean."""
         labels = self._labels(inputs)
+        if labels is not None and self.args.label_smoothing_factor:
+            return self._label_smoothed_loss(model, inputs, labels, return_outputs, num_items_in_batch)
         fused = self._fused_loss(model, inputs) if labels is not None and not return_outputs else None
         outputs = None
         if fused is not None:
@@ -224,6 +226,20 @@ class Trainer(ScriptHelpersMixin):
             loss_sum = torch.where(count > 0, loss * count, torch.zeros_like(loss))
         denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
         loss = loss_sum / denominator
+        return (loss, outputs) if return_outputs else loss
+
+    def _label_smoothed_loss(self, model, inputs, labels, return_outputs, num_items_in_batch):
+        """HF's label smoothing: the labels are taken out of the batch, the loss is computed from
+        the logits (shifted for a causal LM), normalised as every other loss here."""
+        from fasttrain.ops.label_smoothing import label_smoothed_sum
+        label_keys = set(self.args.label_names or ["labels"])
+        outputs = model(**{k: v for k, v in inputs.items() if k not in label_keys})
+        logits = outputs["logits"] if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+        if logits is None:
+            logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        loss_sum, count = label_smoothed_sum(logits, labels, self.args.label_smoothing_factor,
+                                             shift=self._label_shift)
+        loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         return (loss, outputs) if return_outputs else loss
 
     def _compute_loss_overridden(self) -> bool:
@@ -437,11 +453,18 @@ class Trainer(ScriptHelpersMixin):
         start_time = time.perf_counter()
         start_step = st.global_step
         self.run.window.t0 = start_time  # set-up and resume time are not training time
+        neftune = hf_options.activate_neftune(self.model, args.neftune_noise_alpha)
         try:
+            if args.eval_on_start:  # as HF: a sanity evaluation before the first step
+                self.evaluate()
+                self.model_wrapped.train()
+                self.run.window.t0 = time.perf_counter()
             with self._instruments.oom_guard():
                 self._run_epochs(loader, num_epochs, micro_per_epoch)
             self.checkpointer.wait()
         finally:
+            if neftune is not None:
+                neftune.remove()
             self.checkpointer.drain()
             self.run.restore_sigterm_handler()
             self._logger.close()
@@ -486,7 +509,7 @@ class Trainer(ScriptHelpersMixin):
                 inst.step_end(st.global_step + 1, tokens, sum(samples_in(b) for b in batches))
                 st.global_step += 1
                 st.epoch = run.epoch + run.micro_batches_done / micro_per_epoch
-                st.num_input_tokens_seen += tokens * self.dist.world_size
+                st.num_input_tokens_seen += hf_options.tokens_seen(batches, args) * self.dist.world_size
                 st.total_flos += sum(self.floating_point_ops(b) for b in batches) * self.dist.world_size
                 run.window.add(step_loss, run.grad_norm, tokens)
                 hf_options.maybe_empty_cache(args, st.global_step, self.device)
@@ -564,6 +587,8 @@ class Trainer(ScriptHelpersMixin):
         st = self.state
         if st.epoch is not None:
             logs.setdefault("epoch", round(st.epoch, 4))
+        if self.args.include_num_input_tokens_seen != "no":
+            logs["num_input_tokens_seen"] = st.num_input_tokens_seen
         record = {**logs, "step": st.global_step}
         st.log_history.append(record)
         self._event("on_log", logs=logs)
@@ -587,7 +612,8 @@ class Trainer(ScriptHelpersMixin):
         components = RunComponents(
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             run_state=self.run, trainer_state=self.state, scaler=self.scaler,
-            callbacks=self.callback_handler, training_args=args.to_dict())
+            callbacks=self.callback_handler, training_args=args.to_dict(),
+            restore_callbacks=args.restore_callback_states_from_checkpoint)
         return Checkpointer(args.output_dir, components, self.dist, save_total_limit=args.save_total_limit,
                             keep_best=args.load_best_model_at_end)
 
