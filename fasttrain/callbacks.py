@@ -180,8 +180,12 @@ class CallbackHandler:
     def call_event(self, event: str, args, state, control, **kwargs):
         for flag in _CLEARS.get(event, ()):
             setattr(control, flag, False)
+        base = getattr(TrainerCallback, event, None)
         for cb in self.callbacks:
-            result = getattr(cb, event)(
+            method = getattr(cb, event)
+            if base is not None and getattr(method, "__func__", None) is base:
+                continue  # the base class's no-op: not worth a call with ten keywords per step
+            result = method(
                 args, state, control, model=self.model, processing_class=self.processing_class,
                 tokenizer=self.processing_class, optimizer=self.optimizer,
                 lr_scheduler=self.lr_scheduler, train_dataloader=self.train_dataloader,

@@ -253,21 +253,28 @@ class Trainer(ScriptHelpersMixin):
         if not self.args.fused_loss:
             return None
         inner = getattr(model, "module", model)  # DDP/BucketedDDP wrap; FSDP shards in place
-        if self._is_builtin(inner):
-            return None  # its forward already uses the fused linear cross-entropy
-        try:
-            from fasttrain.ops import loss as fused
-        except ImportError:
-            self._fused_loss_skipped("fasttrain.kernels (Triton) is not importable")
-            return None
         cache = self.__dict__.setdefault("_fused_model_reasons", {})
         if id(inner) not in cache:  # the model's part does not change from step to step
-            cache[id(inner)] = fused.model_reason(inner)
-        reason = cache[id(inner)] or fused.batch_reason(inputs)
+            cache[id(inner)] = self._fused_model_reason(inner)
+        if cache[id(inner)] is not None:
+            if cache[id(inner)]:  # "" for the built-in GPT: nothing to log
+                self._fused_loss_skipped(cache[id(inner)])
+            return None
+        from fasttrain.ops import loss as fused
+        reason = fused.batch_reason(inputs)
         if reason is not None:
             self._fused_loss_skipped(reason)
             return None
         return fused.fused_loss_through(model, inner, inputs)
+
+    def _fused_model_reason(self, inner) -> Optional[str]:
+        if self._is_builtin(inner):
+            return ""  # its forward already uses the fused linear cross-entropy
+        try:
+            from fasttrain.ops import loss as fused
+        except ImportError:
+            return "fasttrain.kernels (Triton) is not importable"
+        return fused.model_reason(inner)
 
     def _fused_loss_skipped(self, reason: str) -> None:
         logged = self.__dict__.setdefault("_fused_reasons_logged", set())

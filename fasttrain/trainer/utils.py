@@ -96,8 +96,8 @@ def uses_label_shift(model: torch.nn.Module) -> bool:
 
 def to_device(batch: dict, device: torch.device) -> dict:
     non_blocking = device.type != "cpu"  # from pinned memory (the loader pins on a GPU)
-    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=non_blocking)
+            if isinstance(v, torch.Tensor) and v.device != device else v for k, v in batch.items()}
 
 
 def pad_and_concat(arrays: list, pad_value=IGNORE_INDEX) -> np.ndarray:
