@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -79,6 +79,7 @@ class RunState:
     # (not checkpointed: as HF, train_loss covers the steps this run trained)
     logged_loss_total: float = 0.0
     logged_loss_steps: int = 0
+    _prev_sigterm: Any = dataclasses.field(default=None, repr=False)  # restored after train()
 
     def __post_init__(self):
         self.window = self.window or LogWindow(self.device)
@@ -112,14 +113,14 @@ class RunState:
     def install_sigterm_handler(self) -> None:
         """Record a SIGTERM in `stop_signal`; the loop saves and stops at the step's end."""
         try:
-            self._prev_handler = signal.signal(signal.SIGTERM, self._on_signal)
+            self._prev_sigterm = signal.signal(signal.SIGTERM, self._on_signal)
         except ValueError:  # not the main thread: leave signals to the caller
-            self._prev_handler = None
+            self._prev_sigterm = None
 
     def restore_sigterm_handler(self) -> None:
-        if getattr(self, "_prev_handler", None) is not None:
-            signal.signal(signal.SIGTERM, self._prev_handler)
-            self._prev_handler = None
+        if self._prev_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._prev_sigterm)
+            self._prev_sigterm = None
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signal.Signals(signum).name
