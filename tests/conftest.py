@@ -20,11 +20,15 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    cases_on_cuda = os.environ.get("FASTTRAIN_TEST_DEVICE", "cpu") == "cuda"
     for item in items:
         # the marker, not `"gpu" in item.keywords`: keywords also hold the names of the
         # folders above the test, so a checkout in a folder named gpu skipped everything
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
+        elif cases_on_cuda and item.get_closest_marker("kernel_cases") is not None:
+            item.add_marker(pytest.mark.skip(reason="FASTTRAIN_TEST_DEVICE=cuda but no CUDA "
+                                             "device here; unset it to run the cases on CPU"))
 
 
 @pytest.fixture(autouse=True)

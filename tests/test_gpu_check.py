@@ -195,3 +195,15 @@ def test_sync_guard_records_each_synchronising_call_with_its_stack(monkeypatch):
     assert all("reads_a_loss" in s["stack"] for s in guard.syncs)
     assert guard.by_owner == {__file__: 2}  # owner: the innermost caller outside torch
     assert levels == ["warn", 0] * 5 and warnings.showwarning is not guard._show_warning
+
+
+def test_cuda_cases_on_a_machine_without_cuda_skip_and_say_why():
+    import os
+
+    env = dict(os.environ, FASTTRAIN_TEST_DEVICE="cuda", PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "kernel_cases",
+                           "-p", "no:cacheprovider", "tests/test_unscale.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert " passed" not in proc.stdout and "FASTTRAIN_TEST_DEVICE=cuda but no CUDA" in proc.stdout
