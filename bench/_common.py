@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 # Paths whose uncommitted edits change what a benchmark measures ("+dirty" on the commit).
@@ -149,3 +150,17 @@ def report(title: str, times: dict, baseline: str, bytes_moved: int | None = Non
         print(line)
         out.append(dict(row, **(extra or {})))
     return out
+
+
+# ----------------------------------------------------------------------------- op counting
+class OpCount(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside it (`n`): deterministic under load, and each one
+    is a kernel launch on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))

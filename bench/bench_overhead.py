@@ -24,11 +24,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, fmt, spread  # noqa: E402
+from _common import OpCount, environment, fmt, spread  # noqa: E402
 
 from fasttrain import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from fasttrain.data.datasets import default_data_collator  # noqa: E402
@@ -157,21 +156,11 @@ def run_lightning(data, warmup: int, steps: int) -> float:
     return clock.rate(steps)
 
 
-class _OpCount(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def ops_per_step(run, data) -> float:
     """ATen ops per step: the difference of two run lengths (set-up cancels)."""
     counts = []
     for steps in (10, 20):
-        with _OpCount() as mode:
+        with OpCount() as mode:
             run(data, 1, steps - 1)
         counts.append(mode.n)
     return (counts[1] - counts[0]) / 10
