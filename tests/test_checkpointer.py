@@ -128,7 +128,8 @@ def test_files_are_todays_layout(tmp_path):
     path = checkpointer.save(2, blocking=True)
     assert sorted(os.listdir(path)) == sorted([
         "model.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state_0.pt",
-        "trainer_state.json", "data_state.json", "training_args.json", "config.json", "manifest.json"])
+        "trainer_state.json", "data_state.json", "training_args.json", "config.json", "manifest.json",
+        "rng_state.pth"])  # HF's RNG file beside fasttrain's, so HF's Trainer can resume the run
     with open(os.path.join(path, "data_state.json")) as f:
         data = json.load(f)
     assert set(data) == {"epoch", "micro_batches_done", "world_size", "per_device_train_batch_size",

@@ -26,6 +26,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from fasttrain.callbacks import TrainerState
+from fasttrain.checkpoint import hf_layout as hf
 from fasttrain.checkpoint import storage
 from fasttrain.checkpoint.rng import rng_state, set_rng_state
 from fasttrain.distributed.context import DistContext
@@ -54,24 +55,35 @@ class StateIO(Protocol):
 
 
 class FullStateIO:
-    """Full (unsharded) state from rank 0: `model.safetensors` (tied weights stored once)
-    and `optimizer.pt`."""
+    """Full (unsharded) state from rank 0: `model.safetensors` (tied weights stored once), or
+    for a PEFT model only the adapter in PEFT's layout, and `optimizer.pt` in HF's layout
+    (float LRs, HF's two param groups), so HF's Trainer can resume from it too."""
 
     def snapshot(self, model, optimizer, is_main: bool):
         if not is_main:
             return None
+        optimizer_state = hf.optimizer_state_for_hf(optimizer.state_dict(), optimizer)
+        for group in optimizer_state["param_groups"]:  # plain floats: HF's optimizers take no tensor LR
+            if isinstance(group.get("lr"), torch.Tensor):
+                group["lr"] = float(group["lr"])  # sync: once per save
+        if hf.is_peft_model(model):
+            return storage.snapshot({"optimizer": optimizer_state}), hf.adapter_files(model)
         weights, aliases = storage.dedupe_shared(model.state_dict())
-        return storage.snapshot({"weights": weights, "optimizer": optimizer.state_dict()}), aliases
+        return storage.snapshot({"weights": weights, "optimizer": optimizer_state}), aliases
 
     def write(self, writer, snap) -> None:
-        state, aliases = snap
-        writer.write_model(state["weights"], aliases)
+        state, model_part = snap
+        if "weights" in state:
+            writer.write_model(state["weights"], model_part)
+        else:  # a PEFT adapter: {file name: bytes}
+            for name, data in model_part.items():
+                writer.write_bytes(name, data)
         writer.write_torch(OPTIMIZER_FILE, state["optimizer"])
 
     def load(self, path: str, model, optimizer) -> None:
-        storage.load_model_weights(model, path)
+        hf.load_weights(model, path)
         lr_tensors = [g["lr"] for g in optimizer.param_groups]
-        optimizer.load_state_dict(storage.read_torch(path, OPTIMIZER_FILE))
+        optimizer.load_state_dict(hf.fit_optimizer_state(storage.read_torch(path, OPTIMIZER_FILE), optimizer))
         for g, lr in zip(optimizer.param_groups, lr_tensors):
             if isinstance(lr, torch.Tensor):  # keep the device-resident LR the schedule updates
                 lr.copy_(torch.as_tensor(g["lr"]))
@@ -93,6 +105,8 @@ class RunComponents:
     callbacks: Any = None
     training_args: Optional[dict] = None
     restore_callbacks: bool = True  # False: saved, not restored (HF's restore_callback_states_from_checkpoint)
+    control: Any = None  # the TrainerControl, saved among the callbacks' state as HF does
+    args_object: Any = None  # the arguments object, pickled into HF's training_args.bin (never read back)
 
 
 class Checkpointer:
@@ -118,16 +132,24 @@ class Checkpointer:
         if best:
             c.trainer_state.best_model_checkpoint = path
         if c.callbacks is not None:
-            c.trainer_state.stateful_callbacks = c.callbacks.stateful_state()
+            c.trainer_state.stateful_callbacks = c.callbacks.stateful_state(c.control)
         rng_states = self.dist.all_gather_object(rng_state())
         model_snap = self.state_io.snapshot(c.model, c.optimizer, self.dist.is_main)
         if self.dist.is_main:
+            scheduler = c.lr_scheduler.state_dict()
+            if "step_count" in scheduler:  # fasttrain's schedule: LambdaLR's keys beside its own
+                scheduler = hf.hf_scheduler_state(scheduler, c.lr_scheduler.get_last_lr(),
+                                                  hf.hf_group_count(c.optimizer))
             snap = storage.snapshot({
-                "scheduler": c.lr_scheduler.state_dict(),
+                "scheduler": scheduler,
                 "scaler": c.scaler.state_dict() if c.scaler is not None else None})
-            files = {"trainer_state.json": c.trainer_state.to_json_string().encode(),
+            files = {"trainer_state.json": hf.hf_trainer_state_json(c.trainer_state.to_json_string()).encode(),
                      DATA_STATE_FILE: c.run_state.state_dict(), "training_args.json": c.training_args,
-                     "config.json": model_config(c.model)}
+                     "config.json": None if hf.is_peft_model(c.model) else model_config(c.model)}
+            if c.args_object is not None:
+                files[hf.TRAINING_ARGS_FILE] = hf.training_args_bytes(c.args_object)
+            if self.dist.world_size == 1:  # HF's RNG file (HF names per-rank files the same way)
+                files[hf.HF_RNG_FILE] = hf.hf_rng_state()
             keep = c.trainer_state.best_model_checkpoint if self.keep_best else None
             self.saver.submit(lambda: self._write(step, model_snap, snap, rng_states, files, keep))
             if blocking:
@@ -146,6 +168,8 @@ class Checkpointer:
         for name, value in files.items():
             if isinstance(value, bytes):
                 writer.write_bytes(name, value)
+            elif name == hf.HF_RNG_FILE:
+                writer.write_torch(name, value)
             elif value is not None:
                 writer.write_json(name, value)
         writer.commit(step)
@@ -165,23 +189,35 @@ class Checkpointer:
     def resolve(self, resume) -> str:
         """The checkpoint `resume` names: True/"latest" = the newest valid one in output_dir."""
         if resume is True or resume == "latest":
+            newest = storage.list_checkpoints(self.output_dir)[-1:]
+            if newest and hf.looks_like_hf_checkpoint(newest[0]):
+                return newest[0]  # a run HF's Trainer started (no manifest to verify)
             path = storage.find_resumable(self.output_dir)
             if path is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.output_dir!r} holds no "
                                  "valid checkpoint; train without resuming, or pass a checkpoint path")
             return path
+        if hf.looks_like_hf_checkpoint(str(resume)):
+            return str(resume)  # written by HF's Trainer: no manifest to verify
         storage.verify(str(resume))
         return str(resume)
 
     def load(self, resume) -> str:
-        """Restore every component from the checkpoint `resume` names; returns its path."""
+        """Restore every component from the checkpoint `resume` names; returns its path.
+        A checkpoint HF's Trainer wrote restores all but the data position (it has no
+        data_state.json): the caller derives that from trainer_state.global_step."""
         c = self.c
         path = self.resolve(resume)
         logger.info("resuming from %s", path)
-        # first: a run that cannot resume exactly (other world size, batch size) fails here
-        c.run_state.load_state_dict(storage.read_json(path, DATA_STATE_FILE), where=f"checkpoint {path!r}")
+        from_hf = hf.looks_like_hf_checkpoint(path)
+        if not from_hf:
+            # first: a run that cannot resume exactly (other world size, batch size) fails here
+            c.run_state.load_state_dict(storage.read_json(path, DATA_STATE_FILE), where=f"checkpoint {path!r}")
         self.state_io.load(path, c.model, c.optimizer)
-        c.lr_scheduler.load_state_dict(storage.read_torch(path, "scheduler.pt"))
+        scheduler = storage.read_torch(path, "scheduler.pt")
+        if hasattr(type(c.lr_scheduler), "step_count"):  # fasttrain's schedule reads LambdaLR's state too
+            scheduler = hf.scheduler_state_from_hf(scheduler, c.lr_scheduler.base_lrs)
+        c.lr_scheduler.load_state_dict(scheduler)
         if c.scaler is not None:
             c.scaler.load_state_dict(storage.read_torch(path, "scaler.pt"))
         saved = TrainerState.from_dict(storage.read_json(path, "trainer_state.json"))
@@ -190,7 +226,11 @@ class Checkpointer:
                 setattr(c.trainer_state, f.name, getattr(saved, f.name))
         if c.callbacks is not None and c.restore_callbacks:
             c.callbacks.restore_state(c.trainer_state.stateful_callbacks)
-        set_rng_state(storage.read_torch(path, f"rng_state_{self.dist.rank}.pt"))
+        if not from_hf:
+            set_rng_state(storage.read_torch(path, f"rng_state_{self.dist.rank}.pt"))
+        elif not hf.restore_hf_rng_state(path, self.dist.rank, self.dist.world_size):
+            logger.warning("%s has no RNG state for this process: dropout and shuffling restart "
+                           "from the seed", path)
         return path
 
 

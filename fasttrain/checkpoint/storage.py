@@ -166,7 +166,8 @@ def model_bytes(state_dict: dict, aliases: Optional[dict] = None) -> bytes:
     if aliases is None:
         state_dict, aliases = dedupe_shared(state_dict)
     tensors = {k: v.contiguous() for k, v in state_dict.items()}
-    return st_save(tensors, metadata={"fasttrain_aliases": json.dumps(aliases)})
+    # "format": "pt" is what transformers checks before it loads a safetensors file
+    return st_save(tensors, metadata={"format": "pt", "fasttrain_aliases": json.dumps(aliases)})
 
 
 def dedupe_shared(state_dict: dict) -> tuple[dict, dict]:

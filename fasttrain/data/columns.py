@@ -18,14 +18,17 @@ logger = logging.getLogger("fasttrain")
 LABEL_COLUMNS = ("label", "label_ids")
 
 
-def kept_columns(model, label_names) -> set:
+def kept_columns(model, label_names) -> Optional[set]:
     """Names a dataset column may have to reach the model: the named parameters of its
     forward (of the base model under PEFT), the label columns and `label_names`. As in HF,
-    a forward that also takes **kwargs keeps only its named parameters."""
+    a forward that also takes **kwargs keeps only its named parameters; None (keep all) when
+    forward names no parameter at all."""
     if hasattr(model, "get_base_model"):  # a peft.PeftModel: the wrapped model's signature
         model = model.get_base_model()
     params = inspect.signature(model.forward).parameters.values()
     named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if not named:  # forward(*args, **kwargs), e.g. a wrapper: nothing to go by, keep every column
+        return None
     return named | set(LABEL_COLUMNS) | set(label_names or ["labels"])
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fasttrain.checkpoint import storage as ckpt
+from fasttrain.checkpoint import hf_layout
 from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, prepare_output_dir, save_model_files
 from fasttrain.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
                                  TrainerControl, TrainerState)
@@ -449,7 +450,10 @@ class Trainer(ScriptHelpersMixin):
                             skips_counted_elsewhere=schedule_counts)
         self.checkpointer = self._build_checkpointer()
         if resume_from_checkpoint:
-            self.checkpointer.load(resume_from_checkpoint)
+            path = self.checkpointer.load(resume_from_checkpoint)
+            if hf_layout.looks_like_hf_checkpoint(path):  # HF's run: the position from its step count
+                self.run.epoch, self.run.micro_batches_done = hf_layout.hf_resume_position(
+                    st.global_step, steps_per_epoch, args.gradient_accumulation_steps)
             if args.ignore_data_skip:  # HF: resume at the start of the saved epoch's data
                 self.run.micro_batches_done = 0
         self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint),
@@ -478,7 +482,7 @@ class Trainer(ScriptHelpersMixin):
             self.profile_summary = self._instruments.finish(self.dist.is_main, quiet=args.disable_tqdm)
         runtime = time.perf_counter() - start_time
         if args.load_best_model_at_end and st.best_model_checkpoint:
-            ckpt.load_model_weights(self.model, st.best_model_checkpoint)
+            hf_layout.load_weights(self.model, st.best_model_checkpoint)
         rest = self.run.window.flush(self.dist)  # steps after the last logging step count too
         if rest:
             self.run.add_logged_window(rest)
@@ -620,7 +624,8 @@ class Trainer(ScriptHelpersMixin):
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             run_state=self.run, trainer_state=self.state, scaler=self.scaler,
             callbacks=self.callback_handler, training_args=args.to_dict(),
-            restore_callbacks=args.restore_callback_states_from_checkpoint)
+            restore_callbacks=args.restore_callback_states_from_checkpoint, control=self.control,
+            args_object=args)
         return Checkpointer(args.output_dir, components, self.dist, save_total_limit=args.save_total_limit,
                             keep_best=args.load_best_model_at_end)
 
@@ -633,7 +638,13 @@ class Trainer(ScriptHelpersMixin):
     def save_model(self, output_dir=None) -> None:
         """Weights (safetensors) and config of the model, for inference or fine-tuning."""
         if self.dist.is_main:
-            save_model_files(self.model, output_dir or self.args.output_dir)
+            output_dir = output_dir or self.args.output_dir
+            save_model_files(self.model, output_dir)
+            # the tokenizer/processor beside the weights, so AutoTokenizer reloads the folder (HF)
+            if callable(getattr(self.processing_class, "save_pretrained", None)):
+                self.processing_class.save_pretrained(output_dir)
+            with open(os.path.join(output_dir, hf_layout.TRAINING_ARGS_FILE), "wb") as f:
+                f.write(hf_layout.training_args_bytes(self.args))
 
     # ------------------------------------------------------------------ evaluation (HF API)
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
