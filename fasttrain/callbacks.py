@@ -272,9 +272,25 @@ def _console_format(logs: dict) -> dict:
     return {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items() if k != "total_flos"}
 
 
+PROGRESS_REFRESH_S = 1.0  # the bar redraws at most this often: by time, however long a step takes
+
+
+def _bar(**kwargs):
+    """A tqdm bar that redraws on the first update and then at most every PROGRESS_REFRESH_S
+    (miniters=1: by time, never by step count) and starts no tqdm monitor thread (in tqdm
+    4.70 that thread outlives every bar, so it would outlive train())."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):
+        monitor_interval = 0
+
+    return Bar(miniters=1, mininterval=PROGRESS_REFRESH_S, dynamic_ncols=True, **kwargs)
+
+
 class ProgressCallback(TrainerCallback):
     """A tqdm bar over the optimizer steps (main process only); each log record is written
-    above it in full."""
+    above it in full. `close_bars()` releases the bars when train() fails (HF calls no
+    on_train_end then)."""
 
     def __init__(self):
         self.training_bar = None
@@ -283,8 +299,7 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            from tqdm.auto import tqdm
-            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, dynamic_ncols=True)
+            self.training_bar = _bar(total=state.max_steps, initial=state.global_step)
         self.current_step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -295,9 +310,7 @@ class ProgressCallback(TrainerCallback):
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         if state.is_world_process_zero and eval_dataloader is not None and hasattr(eval_dataloader, "__len__"):
             if self.prediction_bar is None:
-                from tqdm.auto import tqdm
-                self.prediction_bar = tqdm(total=len(eval_dataloader), leave=self.training_bar is None,
-                                           dynamic_ncols=True)
+                self.prediction_bar = _bar(total=len(eval_dataloader), leave=self.training_bar is None)
             self.prediction_bar.update(1)
 
     def _close_prediction_bar(self):
@@ -320,6 +333,10 @@ class ProgressCallback(TrainerCallback):
             print(_console_format(logs))
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close_bars()
+
+    def close_bars(self) -> None:
+        self._close_prediction_bar()
         if self.training_bar is not None:
             self.training_bar.close()
         self.training_bar = None

@@ -321,6 +321,9 @@ class TrainingArguments:
     profiler_trace_steps: Optional[str] = None  # "START:END", e.g. "10:12"
     flops_per_token: Optional[float] = None
     peak_tflops: Optional[float] = None
+    ddp_heartbeat_timeout: float = 60.0
+    """Seconds without a heartbeat from a peer rank (stopped, frozen) before every rank stops
+    with an error naming it, instead of waiting ddp_timeout; 0 turns the check off."""
 
     def __post_init__(self):
         self._normalise()
@@ -429,6 +432,9 @@ class TrainingArguments:
                 raise _bad(name, value, "must be > 0 (an integer step count, or a float < 1 as a ratio of the total steps)")
             if value > 1 and value != int(value):
                 raise _bad(name, value, "must be a whole number of steps when above 1 (below 1 it is a ratio)")
+        if not isinstance(self.ddp_heartbeat_timeout, (int, float)) or not self.ddp_heartbeat_timeout >= 0:
+            raise _bad("ddp_heartbeat_timeout", self.ddp_heartbeat_timeout,
+                       "must be seconds >= 0 (0 turns the hung-peer check off)")
         if self.dataloader_num_workers < 0:
             raise _bad("dataloader_num_workers", self.dataloader_num_workers, "must be >= 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:

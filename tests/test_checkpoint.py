@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after a real SIGKILL, clean stop on SIGTERM, corruption,
 unsafe pickles, full and read-only disks, rotation, non-finite losses."""
+import functools
 import json
 import os
 import shutil
@@ -268,6 +269,7 @@ def _poisonable_gpt():
     model = tiny_gpt()
     forward = model.forward
 
+    @functools.wraps(forward)  # the Trainer reads forward's parameter names to pick batch keys
     def poisoned(*a, **kw):
         out = forward(*a, **kw)
         if getattr(model, "_poison", False):

@@ -259,6 +259,7 @@ def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool, is_main
             os.makedirs(output_dir, exist_ok=True)
         except OSError as e:
             raise ValueError(f"cannot create output_dir {output_dir!r}: {e}") from None
+        storage.remove_stale_temporaries(output_dir)  # saves a killed process left half-written
 
 
 def save_model_files(model: torch.nn.Module, output_dir: str) -> None:

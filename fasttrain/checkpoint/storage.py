@@ -227,6 +227,43 @@ def verify(path: str) -> None:
             raise CheckpointError(f"checkpoint {path!r}: {name} fails its checksum (corrupt bytes)")
 
 
+_STALE = re.compile(rf"(\.tmp-{PREFIX}\d+-(\d+)|{PREFIX}\d+\.old-(\d+))")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(output_dir: str) -> list[str]:
+    """Delete the half-written `.tmp-checkpoint-<step>-<pid>` (and `checkpoint-<step>.old-<pid>`)
+    directories of processes that no longer exist (a save killed mid-way). A live pid's,
+    this process's included, is never touched: its save may be in flight. Call on the one
+    process that writes checkpoints, before its first save."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        m = _STALE.fullmatch(name)
+        path = os.path.join(output_dir, name)
+        if m is None or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        pid = int(m.group(2) or m.group(3))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        logger.warning("removed %d unfinished checkpoint save(s) of processes that no longer run: %s",
+                       len(removed), ", ".join(os.path.basename(p) for p in removed))
+    return removed
+
+
 def find_resumable(output_dir: str) -> Optional[str]:
     """The newest checkpoint that verifies; invalid ones are skipped with a warning."""
     for path in reversed(list_checkpoints(output_dir)):
@@ -246,7 +283,10 @@ def read_torch(path: str, name: str, required: bool = True):
             raise CheckpointError(f"checkpoint {path!r} is missing {name}")
         return None
     try:
-        return torch.load(file_path, map_location="cpu", weights_only=True, mmap=True)
+        # Not memory-mapped: optimizer state loaded on resume must own its memory, or the file
+        # (deleted by rotation) stays mapped, its space is never freed and a change to it
+        # would SIGBUS the trainer (optimizers' load_state_dict does not copy).
+        return torch.load(file_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {file_path!r}: it contains pickled objects other than tensors and "
@@ -284,6 +324,14 @@ def read_model_state(path: str) -> dict:
 
 def load_model_weights(model: torch.nn.Module, path: str) -> None:
     state = read_model_state(path)
+    own = model.state_dict()
+    for name, t in state.items():
+        if name in own and tuple(own[name].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"checkpoint {path!r} was written by a model of another shape: {name} is "
+                f"{tuple(t.shape)} there and {tuple(own[name].shape)} here. Build the model with "
+                f"the configuration the checkpoint was saved with (its config.json), or start "
+                f"a new run in another output_dir")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path!r} does not match the model: missing "

@@ -153,13 +153,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def _print_summary(trainer, out, eval_loss, wall, cfg, model) -> None:
     history = [r for r in trainer.state.log_history if "loss" in r]
     final_loss = history[-1]["loss"] if history else float("nan")
-    tps = [r["tokens_per_second"] for r in history if "tokens_per_second" in r]
     rows = [
         ("model", f"GPT {cfg.n_layer}L {cfg.n_embd}d, {model.num_parameters() / 1e6:.2f}M params"),
         ("steps", str(out.global_step)),
         ("final train loss", f"{final_loss:.4f} (byte-entropy start is about 5.5)"),
         ("final eval loss", f"{eval_loss:.4f}" if eval_loss is not None else "n/a"),
-        ("tokens/s", f"{(sum(tps) / len(tps)) if tps else 0:,.0f}"),
+        ("tokens/s", _throughput(trainer, out)),
         ("wall time", f"{wall:.1f} s"),
         ("saved to", trainer.args.output_dir),
         ("try", f"fasttrain sample --checkpoint {trainer.args.output_dir} --prompt 'def '"),
@@ -168,6 +167,20 @@ def _print_summary(trainer, out, eval_loss, wall, cfg, model) -> None:
     print("\n== fasttrain train: summary ==")
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")
+
+
+def _throughput(trainer, out) -> str:
+    """The run's one throughput figure and its definition (the profile's, when profiling)."""
+    summary = getattr(trainer, "profile_summary", None) or {}
+    tps = summary.get("throughput", {}).get("tokens_per_second")
+    if tps is not None:
+        steps = summary["steps"]
+        return (f"{tps:.4g} (input tokens of all ranks / time in training steps; "
+                f"{steps['measured']} steps measured after {steps['warmup']} warm-up, "
+                "evaluation, saves and set-up excluded)")
+    metrics = out.metrics
+    return (f"{metrics['train_tokens'] / max(metrics['train_runtime'], 1e-9):.4g} "
+            "(input tokens of all ranks / train() wall time, evaluation and saves included)")
 
 
 # ---------------------------------------------------------------- sample

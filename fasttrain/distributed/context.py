@@ -9,6 +9,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import time
+from typing import Optional
 
 import torch
 
@@ -16,6 +18,24 @@ from fasttrain.distributed import BucketedDDP, all_reduce_, barrier
 
 
 _crashed = False
+_generation = 0  # train() calls in this process: heartbeat keys of one call never mix with another's
+
+_PEER_FAILURE_SIGNS = ("Connection reset", "Connection closed", "Broken pipe", "Timed out",
+                       "timed out", "gloo", "NCCL", "ProcessGroup")
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed because another rank exited or stopped responding."""
+
+
+def _is_peer_failure(error: BaseException) -> bool:
+    import torch.distributed as dist
+    while error is not None:
+        if isinstance(error, getattr(dist, "DistError", ())) or any(
+                sign in str(error) for sign in _PEER_FAILURE_SIGNS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _install_teardown(destroy) -> None:
@@ -62,6 +82,54 @@ class DistContext:
     def __init__(self, rank: int = 0, local_rank: int = 0, world_size: int = 1,
                  device: torch.device = torch.device("cpu")):
         self.rank, self.local_rank, self.world_size, self.device = rank, local_rank, world_size, device
+        self.watchdog = None
+
+    # ---- failures of peers
+    def start_watchdog(self, timeout_s: float) -> None:
+        """Heartbeats between ranks for the length of a train() call (distributed/watchdog.py)."""
+        global _generation
+        _generation += 1
+        if not self.enabled or not timeout_s:
+            return
+        from fasttrain.distributed.watchdog import PeerWatchdog
+        self.watchdog = PeerWatchdog(self.rank, self.world_size, _generation, timeout_s)
+        self.watchdog.start()
+
+    def stop_watchdog(self, clean: bool = True) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop(clean)
+            self.watchdog = None
+
+    def peer_lost(self, error: BaseException, what: str) -> Optional[PeerLostError]:
+        """fasttrain's error for a collective that failed because a peer is gone, or None
+        when `error` is something else. Names the silent rank when the watchdog saw one."""
+        if not self.enabled or isinstance(error, PeerLostError) or not _is_peer_failure(error):
+            return None
+        who = "another rank"
+        if self.watchdog is not None:
+            deadline = time.monotonic() + 3 * self.watchdog.interval_s
+            silent = self.watchdog.silent_peers(2 * self.watchdog.interval_s)
+            while not silent and time.monotonic() < deadline:  # a dead peer misses its next beats
+                time.sleep(self.watchdog.interval_s / 2)
+                silent = self.watchdog.silent_peers(2 * self.watchdog.interval_s)
+            if silent:
+                who = "rank " + ", ".join(str(r) for r in silent)
+        return PeerLostError(
+            f"rank {self.rank} of {self.world_size}: {what} failed because {who} exited or "
+            "stopped responding; see that rank's log for its own error. This rank stops too. "
+            "Resume every rank from the last checkpoint (resume_from_checkpoint=True).")
+
+    def _collective(self, what: str):
+        ctx = self
+
+        class _Translate(contextlib.AbstractContextManager):
+            def __exit__(self, kind, error, tb):
+                lost = ctx.peer_lost(error, what) if error is not None else None
+                if lost is not None:
+                    raise lost from None
+                return False
+
+        return _Translate()
 
     @classmethod
     def from_args(cls, args) -> "DistContext":
@@ -123,22 +191,28 @@ class DistContext:
                 param.grad = None
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return all_reduce_(tensor) if self.enabled else tensor
+        if not self.enabled:
+            return tensor
+        with self._collective("an all-reduce"):
+            return all_reduce_(tensor)
 
     def barrier(self) -> None:
-        barrier()  # a no-op without a process group
+        with self._collective("a barrier"):
+            barrier()  # a no-op without a process group
 
     def all_gather_object(self, obj) -> list:
         if not self.enabled:
             return [obj]
         import torch.distributed as dist
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with self._collective("an all-gather"):
+            dist.all_gather_object(out, obj)
         return out
 
     def any_flag(self, flag: bool) -> bool:
         """True on every rank if `flag` is True on any rank (a collective: call on all ranks)."""
         if not self.enabled:
             return flag
-        t = all_reduce_(torch.tensor(float(flag), device=self.device), op="max")
-        return bool(t.item() > 0)  # sync: only where the caller needs a global decision
+        with self._collective("agreeing on a stop flag"):
+            t = all_reduce_(torch.tensor(float(flag), device=self.device), op="max")
+            return bool(t.item() > 0)  # sync: only where the caller needs a global decision

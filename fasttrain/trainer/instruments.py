@@ -72,16 +72,20 @@ class Instruments:
         return self.profiler.oom_guard() if self.enabled else contextlib.nullcontext()
 
     def finish(self, is_main: bool, quiet: bool) -> Optional[dict]:
+        """Stop the compile monitor and the profiler's sampler thread first (they must stop
+        even when writing the profile fails), then summarise and write profile.json."""
         summary = None
-        if self.monitor is not None:
-            stats = self.monitor.stats()
-            self.profiler.add_compile_time(stats.get("compile_time_s", 0.0) or 0.0)
-            self.monitor.stop()
+        try:
+            if self.monitor is not None:
+                stats = self.monitor.stats()
+                self.profiler.add_compile_time(stats.get("compile_time_s", 0.0) or 0.0)
+                self.monitor.stop()
+        finally:
+            self.profiler.close()
         if self.enabled:
             summary = self.profiler.summary()
             if is_main:
                 self.profiler.write(self.args.output_dir)
                 if not quiet:
                     self.profiler.print_summary()
-        self.profiler.close()
         return summary

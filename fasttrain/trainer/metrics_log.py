@@ -49,8 +49,11 @@ class MetricsLogger:
         line = {k: _jsonable(v) for k, v in record.items()}
         line.setdefault("step", step)
         if self.jsonl:
-            with open(self.jsonl_path, "a", encoding="utf-8") as f:  # a few lines per logging step
-                f.write(json.dumps(line) + "\n")
+            try:
+                with open(self.jsonl_path, "a", encoding="utf-8") as f:  # a few lines per logging step
+                    f.write(json.dumps(line) + "\n")
+            except OSError as e:
+                raise output_dir_error(self.args.output_dir, self.jsonl_path, e) from e
         if self.tb is None and "tensorboard" in self.args.report_to:
             require("tensorboard", "tensorboard", 'report_to="tensorboard"')
             from torch.utils.tensorboard import SummaryWriter
@@ -66,6 +69,15 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def output_dir_error(output_dir: str, path: str, e: OSError) -> OSError:
+    """The error for a file of the run that cannot be written (a disk turned read-only, full,
+    or permissions changed mid-run): the path, the cause and what to do."""
+    return OSError(e.errno, f"cannot write {path!r} ({e.strerror or e}): output_dir {output_dir!r} must "
+                   "stay writable while training. Make it writable again (or free space), then "
+                   "resume from the last checkpoint with resume_from_checkpoint=True, or choose "
+                   "another output_dir")
 
 
 def read_log_history(output_dir: str) -> list[dict]:

@@ -105,7 +105,15 @@ class Trainer(ScriptHelpersMixin):
         # per-step caches: each micro-batch's valid-token count, the clip constant
         self._step_counts: dict = {}
         self._clip_offset: Optional[torch.Tensor] = None
+        self._check_strategies()
         self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
+
+    def _check_strategies(self) -> None:
+        """Fail now on a strategy that cannot run, instead of silently never running it."""
+        if self.args.eval_strategy != "no" and self.eval_dataset is None:
+            raise ValueError(
+                f"TrainingArguments.eval_strategy={self.args.eval_strategy!r} needs an evaluation set, "
+                "but no eval_dataset was given: pass Trainer(eval_dataset=...) or set eval_strategy='no'")
 
     def _set_model(self, model) -> None:
         self.model = model.to(self.device)
@@ -302,6 +310,7 @@ class Trainer(ScriptHelpersMixin):
         batches = [to_device(b, self.device) for b in batches]  # labels are counted on the device
         has_labels = all(self._labels(b) is not None for b in batches)
         num_items = self._step_token_count(batches) if has_labels else None
+        self._last_labels = [self._labels(b) for b in batches]  # references: read on logging steps
         world = self.dist.world_size
         step_loss = None
         for i, batch in enumerate(batches):
@@ -429,7 +438,52 @@ class Trainer(ScriptHelpersMixin):
             num_epochs = math.ceil(args.num_train_epochs)
         # activation checkpointing -> compile (in Instruments) -> FSDP -> optimizer
         checkpoint_activations_from_args(self.model, args)
+        # From here on threads, files and handlers exist: whatever fails, the finally below
+        # releases them, and a cleanup step that fails too never hides the first error.
         self._instruments = Instruments(args, self.model, self.dist, self.train_dataset)
+        self.run = self.checkpointer = self._neftune = None
+        failed = True
+        try:
+            start_step, start_time = self._begin_training(loader, resume_from_checkpoint, max_steps,
+                                                          num_epochs)
+            if args.eval_on_start:  # as HF: a sanity evaluation before the first step
+                self.evaluate()
+                self.model_wrapped.train()
+                self.run.window.t0 = time.perf_counter()
+            with self._instruments.oom_guard():
+                self._run_epochs(loader, num_epochs, micro_per_epoch)
+            self.checkpointer.wait()
+            failed = False
+        except RuntimeError as e:
+            lost = self.dist.peer_lost(e, "a collective of the training loop")
+            if lost is None:
+                raise
+            raise lost from None  # fasttrain's message instead of the transport's
+        finally:
+            self._finish_training(failed)
+        st = self.state
+        runtime = time.perf_counter() - start_time
+        if args.load_best_model_at_end and st.best_model_checkpoint:
+            hf_layout.load_weights(self.model, st.best_model_checkpoint)
+        rest = self.run.window.flush(self.dist)  # steps after the last logging step count too
+        if rest:
+            self.run.add_logged_window(rest)
+        train_loss = self.run.mean_logged_loss()
+        steps_run = st.global_step - start_step
+        samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dist.world_size
+        # HF's end-of-training record (logged, so it reaches log_history and the console)
+        metrics = {"train_runtime": round(runtime, 4),
+                   "train_samples_per_second": round(steps_run * samples_per_step / max(runtime, 1e-9), 3),
+                   "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
+                   "total_flos": st.total_flos, "train_loss": train_loss}
+        self.log(dict(metrics))  # train()'s writers are closed: this one opens and closes its own
+        metrics["epoch"] = st.epoch
+        metrics["train_tokens"] = st.num_input_tokens_seen
+        self._event("on_train_end")
+        return TrainOutput(st.global_step, train_loss, metrics)
+
+    def _begin_training(self, loader, resume_from_checkpoint, max_steps: int, num_epochs: int):
+        args = self.args
         self._fsdp = shard_from_args(self.model, args, self.dist, optimizer_given=self.optimizer is not None)
         self.create_optimizer_and_scheduler(max_steps)
         self.scaler = self._build_scaler()
@@ -459,47 +513,50 @@ class Trainer(ScriptHelpersMixin):
         self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint),
                                      history=st.log_history if resume_from_checkpoint else None)
         self.run.install_sigterm_handler()
+        self.dist.start_watchdog(args.ddp_heartbeat_timeout)
         self.model_wrapped.train()  # evaluation restores the mode it found
         self._event("on_train_begin")
         start_time = time.perf_counter()
-        start_step = st.global_step
         self.run.window.t0 = start_time  # set-up and resume time are not training time
-        neftune = hf_options.activate_neftune(self.model, args.neftune_noise_alpha)
-        try:
-            if args.eval_on_start:  # as HF: a sanity evaluation before the first step
-                self.evaluate()
-                self.model_wrapped.train()
-                self.run.window.t0 = time.perf_counter()
-            with self._instruments.oom_guard():
-                self._run_epochs(loader, num_epochs, micro_per_epoch)
-            self.checkpointer.wait()
-        finally:
-            if neftune is not None:
-                neftune.remove()
-            self.checkpointer.drain()
-            self.run.restore_sigterm_handler()
-            self._logger.close()
-            self.profile_summary = self._instruments.finish(self.dist.is_main, quiet=args.disable_tqdm)
-        runtime = time.perf_counter() - start_time
-        if args.load_best_model_at_end and st.best_model_checkpoint:
-            hf_layout.load_weights(self.model, st.best_model_checkpoint)
-        rest = self.run.window.flush(self.dist)  # steps after the last logging step count too
-        if rest:
-            self.run.add_logged_window(rest)
-        train_loss = self.run.mean_logged_loss()
-        steps_run = st.global_step - start_step
-        samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dist.world_size
-        # HF's end-of-training record (logged, so it reaches log_history and the console)
-        metrics = {"train_runtime": round(runtime, 4),
-                   "train_samples_per_second": round(steps_run * samples_per_step / max(runtime, 1e-9), 3),
-                   "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
-                   "total_flos": st.total_flos, "train_loss": train_loss}
-        self.log(dict(metrics))
-        self._logger.close()
-        metrics["epoch"] = st.epoch
-        metrics["train_tokens"] = st.num_input_tokens_seen
-        self._event("on_train_end")
-        return TrainOutput(st.global_step, train_loss, metrics)
+        self._neftune = hf_options.activate_neftune(self.model, args.neftune_noise_alpha)
+        return st.global_step, start_time
+
+    def _finish_training(self, failed: bool) -> None:
+        """Release everything train() holds. After a failure, cleanup errors are logged and
+        the original error propagates; after success the first cleanup error is raised."""
+        first_error = None
+        logger_, self._logger = self._logger, None  # evaluate() after train() opens and closes its own
+        saver = self.checkpointer
+        for what, step in (
+                ("removing the NEFTune hook", self._neftune.remove if self._neftune is not None else None),
+                ("waiting for the background checkpoint save",
+                 None if saver is None else saver.drain if failed else saver.wait),
+                ("restoring the SIGTERM handler", self.run.restore_sigterm_handler if self.run else None),
+                ("stopping the peer watchdog", lambda: self.dist.stop_watchdog(clean=not failed)),
+                ("closing the training log", logger_.close if logger_ is not None else None),
+                ("closing the progress bars", self._close_progress_bars if failed else None),
+                ("writing the profile", self._finish_instruments)):
+            if step is None:
+                continue
+            try:
+                step()
+            except BaseException as e:  # noqa: BLE001 - see the docstring
+                if failed or first_error is not None:
+                    logger.error("while stopping training, %s also failed: %s", what, e)
+                else:
+                    first_error = e
+        self._neftune = None
+        if first_error is not None:
+            raise first_error
+
+    def _close_progress_bars(self) -> None:
+        for callback in self.callback_handler.callbacks:  # on success, on_train_end closes them
+            if hasattr(callback, "close_bars"):
+                callback.close_bars()
+
+    def _finish_instruments(self) -> None:
+        self.profile_summary = None
+        self.profile_summary = self._instruments.finish(self.dist.is_main, quiet=self.args.disable_tqdm)
 
     def _run_epochs(self, loader, num_epochs: int, micro_per_epoch: int):
         args, st, run = self.args, self.state, self.run
@@ -578,7 +635,13 @@ class Trainer(ScriptHelpersMixin):
         if window.get("grad_norm") is not None:
             record["grad_norm"] = window["grad_norm"]
         record["tokens_per_second"] = window["tokens_per_second"]
-        record["skipped_steps"] = int(self.run.skipped.item())  # sync: logging step
+        valid = self._valid_tokens_of_last_step()
+        if valid is None:
+            record["skipped_steps"] = int(self.run.skipped.item())  # sync: logging step
+        else:  # one read for both
+            skipped, valid = torch.stack([self.run.skipped.float(), valid.float()]).tolist()  # sync: logging step
+            record["skipped_steps"], valid = int(skipped), int(valid)
+        self._warn_if_window_is_nonsense(window, record["skipped_steps"] - st.skipped_steps, valid)
         st.skipped_steps = record["skipped_steps"]
         if self.scaler is not None:
             record["loss_scale"] = float(self.scaler.get_scale())  # sync: logging step
@@ -594,6 +657,31 @@ class Trainer(ScriptHelpersMixin):
                     "gradient clipping, or use bf16 instead of fp16.")
         self.log(record)
 
+    def _valid_tokens_of_last_step(self) -> Optional[torch.Tensor]:
+        """Valid label tokens of this rank's last step (device ops on logging steps only;
+        the step itself keeps just references to its label tensors)."""
+        labels = getattr(self, "_last_labels", None)
+        if not labels or any(lab is None for lab in labels):
+            return None
+        return sum(count_valid_labels(lab, self._label_shift) for lab in labels)
+
+    def _warn_if_window_is_nonsense(self, window: dict, skipped: int, valid_last: Optional[int]) -> None:
+        """Loud, on the logging step: a window whose steps were mostly skipped (non-finite
+        loss or gradients, fp16 overflow), or a logging step whose batches had no label to
+        learn from (checked on the last step of the window: constant memory, no per-step op)."""
+        step, steps = self.state.global_step, window["steps"]
+        span = f"steps {step - steps + 1}-{step}" if steps > 1 else f"step {step}"
+        if skipped * 2 > steps:
+            logger.warning(
+                "%s: %d of %d optimizer steps were skipped (non-finite loss or gradients, or fp16 "
+                "overflow); the weights barely changed. Lower learning_rate, keep max_grad_norm on, "
+                "or use bf16 instead of fp16", span, skipped, steps)
+        if valid_last == 0:
+            logger.warning(
+                "step %d: no valid label tokens in this step's batches (every label is -100, or one "
+                "token per sequence after the causal shift): nothing is learned from them. Check "
+                "that the collator and label_names produce labels", step)
+
     def log(self, logs: dict):
         st = self.state
         if st.epoch is not None:
@@ -603,9 +691,15 @@ class Trainer(ScriptHelpersMixin):
         record = {**logs, "step": st.global_step}
         st.log_history.append(record)
         self._event("on_log", logs=logs)
-        if self._logger is None:  # evaluate()/predict() outside train(): append to the run's log
-            self._logger = MetricsLogger(self.args, self.dist.is_main, 0, resume=True)
-        self._logger.log(record, st.global_step)
+        if self._logger is not None:
+            self._logger.log(record, st.global_step)
+            return
+        # evaluate()/predict() outside train(): append to the run's log, keep nothing open
+        outside = MetricsLogger(self.args, self.dist.is_main, 0, resume=True)
+        try:
+            outside.log(record, st.global_step)
+        finally:
+            outside.close()
 
     def _preemption_agreed(self, agree_now: bool) -> bool:
         """Whether to save and stop now. One process decides at the end of the step the
