@@ -363,9 +363,9 @@ class EarlyStoppingCallback(TrainerCallback, ExportableState):
         self.early_stopping_patience_counter = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not args.load_best_model_at_end:
-            raise ValueError("EarlyStoppingCallback needs load_best_model_at_end=True in "
-                             "TrainingArguments (it reads the best metric that tracking keeps)")
+        if not args.load_best_model_at_end:  # as HF: it still stops, the best model is not reloaded
+            logger.warning("EarlyStoppingCallback without load_best_model_at_end=True: training stops "
+                           "early, but the best model is not loaded at the end")
         if args.metric_for_best_model is None:
             raise ValueError("EarlyStoppingCallback needs metric_for_best_model")
         if args.eval_strategy == "no":

@@ -181,3 +181,26 @@ def test_early_stopping_counts_as_hf_and_says_why(tmp_path, caplog):
         stopper.on_evaluate(args, state, control, metrics={"eval_loss": 0.9})
     assert control.should_training_stop
     assert "early stopping at step 7" in caplog.text and "eval_loss=0.9" in caplog.text
+
+
+def test_early_stopping_without_load_best_stops_where_hf_stops(tmp_path):
+    def make_metrics():
+        scores = iter([0.5, 0.7, 0.6, 0.65, 0.4, 0.3, 0.2, 0.1])
+
+        def compute_metrics(pred):
+            return {"score": next(scores)}
+        return compute_metrics
+
+    stops = {}
+    for lib in (transformers, fasttrain):
+        args = lib.TrainingArguments(output_dir=str(tmp_path / lib.__name__), per_device_train_batch_size=4,
+                                     max_steps=8, eval_strategy="steps", eval_steps=1, save_strategy="no",
+                                     metric_for_best_model="score", greater_is_better=True,
+                                     report_to="none", disable_tqdm=True)
+        trainer = lib.Trainer(Regressor(), args, train_dataset=regression_data(40),
+                              eval_dataset=regression_data(4, seed=1), compute_metrics=make_metrics(),
+                              callbacks=[lib.EarlyStoppingCallback(early_stopping_patience=2)])
+        trainer.train()
+        stops[lib.__name__] = (trainer.state.global_step, trainer.state.best_metric)
+    assert stops["fasttrain"] == stops["transformers"]
+    assert stops["fasttrain"][0] < 8
