@@ -126,3 +126,17 @@ def test_floating_point_ops_uses_the_models_own_count(tmp_path):
     ours = fasttrain.Trainer(model, _args(fasttrain, tmp_path / "ft")).floating_point_ops(inputs)
     theirs = transformers.Trainer(model, _args(transformers, tmp_path / "hf")).floating_point_ops(inputs)
     assert ours == theirs == 6 * 16 * model.num_parameters(exclude_embeddings=True)
+
+
+def test_compute_loss_override_with_accumulation_is_normalised_as_hf(tmp_path):
+    """An override returning a per-batch mean on a model without loss kwargs: HF divides it
+    by the accumulation steps. lr=0 and one log per epoch make the number order-independent."""
+    logged = {}
+    for lib in (transformers, fasttrain):
+        args = _args(lib, tmp_path / lib.__name__, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     max_steps=-1, num_train_epochs=1, logging_steps=3, learning_rate=0.0)
+        trainer = weighted_trainer(lib)(Classifier(), args, train_dataset=class_data(12))
+        trainer.train()
+        logged[lib.__name__] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert logged["fasttrain"] == pytest.approx(logged["transformers"], rel=1e-5)
+    assert len(logged["fasttrain"]) == 1

@@ -9,6 +9,7 @@ Nothing in a step reads a device value on the host; logging steps do (marked `# 
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -251,6 +252,22 @@ class Trainer(ScriptHelpersMixin):
         loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         return (loss, outputs) if return_outputs else loss
 
+    def _loss_is_scaled_for_ga(self) -> bool:
+        """Whether compute_loss's result is already normalised over the whole step. fasttrain's
+        own is (it divides by num_items_in_batch). For an override, HF's rule: a subclass's
+        `loss_is_scaled_for_ga` if set, else whether the model takes loss kwargs (**kwargs in
+        forward, or `accepts_loss_kwargs`); otherwise the loss is divided by the micro-batches."""
+        if not self._compute_loss_overridden():
+            return True
+        explicit = getattr(self, "loss_is_scaled_for_ga", None)
+        if explicit is not None:
+            return bool(explicit)
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if hasattr(model, "accepts_loss_kwargs"):
+            return bool(model.accepts_loss_kwargs)
+        params = inspect.signature(model.forward).parameters.values()
+        return any(p.kind == p.VAR_KEYWORD for p in params)
+
     def _compute_loss_overridden(self) -> bool:
         return type(self).compute_loss is not Trainer.compute_loss
 
@@ -312,6 +329,9 @@ class Trainer(ScriptHelpersMixin):
         num_items = self._step_token_count(batches) if has_labels else None
         self._last_labels = [self._labels(b) for b in batches]  # references: read on logging steps
         world = self.dist.world_size
+        # a loss that is a per-micro-batch mean (no labels, or an override HF would divide by the
+        # accumulation steps) is averaged over the step's micro-batches
+        own_mean = not has_labels or not self._loss_is_scaled_for_ga()
         step_loss = None
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -319,8 +339,8 @@ class Trainer(ScriptHelpersMixin):
                 self._instruments.observe_batch(batch)
                 with self._instruments.phase("forward"), self._autocast():
                     loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
-                if not has_labels:
-                    # No labels: the model's own mean, averaged over micro-batches; the gradient
+                if own_mean:
+                    # The model's (or the override's) own mean, averaged over micro-batches; the gradient
                     # sync averages it over ranks, and the logged window sums ranks, so / world.
                     loss = loss / len(batches) if len(batches) > 1 else loss
                     scaled, logged = loss, (loss.detach() / world if world > 1 else loss.detach())
