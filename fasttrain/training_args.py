@@ -97,16 +97,11 @@ CANNOT_APPLY = {
 # nothing is silently ignored. Remove a line when its behaviour lands.
 NOT_YET = {
     "auto_find_batch_size": "set per_device_train_batch_size explicitly",
-    "bf16_full_eval": "evaluation runs under the training autocast policy (bf16=True)",
-    "fp16_full_eval": "evaluation runs under the training autocast policy (fp16=True)",
-    "eval_accumulation_steps": "predictions are gathered once at the end of evaluation",
     "include_for_metrics": "compute the extra values inside compute_metrics",
     "batch_eval_metrics": "compute_metrics is called once on the whole evaluation set",
     "eval_do_concat_batches": "predictions are concatenated across batches",
-    "prediction_loss_only": "evaluation returns predictions alongside the loss",
     "save_only_model": "checkpoints always hold the optimizer state",
     "skip_memory_metrics": "memory figures are in the profiler's summary (profile=True)",
-    "train_sampling_strategy": "only 'random' sampling is implemented",
     "eval_use_gather_object": "evaluation gathers tensors only",
 }
 
@@ -251,7 +246,7 @@ class TrainingArguments:
     eval_on_start: bool = False
     eval_do_concat_batches: bool = True
     eval_use_gather_object: bool = False
-    eval_accumulation_steps: Optional[int] = None
+    eval_accumulation_steps: Optional[int] = None  # fasttrain moves predictions off the device every batch
     include_for_metrics: list[str] = field(default_factory=list)
     batch_eval_metrics: bool = False
 
@@ -509,6 +504,9 @@ class TrainingArguments:
         self._check_choice("hub_strategy", HUB_STRATEGIES)
         self._check_choice("include_num_input_tokens_seen", TOKENS_SEEN_MODES)
         self._check_choice("train_sampling_strategy", SAMPLING_STRATEGIES)
+        if self.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+            raise _bad("train_sampling_strategy", self.train_sampling_strategy, "not supported by fasttrain "
+                       "yet: 'random' (default) and 'sequential' are; sort or bucket the dataset by length yourself")
         for entry in self.include_for_metrics:
             if entry not in METRIC_INPUTS:
                 raise _bad("include_for_metrics", self.include_for_metrics,

@@ -137,3 +137,96 @@ def test_callback_states_restored_only_when_asked(tmp_path, restore):
     stopper = next(c for c in resumed.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback))
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
     assert stopper.early_stopping_patience_counter == (patience.early_stopping_patience_counter if restore else 0)
+
+
+def _evaluated(trainer_cls, args_cls, tmp_path, compute_metrics=None, **kw):
+    settings = dict(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none", disable_tqdm=True)
+    settings.update(kw)
+    if args_cls is transformers.TrainingArguments:
+        settings["use_cpu"] = True
+    return trainer_cls(model=_model(), args=args_cls(**settings), data_collator=_collate,
+                       eval_dataset=_data(8), compute_metrics=compute_metrics)
+
+
+def test_label_smoothed_eval_loss_matches_hf(tmp_path):
+    """Evaluation smooths too, as HF's; one batch, so HF's count before the shift is the only
+    difference (README)."""
+    batch = _collate(_data(8))
+    predicted, unshifted = int((batch["labels"][:, 1:] != -100).sum()), int((batch["labels"] != -100).sum())
+    kw = dict(label_smoothing_factor=0.1, per_device_eval_batch_size=8)
+    hf = _evaluated(transformers.Trainer, transformers.TrainingArguments, tmp_path / "hf", **kw)
+    ours = _evaluated(Trainer, TrainingArguments, tmp_path / "ours", **kw)
+    plain = _evaluated(Trainer, TrainingArguments, tmp_path / "plain", per_device_eval_batch_size=8)
+    smoothed = ours.evaluate()["eval_loss"]
+    assert smoothed * predicted == pytest.approx(hf.evaluate()["eval_loss"] * unshifted, rel=1e-5)
+    assert smoothed > plain.evaluate()["eval_loss"] + 1e-3
+
+
+def test_prediction_loss_only_as_hf(tmp_path):
+    calls = []
+
+    def metrics(pred):
+        calls.append(pred)
+        return {"n": 1.0}
+
+    for cls, args_cls in ((transformers.Trainer, transformers.TrainingArguments), (Trainer, TrainingArguments)):
+        trainer = _evaluated(cls, args_cls, tmp_path / cls.__module__, compute_metrics=metrics, prediction_loss_only=True)
+        assert "eval_n" not in trainer.evaluate() and not calls
+        assert trainer.predict(_data(4)).predictions is None
+
+
+@pytest.mark.parametrize("flag,dtype", [("bf16_full_eval", torch.bfloat16), ("fp16_full_eval", torch.float16)])
+def test_full_eval_casts_the_model_outside_training_as_hf(tmp_path, flag, dtype):
+    for cls, args_cls in ((transformers.Trainer, transformers.TrainingArguments), (Trainer, TrainingArguments)):
+        trainer = _evaluated(cls, args_cls, tmp_path / cls.__module__, **{flag: True})
+        assert next(trainer.model.parameters()).dtype == torch.float32
+        trainer.evaluate()
+        assert next(trainer.model.parameters()).dtype == dtype, cls
+
+
+def test_sequential_sampling_keeps_dataset_order(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), train_sampling_strategy="sequential", report_to="none")
+    loader = Trainer(model=_model(), args=args, data_collator=_collate, train_dataset=_data(8)).get_train_dataloader()
+    assert list(loader.sampler) == list(range(8))
+    with pytest.raises(ValueError, match="train_sampling_strategy='group_by_length' is invalid: not supported"):
+        TrainingArguments(train_sampling_strategy="group_by_length")
+
+
+class _NanAtStep(TrainerCallback):
+    """Makes the model's loss NaN on the given optimizer steps (its input embeddings return NaN)."""
+
+    def __init__(self, model, steps):
+        self.steps, self.now = steps, 0
+        model.get_input_embeddings().register_forward_hook(
+            lambda m, i, out: out * float("nan") if self.now in self.steps and m.training else out)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.now = state.global_step + 1
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+def test_logging_nan_inf_filter_leaves_nonfinite_steps_out_of_the_logged_loss(tmp_path, nan_filter):
+    def run(bad_steps, out):
+        model = _model()
+        args = TrainingArguments(output_dir=str(out), max_steps=4, logging_steps=4, per_device_train_batch_size=2,
+                                 learning_rate=0.0, report_to="none", disable_tqdm=True, save_strategy="no",
+                                 logging_nan_inf_filter=nan_filter, train_sampling_strategy="sequential")
+        trainer = Trainer(model=model, args=args, data_collator=_collate, train_dataset=_data(8),
+                          callbacks=[_NanAtStep(model, bad_steps)])
+        trainer.train()
+        return [r for r in trainer.state.log_history if "loss" in r][0]["loss"]
+
+    with_nan = run({2}, tmp_path / "nan")
+    if not nan_filter:
+        assert with_nan != with_nan  # NaN, as before
+        return
+    # lr 0: every step's loss is the model's loss on its batch; the NaN step is left out
+    per_step = []
+    for s in (1, 3, 4):
+        model = _model()
+        batch = _collate(_data(8)[2 * (s - 1): 2 * s])
+        with torch.no_grad():
+            per_step.append(Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "x"),
+                                                                        report_to="none"))
+                            .compute_loss(model, batch).item())
+    assert with_nan == pytest.approx(sum(per_step) / 3, rel=1e-5)

@@ -100,3 +100,11 @@ def tokens_seen(batches: list, args) -> int:
         elif isinstance(ids, torch.Tensor):
             total += ids.numel()
     return total
+
+
+def cast_for_full_eval(model, args, in_train: bool) -> None:
+    """bf16_full_eval / fp16_full_eval: outside training, evaluate the model cast to that
+    dtype (as HF, the cast stays: it saves memory, at some accuracy)."""
+    dtype = torch.bfloat16 if args.bf16_full_eval else torch.float16 if args.fp16_full_eval else None
+    if dtype is not None and not in_train:
+        model.to(dtype=dtype)

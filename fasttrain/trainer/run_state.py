@@ -24,22 +24,41 @@ import torch
 
 
 class LogWindow:
-    """Device-side accumulators between logging steps; read once per logging step."""
+    """Step losses and the grad norm between logging steps, on the device; read once per
+    logging step. A step adds a reference to its loss (no device op); the sum is formed when
+    read. `nan_inf_filter` (HF's logging_nan_inf_filter): non-finite step losses are left out
+    of the logged mean instead of turning it into NaN/inf."""
 
-    def __init__(self, device):
+    def __init__(self, device, nan_inf_filter: bool = False):
         self.device = device
+        self.nan_inf_filter = nan_inf_filter
         self.reset()
 
     def reset(self):
-        self.loss = torch.zeros((), device=self.device)
+        self._carry = torch.zeros((), device=self.device)  # folded sum (checkpoint save/restore)
+        self._pending = []  # this window's step losses, not yet summed
+        self._dropped = 0  # steps the filter left out of _carry
         self.grad_norm = torch.zeros((), device=self.device)  # the last step's (as HF logs it)
         self.steps = 0
         self.tokens = 0
         self.t0 = time.perf_counter()
 
+    @property
+    def loss(self) -> torch.Tensor:
+        """The window's summed step loss (a 0-d device tensor, filled in place on restore)."""
+        if self._pending:
+            steps = torch.stack(self._pending)
+            self._pending = []
+            if self.nan_inf_filter:
+                finite = torch.isfinite(steps)
+                self._dropped += int(finite.logical_not().sum())  # sync: checkpoint save only
+                steps = torch.where(finite, steps, torch.zeros_like(steps))
+            self._carry += steps.sum()
+        return self._carry
+
     @torch.no_grad()
     def add(self, step_loss, grad_norm, tokens: int = 0):
-        self.loss += step_loss
+        self._pending.append(step_loss.detach())
         if grad_norm is not None:
             self.grad_norm = grad_norm  # a reference: read on the logging step
         self.steps += 1
@@ -48,10 +67,20 @@ class LogWindow:
     def flush(self, dist) -> dict:
         if self.steps == 0:
             return {}
-        loss = dist.all_reduce_sum(self.loss.clone())
-        values = torch.stack([loss, self.grad_norm]).tolist()  # sync: logging step
+        # the ranks' shares of each step add up to the step's loss: reduce, then filter
+        pending = torch.stack(self._pending) if self._pending else self._carry.new_zeros(0)
+        summed = dist.all_reduce_sum(torch.cat([self._carry.reshape(1), pending]))
+        per_step = summed[1:]
+        kept = torch.full((), float(self.steps - self._dropped), device=self.device)
+        if self.nan_inf_filter:
+            finite = torch.isfinite(per_step)
+            kept = kept - finite.logical_not().sum()
+            per_step = torch.where(finite, per_step, torch.zeros_like(per_step))
+        total = summed[0] + per_step.sum()
+        values = torch.stack([total, kept, self.grad_norm]).tolist()  # sync: logging step
         elapsed = time.perf_counter() - self.t0  # after the sync: the device work is done
-        out = {"loss": values[0] / self.steps, "steps": self.steps, "grad_norm": values[1] or None,
+        loss = values[0] / values[1] if values[1] > 0 else float("nan")
+        out = {"loss": loss, "steps": self.steps, "grad_norm": values[2] or None,
                "tokens_per_second": self.tokens * dist.world_size / max(elapsed, 1e-9)}
         self.reset()
         return out

@@ -84,6 +84,7 @@ class Trainer(ScriptHelpersMixin):
         self.device = self.dist.device
         self._set_model(model)
         self.scaler = None
+        self._in_train = False
         self.state = TrainerState(is_world_process_zero=self.dist.is_main,
                                   is_local_process_zero=self.dist.local_rank == 0)
         self.control = TrainerControl()
@@ -179,7 +180,8 @@ class Trainer(ScriptHelpersMixin):
         dataset = self._remove_unused_columns(self.train_dataset, "training")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self._train_sampler = ShardedSampler(
-            n, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=True, seed=seed,
+            n, rank=self.dist.rank, world_size=self.dist.world_size,
+            shuffle=self.args.train_sampling_strategy == "random", seed=seed,
             drop_last=self.args.dataloader_drop_last)
         return self._loader(dataset, self._train_sampler,
                             self.args.per_device_train_batch_size, self.args.dataloader_drop_last)
@@ -463,6 +465,7 @@ class Trainer(ScriptHelpersMixin):
         self._instruments = Instruments(args, self.model, self.dist, self.train_dataset)
         self.run = self.checkpointer = self._neftune = None
         failed = True
+        self._in_train = True  # bf16/fp16_full_eval cast only outside training, as HF
         try:
             start_step, start_time = self._begin_training(loader, resume_from_checkpoint, max_steps,
                                                           num_epochs)
@@ -522,6 +525,7 @@ class Trainer(ScriptHelpersMixin):
         self.run = RunState(self.device, self.dist.world_size, args.per_device_train_batch_size,
                             skipped=self.lr_scheduler.skipped.view(()) if schedule_counts else None,
                             skips_counted_elsewhere=schedule_counts)
+        self.run.window.nan_inf_filter = args.logging_nan_inf_filter
         self.checkpointer = self._build_checkpointer()
         if resume_from_checkpoint:
             path = self.checkpointer.load(resume_from_checkpoint)
@@ -544,6 +548,7 @@ class Trainer(ScriptHelpersMixin):
     def _finish_training(self, failed: bool) -> None:
         """Release everything train() holds. After a failure, cleanup errors are logged and
         the original error propagates; after success the first cleanup error is raised."""
+        self._in_train = False
         first_error = None
         logger_, self._logger = self._logger, None  # evaluate() after train() opens and closes its own
         saver = self.checkpointer
@@ -798,7 +803,8 @@ class Trainer(ScriptHelpersMixin):
                 metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
         loader = self.get_eval_dataloader(eval_dataset)
-        output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=self.compute_metrics is None,
+        only_loss = self.compute_metrics is None or self.args.prediction_loss_only
+        output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=only_loss,
                                       ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         self.log(dict(output.metrics))
         self._event("on_evaluate", metrics=output.metrics)
@@ -806,7 +812,7 @@ class Trainer(ScriptHelpersMixin):
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
         loader = self.get_test_dataloader(test_dataset)
-        output = self.evaluation_loop(loader, "Prediction", prediction_loss_only=False,
+        output = self.evaluation_loop(loader, "Prediction", prediction_loss_only=self.args.prediction_loss_only,
                                       ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         self._event("on_predict", metrics=output.metrics)
         return output
@@ -814,7 +820,7 @@ class Trainer(ScriptHelpersMixin):
     def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
         """(loss_sum, token_count, logits, labels) of one batch; logits None when not needed."""
         labels = self._labels(inputs)
-        if self._compute_loss_overridden() and labels is not None:
+        if labels is not None and (self._compute_loss_overridden() or self.args.label_smoothing_factor):
             return self._prediction_step_user_loss(model, inputs, prediction_loss_only, labels)
         with torch.no_grad(), self._autocast():
             fused = None
@@ -848,6 +854,7 @@ class Trainer(ScriptHelpersMixin):
                         ignore_keys=None, metric_key_prefix: str = "eval") -> PredictionOutput:
         """Loss (token-weighted, as training), predictions and metrics over `dataloader`."""
         self.callback_handler.eval_dataloader = dataloader
+        hf_options.cast_for_full_eval(self.model, self.args, in_train=self._in_train)
         return run_evaluation(
             dataloader, self.num_examples(dataloader), self.model, self.prediction_step, dist=self.dist,
             device=self.device, want_predictions=not prediction_loss_only, metric_key_prefix=metric_key_prefix,
