@@ -236,14 +236,17 @@ def test_dataloader_fields_reach_the_dataloader(tmp_path):
 
 def test_use_cache_log_level_and_full_determinism_applied(tmp_path):
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
-    model.config.use_cache = True
+    model.config.use_cache = False
     fasttrain_logger = logging.getLogger("fasttrain")
     level = fasttrain_logger.level
     try:
         args = TrainingArguments(output_dir=str(tmp_path), log_level="error", full_determinism=True,
                                  max_steps=1, report_to="none", save_strategy="no", disable_tqdm=True)
         trainer = Trainer(model, args, train_dataset=token_examples(4))
-        assert model.config.use_cache is False and fasttrain_logger.level == logging.ERROR
+        assert fasttrain_logger.level == logging.ERROR
+        assert model.config.use_cache is False  # use_cache=False leaves the model's own setting (README)
+        Trainer(model, TrainingArguments(output_dir=str(tmp_path), use_cache=True, report_to="none"))
+        assert model.config.use_cache is True
         trainer.train()
         assert torch.are_deterministic_algorithms_enabled()
     finally:

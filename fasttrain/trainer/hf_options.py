@@ -46,10 +46,14 @@ def apply_log_level(args) -> None:
 
 
 def apply_model_options(model, args) -> None:
-    """use_cache: HF models keep a KV cache only when asked (it costs memory in training)."""
+    """use_cache=True turns an HF model's KV cache on, as HF. False (the default) leaves the
+    model's own setting, unlike HF, which turns it off: without a cache and without an
+    attention_mask, transformers 5.24 checks the position ids for packed sequences with a
+    host sync in every forward; the cache costs only references to keys/values that
+    backward keeps anyway."""
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = args.use_cache
+    if args.use_cache and config is not None and hasattr(config, "use_cache"):
+        config.use_cache = True
 
 
 def maybe_empty_cache(args, step: int, device: torch.device) -> None:
