@@ -7,11 +7,18 @@ difference of two runs of different lengths, so set-up and the final logging ste
 """
 import collections
 import contextlib
+import traceback
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 LOCAL_SCALAR_DENSE = "aten._local_scalar_dense.default"
+# host reads made by transformers' model code itself (also counted in LOCAL_SCALAR_DENSE)
+MODEL_READ = "host reads inside transformers"
+
+
+def _inside_transformers() -> bool:
+    return any("/transformers/" in frame.filename for frame in traceback.extract_stack())
 
 
 class OpCounter(TorchDispatchMode):
@@ -23,6 +30,8 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops[str(func)] += 1
+        if str(func) == LOCAL_SCALAR_DENSE and _inside_transformers():
+            self.ops[MODEL_READ] += 1  # the HF model's own code read it, not the Trainer
         out = func(*args, **kwargs)
         if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
             src = args[1] if func is torch.ops.aten.copy_.default else args[0]

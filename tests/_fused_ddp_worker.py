@@ -57,7 +57,7 @@ def main():
     rank = int(os.environ.get("RANK", "0"))
     from fasttrain.ops import loss as fused
     calls = {"n": 0}
-    original = fused.fused_loss_through
+    original = fused.fused_causal_lm_loss  # both paths end here: direct, or through the wrapper
 
     def counted(*a, **k):
         calls["n"] += 1
@@ -67,7 +67,7 @@ def main():
         finally:
             probe.in_loss = False
 
-    fused.fused_loss_through = counted
+    fused.fused_causal_lm_loss = counted
     probe = LargestOutput()
     extra = {"fsdp": "full_shard"} if backend == "fsdp" else {"ddp_backend": backend}
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=3, learning_rate=1e-2,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fasttrain import Trainer, TrainingArguments
-from tests._dispatch_count import LOCAL_SCALAR_DENSE, OpCounter, per_step
+from tests._dispatch_count import LOCAL_SCALAR_DENSE, MODEL_READ, OpCounter, per_step
 from tests._tiny import tiny_gpt, token_examples
 
 transformers = pytest.importorskip("transformers")
@@ -61,8 +61,15 @@ def _ops_per_step(build, overrides):
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("model", list(MODELS))
 def test_no_host_read_outside_logging_steps(model, config):
+    """fasttrain's own reads are 0. transformers 5.24's GPT-2 reads one value per forward in
+    its attention-mask preparation (packed-sequence detection without a mask, `fast_all` of
+    the padding mask with one) when the KV cache is off, as it is for training; that read is
+    the model's, and the HF Trainer pays it too: counted apart and bounded here."""
     ops = _ops_per_step(MODELS[model], CONFIGS[config])
-    assert ops[LOCAL_SCALAR_DENSE] == 0, dict(ops)
+    model_reads = ops[MODEL_READ]
+    assert ops[LOCAL_SCALAR_DENSE] - model_reads == 0, dict(ops)
+    micro_batches = CONFIGS[config].get("gradient_accumulation_steps", 1)
+    assert model_reads <= (micro_batches if model == "gpt2" else 0), dict(ops)
     assert sum(ops.values()) > 10  # the counter saw the steps
 
 

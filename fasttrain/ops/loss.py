@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from typing import Optional
 
 import torch
@@ -34,6 +35,7 @@ _LOGIT_CONFIG_FIELDS = ("final_logit_softcapping", "logit_softcapping", "logit_s
 _FORWARD_RED_FLAGS = ("softcap", "logit_scale", "logits_scaling", "output_multiplier",
                       "aux_loss", "router_logits", "logits_processor")
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", "num_items_in_batch")
+_FUSED_FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,9 +131,13 @@ def fused_loss_through(wrapper: torch.nn.Module, model: torch.nn.Module, inputs:
     parameters (the output embedding among them) around the call. Only the inner forward
     changes, for the call's duration: hidden states -> fused linear cross-entropy, so the
     (tokens x vocab) logits never exist. The caller has checked eligibility."""
-    def fused_forward(**kwargs):
-        return fused_causal_lm_loss(model, kwargs, ignore_index, checked=True)
+    fused_forward = _FUSED_FORWARDS.get(model)
+    if fused_forward is None:  # one function per model: a compiled caller guards on it
+        model_ref = weakref.ref(model)  # the cache must not keep the model alive
 
+        def fused_forward(**kwargs):
+            return fused_causal_lm_loss(model_ref(), kwargs, ignore_index, checked=True)
+        _FUSED_FORWARDS[model] = fused_forward
     model.forward = fused_forward  # an instance attribute shadows the class's forward
     try:
         out = wrapper(**inputs)

@@ -26,6 +26,7 @@ from fasttrain.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCa
 from fasttrain.data.columns import collate_or_explain, kept_columns, remove_unused_columns
 from fasttrain.data.datasets import count_valid_labels, default_data_collator
 from fasttrain.distributed.sampler import ShardedSampler
+from fasttrain.distributed.fsdp import is_fsdp
 from fasttrain.trainer.metrics_log import MetricsLogger
 from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm
 from fasttrain.optim.factory import build_optimizer
@@ -293,6 +294,10 @@ class Trainer(ScriptHelpersMixin):
         if reason is not None:
             self._fused_loss_skipped(reason)
             return None
+        if inner is model and not is_fsdp(model):
+            # one process: call it directly (a whole-model compile would otherwise trace the
+            # swapped-in forward)
+            return fused.fused_causal_lm_loss(model, inputs, checked=True)
         return fused.fused_loss_through(model, inner, inputs)
 
     def _fused_model_reason(self, inner) -> Optional[str]:
