@@ -115,6 +115,8 @@ def test_script_helpers_match_hf(tmp_path, capsys):
     assert set(hf["keys"]) <= set(ft["keys"]) and hf["all_results"] <= ft["all_results"]
     assert {"all_results.json", "train_results.json", "eval_results.json", "trainer_state.json"} <= set(ft["files"])
     assert hf["state_keys"] <= ft["state_keys"]
+    loaded = transformers.TrainerState.load_from_json(str(tmp_path / "fasttrain" / "trainer_state.json"))
+    assert loaded.global_step == 3 and loaded.stateful_callbacks["TrainerControl"]["args"]
     for key in ("world", "local", "n", "params", "flops"):
         assert ft[key] == hf[key], key
 

@@ -9,6 +9,8 @@ import datetime
 import json
 import os
 
+from fasttrain.checkpoint.hf_layout import hf_trainer_state_json
+
 
 class ScriptHelpersMixin:
     # ------------------------------------------------------------------ processes
@@ -65,7 +67,8 @@ class ScriptHelpersMixin:
             return
         os.makedirs(self.args.output_dir, exist_ok=True)
         self.state.stateful_callbacks = self.callback_handler.stateful_state(self.control)
-        self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+        with open(os.path.join(self.args.output_dir, "trainer_state.json"), "w", encoding="utf-8") as f:
+            f.write(hf_trainer_state_json(self.state.to_json_string()))  # HF's TrainerState loads it
 
     def create_model_card(self, model_name=None, finetuned_from=None, tasks=None, dataset=None,
                           language=None, license=None, tags=None, **kwargs) -> None:
