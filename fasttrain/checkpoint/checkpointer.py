@@ -127,7 +127,7 @@ class Checkpointer:
         then write `checkpoint-<step>` on the background saver. A collective: call on every
         rank. `best`: this checkpoint becomes `trainer_state.best_model_checkpoint`."""
         c = self.c
-        check_weights_finite(c.model)
+        check_weights_finite(c.model, self.dist)
         path = os.path.join(self.output_dir, f"{storage.PREFIX}{step}")
         if best:
             c.trainer_state.best_model_checkpoint = path
@@ -226,17 +226,29 @@ class Checkpointer:
                 setattr(c.trainer_state, f.name, getattr(saved, f.name))
         if c.callbacks is not None and c.restore_callbacks:
             c.callbacks.restore_state(c.trainer_state.stateful_callbacks)
-        if not from_hf:
+        if from_hf:
+            if not hf.restore_hf_rng_state(path, self.dist.rank, self.dist.world_size):
+                logger.warning("%s has no RNG state for this process: dropout and shuffling restart "
+                               "from the seed", path)
+        elif storage.read_json(path, DATA_STATE_FILE).get("world_size", self.dist.world_size) == self.dist.world_size:
             set_rng_state(storage.read_torch(path, f"rng_state_{self.dist.rank}.pt"))
-        elif not hf.restore_hf_rng_state(path, self.dist.rank, self.dist.world_size):
-            logger.warning("%s has no RNG state for this process: dropout and shuffling restart "
-                           "from the seed", path)
+        else:  # which rank draws which random numbers changed: no saved stream fits
+            logger.warning("resuming on %d processes from a checkpoint of %d: RNG states are not restored "
+                           "(dropout masks differ from the uninterrupted run; data order, weights and "
+                           "optimizer state are exact)", self.dist.world_size,
+                           storage.read_json(path, DATA_STATE_FILE)["world_size"])
         return path
 
 
-def check_weights_finite(model: torch.nn.Module) -> None:
-    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-    if not bool(finite):  # sync: once per save
+def check_weights_finite(model: torch.nn.Module, dist: Optional[DistContext] = None) -> None:
+    """Raise on every rank if any weight is NaN/inf; sharded (DTensor) weights are checked
+    on their local shards and the verdict agreed over ranks."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    checks = [torch.isfinite(t).all() for t in local if t.numel()]
+    bad = bool(checks) and not bool(torch.stack(checks).all())  # sync: once per save
+    if dist is not None and dist.enabled and any(hasattr(p, "to_local") for p in model.parameters()):
+        bad = dist.any_flag(bad)
+    if bad:
         raise FloatingPointError("refusing to save a checkpoint: the model weights contain NaN/inf. "
                                  "Earlier checkpoints are intact; resume from one with a lower "
                                  "learning rate.")
@@ -262,14 +274,15 @@ def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool, is_main
         storage.remove_stale_temporaries(output_dir)  # saves a killed process left half-written
 
 
-def save_model_files(model: torch.nn.Module, output_dir: str) -> None:
-    """Weights (safetensors) and config of the model, for inference or fine-tuning."""
+def save_model_files(model: torch.nn.Module, output_dir: str, state_dict: Optional[dict] = None) -> None:
+    """Weights (safetensors) and config of the model, for inference or fine-tuning.
+    `state_dict`: the full weights when the model's own are sharded (FSDP)."""
     os.makedirs(output_dir, exist_ok=True)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(output_dir, safe_serialization=True)
+        model.save_pretrained(output_dir, safe_serialization=True, state_dict=state_dict)
         return
     with open(os.path.join(output_dir, storage.MODEL_FILE), "wb") as f:
-        f.write(storage.model_bytes(model.state_dict()))
+        f.write(storage.model_bytes(state_dict if state_dict is not None else model.state_dict()))
     config = model_config(model)
     if config is not None:
         with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:

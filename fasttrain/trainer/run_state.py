@@ -16,11 +16,14 @@ The Checkpointer saves it as `data_state.json` through `state_dict()`/`load_stat
 from __future__ import annotations
 
 import dataclasses
+import logging
 import signal
 import time
 from typing import Any, Optional
 
 import torch
+
+logger = logging.getLogger("fasttrain")
 
 
 class LogWindow:
@@ -109,6 +112,11 @@ class RunState:
     logged_loss_total: float = 0.0
     logged_loss_steps: int = 0
     _prev_sigterm: Any = dataclasses.field(default=None, repr=False)  # restored after train()
+    # streaming datasets: the DataLoader's worker count and every rank's dataset state (if
+    # the dataset has one), set by the Trainer before each save
+    num_workers: int = 0
+    stream_states: Optional[list] = None
+    resumed_from: Optional[dict] = None  # the saved position as written, after load_state_dict
 
     def __post_init__(self):
         self.window = self.window or LogWindow(self.device)
@@ -162,16 +170,31 @@ class RunState:
                 "world_size": self.world_size,
                 "per_device_train_batch_size": self.per_device_train_batch_size,
                 "window": {"loss": values[0], "grad_norm": values[1], "steps": w.steps, "tokens": w.tokens},
-                "skipped": values[2], "nonfinite_run": values[3]}
+                "skipped": values[2], "nonfinite_run": values[3], "num_workers": self.num_workers,
+                "stream": self.stream_states}
 
     def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"{where} was written by {state['world_size']} processes, this "
-                             f"run has {self.world_size}; exact resume needs the same world size")
-        if state["per_device_train_batch_size"] != self.per_device_train_batch_size:
-            raise ValueError(f"{where} used per_device_train_batch_size="
-                             f"{state['per_device_train_batch_size']}; resume with the same value")
+        """Restore the loop position; on another world size or per-device batch size the
+        position is recomputed from the global number of samples consumed in the epoch
+        (the sampler's global order does not depend on either)."""
+        self.resumed_from = {k: state.get(k) for k in ("world_size", "per_device_train_batch_size",
+                                                       "micro_batches_done", "num_workers", "stream")}
         self.epoch, self.micro_batches_done = state["epoch"], state["micro_batches_done"]
+        old = (state["world_size"], state["per_device_train_batch_size"])
+        if old != (self.world_size, self.per_device_train_batch_size):
+            samples = state["micro_batches_done"] * old[0] * old[1]
+            per_micro = self.world_size * self.per_device_train_batch_size
+            if samples % per_micro:
+                raise ValueError(
+                    f"{where} had consumed {samples} samples of epoch {state['epoch']} ({old[0]} processes x "
+                    f"per_device_train_batch_size={old[1]} x {state['micro_batches_done']} micro-batches); "
+                    f"this run reads {self.world_size} x {self.per_device_train_batch_size} = {per_micro} per "
+                    f"micro-batch, which does not divide it: choose per_device_train_batch_size so that "
+                    f"world_size x per_device_train_batch_size divides {samples}")
+            self.micro_batches_done = samples // per_micro
+            logger.info("resuming %d processes x batch %d from %d x %d: %d global samples into epoch %d",
+                        self.world_size, self.per_device_train_batch_size, old[0], old[1], samples,
+                        self.epoch)
         w = self.window
         w.loss.fill_(state["window"]["loss"])
         w.grad_norm.fill_(state["window"]["grad_norm"])

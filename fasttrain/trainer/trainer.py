@@ -13,6 +13,7 @@ import inspect
 import logging
 import math
 import os
+import sys
 import time
 from typing import Callable, Optional
 
@@ -38,12 +39,13 @@ from fasttrain.optim.schedules import (LRScheduler, build_scheduler, learning_ra
 from fasttrain.trainer import hf_options
 from fasttrain.trainer.evaluation import loss_sum_and_count, run_evaluation, update_best
 from fasttrain.trainer.instruments import Instruments
+from fasttrain.data.streaming import StreamShard, is_iterable, resume_plan
 from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
 from fasttrain.trainer.script_helpers import ScriptHelpersMixin
 from fasttrain.trainer.run_state import RunState
 from fasttrain.trainer.utils import (PredictionOutput, TrainOutput, dataset_len, extract_logits,
                                      extract_loss, forward_arg_names, samples_in,
-                                     to_device, tokens_in, uses_label_shift)
+                                     take, to_device, tokens_in, uses_label_shift)
 from fasttrain.training_args import TrainingArguments
 
 logger = logging.getLogger("fasttrain")
@@ -103,6 +105,7 @@ class Trainer(ScriptHelpersMixin):
         self._trainable: Optional[list] = None
         self._sharded = False  # FSDP: parameters are DTensors
         self._fsdp = None
+        self._stream: Optional[StreamShard] = None  # an iterable train_dataset's shard
         self._logger: Optional[MetricsLogger] = None
         self.profile_summary: Optional[dict] = None
         # per-step caches: each micro-batch's valid-token count, the clip constant
@@ -177,6 +180,8 @@ class Trainer(ScriptHelpersMixin):
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs train_dataset; pass Trainer(train_dataset=...)")
+        if is_iterable(self.train_dataset):
+            return self._stream_loader()
         n = dataset_len(self.train_dataset, "train_dataset")
         dataset = self._remove_unused_columns(self.train_dataset, "training")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -186,6 +191,20 @@ class Trainer(ScriptHelpersMixin):
             drop_last=self.args.dataloader_drop_last)
         return self._loader(dataset, self._train_sampler,
                             self.args.per_device_train_batch_size, self.args.dataloader_drop_last)
+
+    def _stream_loader(self) -> DataLoader:
+        """An iterable train_dataset: sharded over ranks x workers by StreamShard, read in order."""
+        if self.args.max_steps <= 0:
+            raise ValueError(f"TrainingArguments.max_steps={self.args.max_steps}: a streaming train_dataset "
+                             f"({type(self.train_dataset).__name__}, no len()) needs max_steps > 0, the "
+                             "number of optimizer steps to train")
+        self._train_sampler = None
+        self._stream = StreamShard(self.train_dataset, self.dist.rank, self.dist.world_size)
+        return DataLoader(self._stream, batch_size=self.args.per_device_train_batch_size,
+                          drop_last=self.args.dataloader_drop_last, collate_fn=self._collate,
+                          num_workers=self.args.dataloader_num_workers,
+                          pin_memory=self.args.dataloader_pin_memory and self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.args.seed))  # see _loader
 
     def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
         # The loader gets its own generator: creating an iterator (with workers) then draws no
@@ -451,16 +470,20 @@ class Trainer(ScriptHelpersMixin):
             self._set_model(self.call_model_init())
             self.callback_handler.model = self.model
             self.optimizer = self.lr_scheduler = None
+        self._stream = None
         loader = self.get_train_dataloader()
-        micro_per_epoch = len(loader)
+        micro_per_epoch = math.inf if self._stream is not None else len(loader)  # a stream: until it ends
         if micro_per_epoch == 0:
             raise ValueError("the training dataloader yields no batches: the dataset has fewer "
                              "examples than one batch with dataloader_drop_last=True; lower the batch size")
-        steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
-        if args.max_steps > 0:
+        if self._stream is not None:
+            max_steps, num_epochs = args.max_steps, sys.maxsize  # passes repeat until max_steps, as HF
+        elif args.max_steps > 0:
+            steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
             max_steps = args.max_steps
             num_epochs = math.ceil(max_steps / steps_per_epoch)
         else:
+            steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
             max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
             num_epochs = math.ceil(args.num_train_epochs)
         # activation checkpointing -> compile (in Instruments) -> FSDP -> optimizer
@@ -539,6 +562,8 @@ class Trainer(ScriptHelpersMixin):
                     st.global_step, steps_per_epoch, args.gradient_accumulation_steps)
             if args.ignore_data_skip:  # HF: resume at the start of the saved epoch's data
                 self.run.micro_batches_done = 0
+            elif self._stream is not None:
+                self._stream.resume = self._stream_resume_plan()
         self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint),
                                      history=st.log_history if resume_from_checkpoint else None)
         self.run.install_sigterm_handler()
@@ -592,15 +617,22 @@ class Trainer(ScriptHelpersMixin):
         args, st, run = self.args, self.state, self.run
         ga = args.gradient_accumulation_steps
         while run.epoch < num_epochs and st.global_step < st.max_steps:
-            self._train_sampler.set_epoch(run.epoch, skip=run.micro_batches_done * args.per_device_train_batch_size)
+            if self._stream is not None:
+                self._stream.set_epoch(run.epoch)  # a new pass over the stream
+            else:
+                self._train_sampler.set_epoch(run.epoch, skip=run.micro_batches_done * args.per_device_train_batch_size)
             self._event("on_epoch_begin")
             iterator = iter(loader)
+            ended = False  # a stream's pass ran out
             inst = self._instruments
             while run.micro_batches_done < micro_per_epoch and st.global_step < st.max_steps:
                 self._event("on_step_begin")
                 inst.step_begin()
                 with inst.phase("data"):
-                    batches = [next(iterator) for _ in range(min(ga, micro_per_epoch - run.micro_batches_done))]
+                    batches = take(iterator, min(ga, micro_per_epoch - run.micro_batches_done))
+                if not batches:
+                    ended = True
+                    break
                 run.advance(len(batches))
                 step_loss = self.training_step(batches)
                 tokens = sum(tokens_in(b) for b in batches)
@@ -615,7 +647,7 @@ class Trainer(ScriptHelpersMixin):
                 self._maybe_log_save_evaluate(epoch_end=False)
                 if self.control.should_training_stop or self.control.should_epoch_stop:
                     break
-            if run.micro_batches_done >= micro_per_epoch or self.control.should_epoch_stop:
+            if ended or run.micro_batches_done >= micro_per_epoch or self.control.should_epoch_stop:
                 run.next_epoch()  # a checkpoint saved now resumes at the next epoch
             self._event("on_epoch_end")  # also when max_steps or a callback ended training mid-epoch
             self._maybe_log_save_evaluate(epoch_end=True)
@@ -750,20 +782,40 @@ class Trainer(ScriptHelpersMixin):
             callbacks=self.callback_handler, training_args=args.to_dict(),
             restore_callbacks=args.restore_callback_states_from_checkpoint, control=self.control,
             args_object=args)
+        state_io = None
+        if self._fsdp is not None:  # every rank writes its own shards through DCP
+            from fasttrain.checkpoint.sharded import ShardedStateIO
+            state_io = ShardedStateIO(args.output_dir, self.dist.world_size, timeout_s=args.ddp_timeout)
         return Checkpointer(args.output_dir, components, self.dist, save_total_limit=args.save_total_limit,
-                            keep_best=args.load_best_model_at_end)
+                            keep_best=args.load_best_model_at_end, state_io=state_io)
 
     def _save_checkpoint(self, metrics=None, blocking: bool = False, best: bool = False) -> str:
         """Save `checkpoint-<global_step>`; `best`: it holds the new best model."""
         if self.scaler is not None:
             self.scaler.check_divergence()  # a diverged fp16 run stops before it saves
+        if self._stream is not None:  # every rank's stream position (a collective)
+            self.run.num_workers = self.args.dataloader_num_workers
+            state = self._stream.state_dict() if self.args.dataloader_num_workers == 0 else {}
+            states = self.dist.all_gather_object(state)
+            self.run.stream_states = states if any(states) else None
         return self.checkpointer.save(self.state.global_step, best=best, blocking=blocking)
+
+    def _stream_resume_plan(self) -> dict:
+        saved = self.run.resumed_from
+        states = saved.get("stream") or []
+        mine = states[self.dist.rank] if saved["world_size"] == self.dist.world_size and states else None
+        return resume_plan(saved, self.dist.world_size, self.args.per_device_train_batch_size,
+                           self.args.dataloader_num_workers, stateful_state=mine)
 
     def save_model(self, output_dir=None) -> None:
         """Weights (safetensors) and config of the model, for inference or fine-tuning."""
+        state_dict = None
+        if self._fsdp is not None:  # gathered shard by shard onto rank 0 (a collective)
+            from fasttrain.checkpoint.sharded import full_model_state
+            state_dict = full_model_state(self.model)
         if self.dist.is_main:
             output_dir = output_dir or self.args.output_dir
-            save_model_files(self.model, output_dir)
+            save_model_files(self.model, output_dir, state_dict=state_dict)
             # the tokenizer/processor beside the weights, so AutoTokenizer reloads the folder (HF)
             if callable(getattr(self.processing_class, "save_pretrained", None)):
                 self.processing_class.save_pretrained(output_dir)

@@ -137,3 +137,14 @@ def dataset_len(dataset, name: str) -> int:
     if n == 0:
         raise ValueError(f"{name} is empty (0 examples); pass a dataset with at least one example")
     return n
+
+
+def take(iterator, n: int) -> list:
+    """Up to `n` items of `iterator` (fewer when it runs out)."""
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            break
+    return out

@@ -1,0 +1,143 @@
+"""Large-model pretraining paths through the Trainer: sharded DCP checkpoints (resume on
+another world size, crash mid-save, corruption, unsafe metadata), the consolidated export,
+and a streaming dataset killed and resumed. Real gloo process groups under torchrun."""
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fasttrain.checkpoint import storage
+from tests.test_fsdp import ROOT, run_worker
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
+LOSS_RTOL = 1e-5   # fp32; 4 vs 2 ranks only changes the reduction order
+WEIGHT_ATOL = 1e-5
+
+
+def worker(out, nproc, mode, *extra):
+    return run_worker(out, nproc, mode, "tests._pretrain_worker", *extra)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("four")
+    return out, worker(out, 4, "fsdp")
+
+
+def global_steps(per_rank_batches):
+    """{step: sorted examples of the global batch} from every rank's micro-batches (ga=1)."""
+    steps = {}
+    for batches in per_rank_batches:
+        for i, batch in enumerate(batches):
+            steps.setdefault(i, []).extend(batch)
+    return {i: sorted(v) for i, v in steps.items()}
+
+
+def test_four_ranks_resume_on_two_with_the_same_data_order_and_weights(tmp_path, four_ranks):
+    out4, full = four_ranks
+    shutil.copytree(out4 / "run", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-6")
+    two = worker(tmp_path, 2, "fsdp", "latest")
+    # the weights right after loading are the checkpoint's (read here, in one process, by DCP)
+    from fasttrain.checkpoint import sharded
+    from tests._tiny import tiny_gpt
+    reference = tiny_gpt(seed=99, n_layer=2)
+    sharded.load(str(tmp_path / "run" / "checkpoint-3"), reference, None)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(two["after_load"][name], value, rtol=0, atol=0, msg=name)
+    # the next global batches are the uninterrupted run's (steps 4-6)
+    assert global_steps(two["batches"]) == {i - 3: v for i, v in global_steps(full["batches"]).items() if i >= 3}
+    assert sorted(two["losses"]) == [1, 2, 3, 4, 5, 6]  # 1-3 restored with the TrainerState
+    for step in (4, 5, 6):
+        assert two["losses"][step] == pytest.approx(full["losses"][step], rel=LOSS_RTOL)
+    for name, value in full["weights"].items():
+        torch.testing.assert_close(two["weights"][name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
+    # each rank wrote its own shard file, and the manifest covers them
+    manifest = storage.read_json(str(out4 / "run" / "checkpoint-3"), "manifest.json")["files"]
+    assert {f"shards/__{r}_0.distcp" for r in range(4)} | {"shards/.metadata"} <= set(manifest)
+    assert not os.path.exists(out4 / "run" / "checkpoint-3" / "model.safetensors")  # no gather to rank 0
+
+
+def test_a_corrupted_shard_is_named(tmp_path, four_ranks):
+    path = tmp_path / "checkpoint-3"
+    shutil.copytree(four_ranks[0] / "run" / "checkpoint-3", path)
+    shard = path / "shards" / "__2_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(storage.CheckpointError, match=r"shards/__2_0\.distcp fails its checksum"):
+        storage.verify(str(path))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_dcp_metadata_that_would_run_code_is_refused(tmp_path, four_ranks):
+    from fasttrain.checkpoint import sharded
+    from tests._tiny import tiny_gpt
+    path = tmp_path / "checkpoint-3"
+    shutil.copytree(four_ranks[0] / "run" / "checkpoint-3", path)
+    with open(path / "shards" / ".metadata", "wb") as f:
+        pickle.dump(_Evil(), f)
+    with pytest.raises(storage.CheckpointError, match="refusing to load.*posix.system|refusing to load.*os.system"):
+        sharded.load(str(path), tiny_gpt(n_layer=2), None)
+
+
+def test_sigkill_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    from tests.test_fsdp import _free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", "-m", "tests._pretrain_worker", str(tmp_path), "killsave"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode != 0, "rank 0 should have been killed inside the step-4 save"
+    run = tmp_path / "run"
+    assert [os.path.basename(p) for p in storage.list_checkpoints(str(run))] == ["checkpoint-2"]
+    assert any(n.startswith(".tmp-") for n in os.listdir(run))  # the interrupted save's leftovers
+    storage.verify(str(run / "checkpoint-2"))
+    resumed = worker(tmp_path, 2, "fsdp", "latest")  # the only valid checkpoint is 2
+    assert [os.path.basename(p) for p in storage.list_checkpoints(str(run))] == \
+        ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    storage.verify(str(run / "checkpoint-4"))  # the resumed run's own step-4 save
+    assert sorted(resumed["losses"]) == [1, 2, 3, 4, 5, 6]
+
+
+def test_consolidated_export_loads_with_from_pretrained_and_gives_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    result = worker(tmp_path, 2, "export")
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export")
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(16).reshape(1, 16)).logits
+    torch.testing.assert_close(logits, result["logits"], rtol=0, atol=1e-6)
+    for name, value in result["weights"].items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_stream_killed_and_resumed_gives_the_uninterrupted_losses(tmp_path):
+    full = worker(tmp_path / "full", 1, "stream")
+    out = tmp_path / "killed"
+    os.makedirs(out)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "tests._pretrain_worker", str(out), "stream", "pause=7"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "paused").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run never reached step 7"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.basename(storage.find_resumable(str(out / "run"))) == "checkpoint-6"
+    resumed = worker(out, 1, "stream", "resume")
+    assert sorted(resumed["losses"]) == list(range(1, 9))  # 1-6 restored with the TrainerState
+    for step in (7, 8):  # dropout on: the RNG and the stream position are both restored
+        assert resumed["losses"][step] == full["losses"][step]
