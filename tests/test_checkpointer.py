@@ -133,20 +133,28 @@ def test_files_are_todays_layout(tmp_path):
     with open(os.path.join(path, "data_state.json")) as f:
         data = json.load(f)
     assert set(data) == {"epoch", "micro_batches_done", "world_size", "per_device_train_batch_size",
-                         "window", "skipped", "nonfinite_run"}
+                         "window", "skipped", "nonfinite_run", "num_workers", "stream"}
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("world_size", 2, "was written by 2 processes, this run has 1"),
-    ("per_device_train_batch_size", 4, "used per_device_train_batch_size=4"),
+@pytest.mark.parametrize("world, batch, micro, resumed_micro", [
+    (2, 2, 3, 6),    # 2 ranks x 2 x 3 = 12 samples: this run (1 x 2) continues at micro-batch 6
+    (1, 4, 3, 6),    # another per-device batch size: the same global position
+    (1, 3, 3, None),  # 9 samples cannot be reached in batches of 2: refused, naming the numbers
 ])
-def test_resume_refuses_a_different_data_layout(tmp_path, field, value, message):
+def test_resume_on_another_layout_continues_from_the_global_sample_count(tmp_path, world, batch, micro,
+                                                                        resumed_micro):
     c, _, checkpointer = build(seed=3, output_dir=tmp_path / "run")
-    setattr(c.run_state, field, value)  # as if saved by another world size / batch size
+    c.run_state.world_size, c.run_state.per_device_train_batch_size = world, batch  # as if saved so
+    c.run_state.micro_batches_done = micro
     path = checkpointer.save(1, blocking=True)
-    with pytest.raises(ValueError, match=message) as e:
-        build(seed=3, output_dir=tmp_path / "run")[2].load(path)
-    assert repr(path) in str(e.value)
+    resumed, _, loader = build(seed=3, output_dir=tmp_path / "run")
+    if resumed_micro is None:
+        with pytest.raises(ValueError, match=r"consumed 9 samples .* 1 x 2 = 2 per micro-batch") as e:
+            loader.load(path)
+        assert repr(path) in str(e.value)
+        return
+    loader.load(path)
+    assert resumed.run_state.micro_batches_done == resumed_micro
 
 
 class ShardFilesIO:
