@@ -91,3 +91,20 @@ def test_train_nproc_per_node_starts_torchrun(tmp_path):
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if "loss" in r] == [2, 4]
     assert os.path.isfile(tmp_path / "runs" / "ddp" / "checkpoint-4" / "rng_state_1.pt")
+
+
+@pytest.mark.distributed
+def test_train_four_ranks_fsdp_with_gradient_checkpointing(tmp_path):
+    """The issue's command line on the default job's model and data, shortened to 6 steps."""
+    r = _run(["train", "--nproc-per-node", "4", "--fsdp", "full_shard", "--gradient-checkpointing",
+              "--name", "fsdp", "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3",
+              "--logging_steps", "3", "--disable_tqdm", "--per_device_train_batch_size", "4"],
+             tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "runs" / "fsdp"
+    assert r.stdout.count("== fasttrain train: summary ==") == 1
+    assert sorted(os.listdir(run / "checkpoint-6" / "shards")) == \
+        [".metadata"] + [f"__{rank}_0.distcp" for rank in range(4)]
+    assert os.path.isfile(run / "model.safetensors")  # save_model gathered the shards
+    s = _run(["sample", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "10"], tmp_path)
+    assert s.returncode == 0, s.stderr
