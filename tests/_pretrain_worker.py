@@ -132,6 +132,7 @@ class PauseAt(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.step:
+            self.trainer.checkpointer.wait()  # the step-6 checkpoint is committed before the kill
             open(self.marker, "w").close()
             import time
             time.sleep(120)  # the parent SIGKILLs us here
@@ -146,6 +147,8 @@ def run_stream(out, resume, pause):
     callbacks = [PauseAt(pause, os.path.join(out, "paused"))] if pause else None
     trainer = Trainer(tiny_gpt(seed=2, dropout=0.1), args, train_dataset=CountingStream(),
                       callbacks=callbacks)
+    for callback in callbacks or []:
+        callback.trainer = trainer
     trainer.train(resume_from_checkpoint=resume)
     torch.save({"losses": {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}},
                os.path.join(out, "result.pt"))
