@@ -559,7 +559,8 @@ class Trainer(ScriptHelpersMixin):
             path = self.checkpointer.load(resume_from_checkpoint)
             if hf_layout.looks_like_hf_checkpoint(path):  # HF's run: the position from its step count
                 self.run.epoch, self.run.micro_batches_done = hf_layout.hf_resume_position(
-                    st.global_step, steps_per_epoch, args.gradient_accumulation_steps)
+                    st.global_step, math.ceil(len(loader) / args.gradient_accumulation_steps),
+                    args.gradient_accumulation_steps)
             if args.ignore_data_skip:  # HF: resume at the start of the saved epoch's data
                 self.run.micro_batches_done = 0
             elif self._stream is not None:
