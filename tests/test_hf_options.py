@@ -230,3 +230,27 @@ def test_logging_nan_inf_filter_leaves_nonfinite_steps_out_of_the_logged_loss(tm
                                                                         report_to="none"))
                             .compute_loss(model, batch).item())
     assert with_nan == pytest.approx(sum(per_step) / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_ignore_data_skip_restarts_the_epochs_data_on_resume(tmp_path, ignore):
+    """HF: resuming mid-epoch skips the batches already seen, unless ignore_data_skip=True,
+    which starts the saved epoch's data from its beginning (the step count is kept)."""
+    seen = []
+
+    def collate(features):
+        seen.append(tuple(features[0]["input_ids"]))
+        return _collate(features)
+
+    def trainer(max_steps):
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=max_steps, save_strategy="steps",
+                                 save_steps=2, per_device_train_batch_size=1, report_to="none", disable_tqdm=True,
+                                 ignore_data_skip=ignore, learning_rate=0.0)
+        return Trainer(model=_model(), args=args, data_collator=collate, train_dataset=_data(8))
+    trainer(4).train()
+    first_run = list(seen)
+    seen.clear()
+    resumed = trainer(4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    assert seen[:2] == (first_run[:2] if ignore else first_run[2:4])
