@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node N -m tests._fsdp_worker OUT MODE
 MODE: plain (no FSDP; also the one-process reference), fsdp, fsdp_compile, fsdp_bf16,
-fsdp_ac, plain_bf16, init (untrained weights only). Rank 0 writes OUT/result.pt: per-step losses, the full (gathered)
+fsdp_ac, plain_bf16, hybrid (2 replicas x 2 shards at 4 ranks), offload (CPU offload),
+init (untrained weights only). Rank 0 writes OUT/result.pt: per-step losses, the full (gathered)
 weights and every rank's local state bytes.
 """
 import os
@@ -34,13 +35,14 @@ def main():
     out, mode = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    fsdp = "full_shard" if mode.startswith("fsdp") else ""
+    fsdp = {"hybrid": "hybrid_shard", "offload": "full_shard offload"}.get(mode, "full_shard" if mode.startswith("fsdp") else "")
     args = TrainingArguments(
         output_dir=os.path.join(out, "run"), max_steps=3, per_device_train_batch_size=4 // world,
         gradient_accumulation_steps=2, learning_rate=1e-3, max_grad_norm=0.5, logging_steps=1,
         save_strategy="no", disable_tqdm=True, report_to="none", seed=5, fsdp=fsdp,
         bf16=mode.endswith("bf16"), use_cpu=True, torch_compile=mode.endswith("compile"),
-        torch_compile_backend="aot_eager", gradient_checkpointing=mode.endswith("_ac"))
+        torch_compile_backend="aot_eager", gradient_checkpointing=mode.endswith("_ac"),
+        fsdp_config={"num_replicas": 2} if mode == "hybrid" else None)
     data = token_examples(32, seed=8)
     if mode == "init":  # the untrained weights, to show training moved them
         torch.save({"weights": tiny_gpt(seed=2, n_layer=4).state_dict()}, os.path.join(out, "result.pt"))

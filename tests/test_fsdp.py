@@ -81,3 +81,22 @@ def test_bf16_fsdp_error_is_that_of_bf16_autocast_in_one_process(tmp_path, singl
     fsdp_err = max_weight_diff(two["weights"], single["weights"])
     autocast_err = max_weight_diff(one["weights"], single["weights"])
     assert 0 < fsdp_err <= 2 * autocast_err, (fsdp_err, autocast_err)
+
+
+def test_hybrid_shard_two_replicas_of_two_shards_equals_one_process(tmp_path, single):
+    four = run_worker(tmp_path, 4, "hybrid")  # fsdp_config num_replicas=2: a (2, 2) mesh
+    torch.testing.assert_close(torch.tensor(four["losses"]), torch.tensor(single["losses"]),
+                               rtol=LOSS_RTOL, atol=0)
+    assert max_weight_diff(four["weights"], single["weights"]) <= WEIGHT_ATOL
+    unsharded = single["state_bytes"][0]["total"]
+    for local in four["state_bytes"]:  # sharded over 2 ranks, replicated twice
+        assert local["total"] <= unsharded / 2 * 1.10, (local, unsharded)
+
+
+def test_offload_on_a_cpu_run_is_a_clear_error(tmp_path):
+    from fasttrain import Trainer, TrainingArguments
+    from tests._tiny import tiny_gpt, token_examples
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, fsdp="full_shard offload", use_cpu=True,
+                             report_to="none", disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"fsdp='full_shard offload'.*drop 'offload'"):
+        Trainer(tiny_gpt(), args, train_dataset=token_examples(4)).train()
