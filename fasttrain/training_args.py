@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
@@ -321,6 +322,7 @@ class TrainingArguments:
     with an error naming it, instead of waiting ddp_timeout; 0 turns the check off."""
 
     def __post_init__(self):
+        check_field_types(self)
         self._normalise()
         self._validate()
         self._validate_hf_fields()
@@ -721,3 +723,105 @@ def _field_defaults() -> dict:
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()
     return out
+
+
+# ---- field types, help and text conversion (the CLI flags and config files use these) -----
+def _allowed_types(annotation) -> tuple:
+    """The concrete types a field annotation admits: Optional[float] -> (float,),
+    Union[None, str, list[str]] -> (str, list), Literal['a', False] -> (str, bool)."""
+    origin = typing.get_origin(annotation)
+    if origin is Union:
+        return tuple(t for a in typing.get_args(annotation) if a is not type(None)
+                     for t in _allowed_types(a))
+    if origin is Literal:
+        return tuple(dict.fromkeys(type(a) for a in typing.get_args(annotation)))
+    if origin is not None:  # list[str], dict[str, Any]
+        return (origin,)
+    return (annotation,) if isinstance(annotation, type) else (object,)
+
+
+def field_types() -> dict:
+    """{field name: the types its annotation admits}, from the resolved annotations."""
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: _allowed_types(hints[f.name]) for f in dataclasses.fields(TrainingArguments)}
+
+
+def _field_docs() -> dict:
+    """Each field's documentation: its `metadata["help"]`, else the string literal written
+    right under it in the class body (its docstring), else the comment on its line."""
+    import ast
+    import inspect
+    import io
+    import tokenize
+    source = inspect.getsource(TrainingArguments)
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    docs = {}
+    body = ast.parse(source).body[0].body
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name = node.target.id
+            if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[name] = " ".join(after.value.value.split())
+            elif node.lineno in comments:
+                docs[name] = comments[node.lineno]
+    for f in dataclasses.fields(TrainingArguments):
+        if f.metadata.get("help"):
+            docs[f.name] = f.metadata["help"]
+    return docs
+
+
+def field_help(name: str) -> str:
+    return _field_docs().get(name, "")
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def convert_field_value(name: str, value):
+    """A text value for field `name` (a command-line flag, or a YAML/JSON config value: YAML
+    reads `1e-3` and `1e2` as strings) converted to the field's type. Non-strings pass
+    through for __post_init__ to validate. Raises ValueError naming the field, the value and
+    the fix."""
+    if not isinstance(value, str):
+        return value
+    kinds = field_types()[name]
+    text = value.strip()
+    if bool in kinds and text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    if int in kinds or float in kinds:
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        if number is not None:
+            if float in kinds:
+                return int(number) if int in kinds and number.is_integer() else number
+            if not number.is_integer():
+                raise _bad(name, value, "must be a whole number")
+            return int(number)
+        if str not in kinds:
+            raise _bad(name, value, "must be a number (e.g. 1e-3 or 0.001)")
+    if list in kinds and (str not in kinds or "," in text):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if kinds and all(k in (int, float, bool) for k in kinds):
+        raise _bad(name, value, f"must be {' or '.join(k.__name__ for k in kinds)}")
+    return value
+
+
+def check_field_types(args: "TrainingArguments") -> None:
+    """A string where a number or bool belongs fails here, by name, instead of as a raw
+    TypeError deep inside the optimizer or the schedule."""
+    for name, kinds in field_types().items():
+        value = getattr(args, name)
+        if not isinstance(value, str) or str in kinds or object in kinds:
+            continue
+        try:
+            fixed = convert_field_value(name, value)
+        except ValueError:
+            fixed = None
+        hint = f"pass {name}={fixed!r} (a {type(fixed).__name__}, not a string)" if fixed is not None \
+            else f"pass a {' or '.join(k.__name__ for k in kinds)}"
+        raise _bad(name, value, f"is a string; {hint}")

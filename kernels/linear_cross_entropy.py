@@ -198,6 +198,11 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100,
         raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     if len({hidden.device, weight.device, target.device}) != 1:
         raise ValueError("hidden, weight and target must be on the same device")
+    if target.numel() == 0:
+        raise ValueError(f"linear_cross_entropy got no rows to score (hidden {tuple(hidden.shape)}, "
+                         f"target {tuple(target.shape)}): an empty batch, or sequences of one "
+                         "token after the causal shift; skip the loss for such a batch or "
+                         "give each sequence at least two tokens")
     check_loss_args(target, ignore_index, label_smoothing, z_loss, reduction)
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     needs = [t.requires_grad for t in (hidden, weight, bias) if t is not None]

@@ -326,3 +326,152 @@ def test_hung_or_dead_peer_stops_every_survivor_with_a_clear_error(tmp_path, how
                      output), output[-3000:]
     assert "Connection reset by peer" not in output and "Connection closed by peer" not in output, output[-3000:]
     assert took < heartbeat_s + 30, took
+
+
+# ------------------------------------------------------------------ 7: bad input, by name
+def test_input_ids_outside_the_vocabulary_named_on_the_first_batch(tmp_path):
+    data = token_examples(8)
+    data[3] = {"input_ids": data[3]["input_ids"].clone().fill_(64), "labels": data[3]["labels"]}
+    trainer = Trainer(tiny_gpt(), _args(tmp_path / "run", per_device_train_batch_size=8), train_dataset=data)
+    with pytest.raises(ValueError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "'input_ids'" in msg and "token id 64" in msg and "[0, 64)" in msg and "vocab_size" in msg, msg
+
+
+def test_float_input_ids_named(tmp_path):
+    data = [{"input_ids": e["input_ids"].float(), "labels": e["labels"]} for e in token_examples(4)]
+    trainer = Trainer(tiny_gpt(), _args(tmp_path / "run"), train_dataset=data)
+    with pytest.raises(TypeError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "'input_ids'" in msg and "torch.float32" in msg and "dtype=torch.long" in msg, msg
+
+
+def test_none_dataset_item_named(tmp_path):
+    data = token_examples(4)
+    data[1] = None
+    trainer = Trainer(tiny_gpt(), _args(tmp_path / "run", per_device_train_batch_size=4), train_dataset=data)
+    with pytest.raises(TypeError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "returned None for an example" in msg and "filter" in msg, msg
+
+
+def test_checkpoint_of_another_width_named(tmp_path):
+    from fasttrain.models import GPT, GPTConfig
+    out = tmp_path / "run"
+    Trainer(tiny_gpt(), _args(out, max_steps=1, save_strategy="steps", save_steps=1),
+            train_dataset=token_examples(4)).train()
+    wide = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=48))
+    trainer = Trainer(wide, _args(out, max_steps=2), train_dataset=token_examples(4))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    msg = str(e.value)
+    assert "checkpoint-1" in msg and "config.json" in msg, msg
+    assert re.search(r"is \(\d+, 32\) there and \(\d+, 48\) here", msg), msg
+
+
+def test_resuming_another_optimizers_checkpoint_names_optim(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_gpt(), _args(out, max_steps=1, save_strategy="steps", save_steps=1, optim="sgd"),
+            train_dataset=token_examples(4)).train()
+    trainer = Trainer(tiny_gpt(), _args(out, max_steps=2, optim="adamw_torch"), train_dataset=token_examples(4))
+    with pytest.raises(ValueError) as e:
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    msg = str(e.value)
+    assert "optim='sgd'" in msg and "optim='adamw_torch'" in msg and "learning" not in msg, msg
+
+
+@pytest.mark.parametrize("field,value,fixed", [
+    ("adam_beta1", "0.9", "adam_beta1=0.9"), ("warmup_steps", "10", "warmup_steps=10"),
+    ("max_grad_norm", "1.0", "max_grad_norm=1.0"), ("learning_rate", "fast", "pass a float"),
+])
+def test_string_for_a_number_named(tmp_path, field, value, fixed):
+    with pytest.raises(ValueError) as e:
+        _args(tmp_path / "run", **{field: value})
+    msg = str(e.value)
+    assert f"{field}={value!r}" in msg and "is a string" in msg and fixed in msg, msg
+
+
+def test_yaml_config_numbers_go_through_the_flag_converters(tmp_path):
+    from fasttrain.cli.main import build_parser, build_training_args
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rate: 1e-3\nwarmup_steps: 1e2\nmax_grad_norm: 0.5\nbf16: false\n")
+    ns = build_parser().parse_args(["train", "--config", str(cfg)])
+    args = build_training_args(ns, str(tmp_path / "out"))
+    assert (args.learning_rate, args.warmup_steps, args.max_grad_norm, args.bf16) == (1e-3, 100, 0.5, False)
+    assert isinstance(args.learning_rate, float) and args.warmup_steps == 100
+    cfg.write_text("warmup_steps: 1.5e1x\n")
+    ns = build_parser().parse_args(["train", "--config", str(cfg)])
+    with pytest.raises(ValueError, match=r"run.yaml.*warmup_steps='1.5e1x' is invalid: must be a number"):
+        build_training_args(ns, str(tmp_path / "out"))
+
+
+def test_linear_cross_entropy_with_zero_rows_named():
+    from fasttrain.kernels.linear_cross_entropy import linear_cross_entropy
+    hidden, weight = torch.randn(0, 8), torch.randn(16, 8)
+    with pytest.raises(ValueError, match=r"no rows to score \(hidden \(0, 8\), target \(0,\)\)"):
+        linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ 8: the command line
+def _cli(args, cwd, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "fasttrain", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _train_parser():
+    import argparse
+
+    from fasttrain.cli.main import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices["train"]
+
+
+def test_every_train_flag_has_help_and_default():
+    import argparse
+    _, train = _train_parser()
+    for action in train._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+    text = train.format_help()
+    assert "--learning_rate VALUE, --learning-rate VALUE" in text, text
+    assert "--model-size MODEL_SIZE, --model_size MODEL_SIZE" in text, text
+    lr = next(a for a in train._actions if a.dest == "learning_rate")
+    assert "(default: 0.002)" in lr.help  # the default job's value, which the run uses
+    hb = next(a for a in train._actions if a.dest == "ddp_heartbeat_timeout")
+    assert "heartbeat" in hb.help and "(default: 60.0)" in hb.help, hb.help  # from the field's doc
+
+
+def test_flag_spellings_negative_numbers_and_types():
+    parser, _ = _train_parser()
+    a = parser.parse_args(["train", "--learning-rate", "1e-3", "--save-total-limit", "3"])
+    b = parser.parse_args(["train", "--learning_rate", "1e-3", "--save_total_limit", "3"])
+    assert a.learning_rate == b.learning_rate == 1e-3 and a.save_total_limit == b.save_total_limit == 3
+    c = parser.parse_args(["train", "--learning_rate", "-1e-3", "--seq-len", "64", "--report_to", "jsonl,tensorboard",
+                           "--no-bf16", "--eval_steps", "0.5"])
+    assert c.learning_rate == -1e-3 and c.seq_len == 64 and c.report_to == ["jsonl", "tensorboard"]
+    assert c.bf16 is False and c.eval_steps == 0.5
+
+
+def test_misspelt_flag_suggests_the_right_one(capsys):
+    parser, _ = _train_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--learnin_rate", "1e-3"])
+    err = capsys.readouterr().err
+    assert "did you mean --learning_rate?" in err, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--data", "no/such/file.bin"], "--data 'no/such/file.bin': no such file or directory"),
+    (["--resume_from_checkpoint", "runs/x/checkpoint-9"], "no such checkpoint directory"),
+])
+def test_missing_input_file_is_one_line(tmp_path, argv, needle):
+    r = _cli(["train", "--max_steps", "1", *argv], tmp_path)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fasttrain.checkpoint.storage import MANIFEST, MODEL_FILE, CheckpointError, read_model_state
+from fasttrain.checkpoint.storage import (MANIFEST, MODEL_FILE, CheckpointError, check_shapes,
+                                         read_model_state)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -77,6 +78,7 @@ def load_weights(model, path: str) -> None:
             raise CheckpointError(f"{file!r} does not match the adapter: unexpected {sorted(unexpected)[:8]}")
         return
     state = read_model_state(path)
+    check_shapes(model, state, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [name for name in missing if not _is_tied(model, name, state)]
     if missing or unexpected:

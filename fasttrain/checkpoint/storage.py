@@ -322,8 +322,9 @@ def read_model_state(path: str) -> dict:
     return tensors
 
 
-def load_model_weights(model: torch.nn.Module, path: str) -> None:
-    state = read_model_state(path)
+def check_shapes(model: torch.nn.Module, state: dict, path: str) -> None:
+    """One sentence for a checkpoint of another model size, instead of torch's dump of every
+    size mismatch."""
     own = model.state_dict()
     for name, t in state.items():
         if name in own and tuple(own[name].shape) != tuple(t.shape):
@@ -332,6 +333,11 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
                 f"{tuple(t.shape)} there and {tuple(own[name].shape)} here. Build the model with "
                 f"the configuration the checkpoint was saved with (its config.json), or start "
                 f"a new run in another output_dir")
+
+
+def load_model_weights(model: torch.nn.Module, path: str) -> None:
+    state = read_model_state(path)
+    check_shapes(model, state, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path!r} does not match the model: missing "

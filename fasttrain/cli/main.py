@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import json
 import logging
 import os
+import re
 import sys
 import time
 import typing
 
-from fasttrain.training_args import TrainingArguments
+from fasttrain.training_args import (TrainingArguments, convert_field_value, field_help,
+                                     field_types)
 
 # The default job: a few hundred steps, a few minutes on 2 CPU cores.
 DEFAULT_JOB = dict(
@@ -28,34 +32,95 @@ DEFAULT_JOB = dict(
 )
 
 
-def _field_parser(tp: str):
-    tp = tp.replace("typing.", "")
-    if "bool" in tp:
-        return None
-    if "list" in tp or "Union[str, list" in tp:
-        return lambda s: s.split(",")
-    if "dict" in tp:
-        return json.loads
-    if "int" in tp and "float" not in tp:
-        return int
-    if "float" in tp:
-        return float
-    return str
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in its help."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with fasttrain's manners: every flag in both spellings (--learning_rate and
+    --learning-rate), no prefix guessing, negative numbers as values (--learning_rate -1e-3),
+    and "did you mean" for a misspelt flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(_attach_negative_values(args), namespace)
+
+    def error(self, message):
+        if "unrecognized arguments" in message:
+            known = _option_strings(self)
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("-"):
+                    close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.75)
+                    if close:
+                        hints.append(f"{word}: did you mean {close[0]}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
+
+
+_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _attach_negative_values(argv: list) -> list:
+    """`--flag -1e-3` -> `--flag=-1e-3`: argparse takes '-1e-3' for an option otherwise."""
+    out = []
+    for i, token in enumerate(argv):
+        prev = out[-1] if out else ""
+        if (_NUMBER.fullmatch(token) and prev.startswith("--") and "=" not in prev and i > 0):
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list:
+    found = []
+    for action in parser._actions:
+        found += [s for s in action.option_strings if s.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _option_strings(sub)
+    return sorted(set(found))
+
+
+def _spellings(name: str) -> list:
+    """'--learning_rate' and '--learning-rate' (one spelling when the name has no '_' or '-')."""
+    return list(dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}", f"--{name.replace('-', '_')}"]))
 
 
 def add_training_argument_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("TrainingArguments (HF names; see the HF Trainer docs)")
+    """One flag per TrainingArguments field, typed by the field's annotation (the converter
+    a config file's values also go through), with its documentation and default as help."""
+    group = parser.add_argument_group("TrainingArguments (HF names; --name_with_underscores "
+                                      "and --name-with-hyphens both work)")
+    defaults = TrainingArguments.__dataclass_fields__
+    kinds = field_types()
     for f in dataclasses.fields(TrainingArguments):
-        tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        conv = _field_parser(tp)
-        # HF's underscore spelling, and the dashed one torchrun-style commands use
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        if conv is None:
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        shown = DEFAULT_JOB.get(f.name, default)
+        doc = field_help(f.name)
+        help_text = f"{doc + ' ' if doc else ''}(default: {shown!r})".replace("%", "%%")
+        flags = _spellings(f.name)
+        if kinds[f.name] == (bool,):
             group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS)
+                               default=argparse.SUPPRESS, help=help_text)
         else:
-            group.add_argument(*flags, dest=f.name, type=conv, default=argparse.SUPPRESS,
-                               metavar=f.name.upper())
+            group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
+                               type=functools.partial(_flag_value, f.name), help=help_text)
+    del defaults
+
+
+def _flag_value(name: str, text: str):
+    try:
+        return convert_field_value(name, text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def load_config_file(path: str) -> dict:
@@ -70,23 +135,27 @@ def load_config_file(path: str) -> dict:
         values = json.loads(text)
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path!r} must hold a mapping of TrainingArguments fields")
-    return values
+    known = field_types()
+    try:  # YAML reads 1e-3 and 1e2 as strings: the converters the flags use apply here too
+        return {k: convert_field_value(k, v) if k in known else v for k, v in values.items()}
+    except ValueError as e:
+        raise ValueError(f"--config {path!r}: {e}") from None
 
 
 # ---------------------------------------------------------------- train
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train the built-in GPT (default: on the Python stdlib sources)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--config", help="YAML or JSON file of TrainingArguments fields")
     p.add_argument("--name", help="run name; output goes to runs/<name>/ (default: a timestamp)")
     p.add_argument("--data", help="a folder of text files or a .bin token file (default: stdlib sources)")
-    p.add_argument("--val-data", help="validation .bin token file (default: a held-out split)")
-    p.add_argument("--model-size", default="tiny", help="built-in GPT size: tiny, small, gpt2")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per training window")
-    p.add_argument("--nproc-per-node", type=int, default=1,
+    p.add_argument("--val-data", "--val_data", help="validation .bin token file (default: a held-out split)")
+    p.add_argument("--model-size", "--model_size", default="tiny", help="built-in GPT size: tiny, small, gpt2")
+    p.add_argument("--seq-len", "--seq_len", type=int, default=128, help="tokens per training window")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1,
                    help="processes per node; >1 relaunches this command under torchrun")
     p.add_argument("--nnodes", default="1", help="torchrun --nnodes (with --rdzv-endpoint for several)")
-    p.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous")
+    p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default=None, help="host:port of the c10d rendezvous")
     add_training_argument_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -98,6 +167,18 @@ def build_training_args(ns: argparse.Namespace, output_dir: str) -> TrainingArgu
     field_names = {f.name for f in dataclasses.fields(TrainingArguments)}
     values.update({k: v for k, v in vars(ns).items() if k in field_names})
     return TrainingArguments.from_dict(values)
+
+
+def _check_paths(ns, args) -> None:
+    """A missing input is one line, before any work (no traceback from deep inside)."""
+    for flag, path in (("--data", ns.data), ("--val-data", ns.val_data), ("--config", ns.config)):
+        if path is not None and not os.path.exists(path):
+            raise SystemExit(f"fasttrain train: error: {flag} {path!r}: no such file or directory")
+    resume = args.resume_from_checkpoint
+    if isinstance(resume, str) and resume not in ("latest", "True", "true") and not os.path.isdir(resume):
+        raise SystemExit(f"fasttrain train: error: --resume_from_checkpoint {resume!r}: no such "
+                         "checkpoint directory; pass a checkpoint-<step> folder, or 'latest' for "
+                         "the newest one in output_dir")
 
 
 def _datasets(ns, seq_len: int):
@@ -130,6 +211,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         raise SystemExit(f"--model-size {ns.model_size!r} is unknown; choose one of {sorted(MODEL_SIZES)}")
     name = ns.name or time.strftime("gpt-%Y%m%d-%H%M%S")
     args = build_training_args(ns, os.path.join("runs", name))
+    _check_paths(ns, args)
+    if args.resume_from_checkpoint in ("latest", "True", "true"):
+        args.resume_from_checkpoint = "latest"
     train_ds, eval_ds = _datasets(ns, ns.seq_len)
     if eval_ds is None:
         args.eval_strategy = "no"
@@ -185,13 +269,17 @@ def _throughput(trainer, out) -> str:
 
 # ---------------------------------------------------------------- sample
 def _sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="generate text from a trained built-in GPT")
+    p = sub.add_parser("sample", help="generate text from a trained built-in GPT",
+                       formatter_class=_HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run dir or checkpoint-<step> dir")
     p.add_argument("--prompt", default="def ", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=200,
+                   help="tokens to generate after the prompt")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="softmax temperature; lower is more predictable")
+    p.add_argument("--top-k", "--top_k", type=int, default=40,
+                   help="sample among the k most likely tokens only")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     p.set_defaults(func=cmd_sample)
 
 
@@ -221,7 +309,7 @@ def cmd_sample(ns: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fasttrain", description="A performance-first PyTorch trainer.")
+    parser = Parser(prog="fasttrain", description="A performance-first PyTorch trainer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -239,10 +327,11 @@ def main(argv: typing.Optional[list] = None) -> int:
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from fasttrain.checkpoint.storage import CheckpointError
     try:
         return ns.func(ns) or 0
-    except ValueError as e:
-        print(f"fasttrain {ns.command}: error: {e}", file=sys.stderr)
+    except (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"fasttrain {ns.command}: error: {e}", file=sys.stderr)  # the user's input: one line
         return 2
 
 

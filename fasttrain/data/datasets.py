@@ -163,6 +163,38 @@ def default_data_collator(features: list) -> dict:
     return batch
 
 
+def check_examples(features: list, dataset_name: str) -> None:
+    """Every item of a batch is an example (a dict), not None: one isinstance per item."""
+    for i, f in enumerate(features):
+        if f is None or not (isinstance(f, dict) or hasattr(f, "keys")):
+            raise TypeError(
+                f"{dataset_name} returned {'None' if f is None else type(f).__name__} for an example "
+                f"(item {i} of a batch of {len(features)}); each item must be a dict such as "
+                "{'input_ids': [...], 'labels': [...]}. Filter out empty examples before training, "
+                "e.g. dataset.filter(lambda x: x is not None)")
+
+
+def check_first_batch(batch: dict, vocab_size: Optional[int], dataset_name: str) -> None:
+    """Token ids a model can embed: integers in [0, vocab_size). Run on the first batch only
+    (a min/max over it: no cost on later steps)."""
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(
+            f"{dataset_name}: batch key 'input_ids' has dtype {ids.dtype}; token ids must be "
+            "integers: build them with dtype=torch.long (or return lists of ints) in the dataset "
+            "or the collator")
+    if vocab_size and ids.numel():
+        low, high = int(ids.min()), int(ids.max())  # sync: first batch only
+        bad = high if high >= vocab_size else low if low < 0 else None
+        if bad is not None:
+            raise ValueError(
+                f"{dataset_name}: batch key 'input_ids' holds token id {bad}, outside the model's "
+                f"vocabulary [0, {vocab_size}); tokenize with the tokenizer the model was built "
+                "for, or resize the model's token embeddings (config.vocab_size) to cover it")
+
+
 def count_valid_labels(labels: torch.Tensor, shifted: bool) -> torch.Tensor:
     """Number of label positions that contribute to the loss (labels != -100); with the
     causal shift the first position of each row is never a target."""

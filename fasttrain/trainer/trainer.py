@@ -10,6 +10,7 @@ Nothing in a step reads a device value on the host; logging steps do (marked `# 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
@@ -25,7 +26,8 @@ from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, prepa
 from fasttrain.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
                                  TrainerControl, TrainerState)
 from fasttrain.data.columns import collate_or_explain, kept_columns, remove_unused_columns
-from fasttrain.data.datasets import count_valid_labels, default_data_collator
+from fasttrain.data.datasets import (check_examples, check_first_batch, count_valid_labels,
+                                     default_data_collator)
 from fasttrain.distributed.sampler import ShardedSampler
 from fasttrain.distributed.fsdp import is_fsdp
 from fasttrain.trainer.metrics_log import MetricsLogger
@@ -45,7 +47,7 @@ from fasttrain.trainer.script_helpers import ScriptHelpersMixin
 from fasttrain.trainer.run_state import RunState
 from fasttrain.trainer.utils import (PredictionOutput, TrainOutput, dataset_len, extract_logits,
                                      extract_loss, forward_arg_names, samples_in,
-                                     take, to_device, tokens_in, uses_label_shift)
+                                     take, to_device, tokens_in, uses_label_shift, vocab_size_of)
 from fasttrain.training_args import TrainingArguments
 
 logger = logging.getLogger("fasttrain")
@@ -160,6 +162,7 @@ class Trainer(ScriptHelpersMixin):
             if self.args.master_weights:  # low-precision weights, fp32 masters in FusedAdamW
                 cast_floating_params_(self.model, torch.bfloat16 if self.args.bf16 else torch.float16)
             self.optimizer = build_optimizer(self.args, self.model)
+            self._built_optimizer = True  # from args.optim (a resume checks it matches)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -222,6 +225,7 @@ class Trainer(ScriptHelpersMixin):
         return remove_unused_columns(dataset, keep, description, type(self.model).__name__)
 
     def _collate(self, features):
+        check_examples(features, "the dataset")  # one isinstance per example
         batch = collate_or_explain(self.data_collator, features)
         if self.args.remove_unused_columns and self._forward_args is not None:
             batch = {k: v for k, v in batch.items() if k in self._forward_args}
@@ -556,7 +560,16 @@ class Trainer(ScriptHelpersMixin):
         self.run.window.nan_inf_filter = args.logging_nan_inf_filter
         self.checkpointer = self._build_checkpointer()
         if resume_from_checkpoint:
-            path = self.checkpointer.load(resume_from_checkpoint)
+            try:
+                path = self.checkpointer.load(resume_from_checkpoint)
+            except Exception as e:  # noqa: BLE001 - re-raised unless the optimizer is the cause
+                try:
+                    resolved = self.checkpointer.resolve(resume_from_checkpoint)
+                except Exception:  # noqa: BLE001 - the original error says more
+                    raise e from None
+                self._raise_if_other_optimizer(resolved, e)
+                raise
+            self._raise_if_other_optimizer(path, None)
             if hf_layout.looks_like_hf_checkpoint(path):  # HF's run: the position from its step count
                 self.run.epoch, self.run.micro_batches_done = hf_layout.hf_resume_position(
                     st.global_step, math.ceil(len(loader) / args.gradient_accumulation_steps),
@@ -572,9 +585,26 @@ class Trainer(ScriptHelpersMixin):
         self.model_wrapped.train()  # evaluation restores the mode it found
         self._event("on_train_begin")
         start_time = time.perf_counter()
+        self._start_step = st.global_step
         self.run.window.t0 = start_time  # set-up and resume time are not training time
         self._neftune = hf_options.activate_neftune(self.model, args.neftune_noise_alpha)
         return st.global_step, start_time
+
+    def _raise_if_other_optimizer(self, path: str, error: Optional[BaseException]) -> None:
+        """A checkpoint holding another optimizer's state cannot resume this run: say so
+        (loading it fails deep in torch, blaming a parameter group, or worse, succeeds)."""
+        if not getattr(self, "_built_optimizer", False):
+            return
+        try:
+            with open(os.path.join(path, "training_args.json"), encoding="utf-8") as f:
+                saved = json.load(f).get("optim")
+        except (OSError, ValueError, AttributeError):  # HF's checkpoints keep a .bin: nothing to compare
+            return
+        if saved and saved != self.args.optim:
+            raise ValueError(
+                f"checkpoint {path!r} holds the state of optim={saved!r}, this run uses "
+                f"optim={self.args.optim!r}; resume with optim={saved!r}, or load only the "
+                "weights into the model and start a new run") from error
 
     def _finish_training(self, failed: bool) -> None:
         """Release everything train() holds. After a failure, cleanup errors are logged and
@@ -634,6 +664,8 @@ class Trainer(ScriptHelpersMixin):
                 if not batches:
                     ended = True
                     break
+                if st.global_step == self._start_step:  # bad input fails here, by name, not in torch
+                    check_first_batch(batches[0], vocab_size_of(self.model), "train_dataset")
                 run.advance(len(batches))
                 step_loss = self.training_step(batches)
                 tokens = sum(tokens_in(b) for b in batches)

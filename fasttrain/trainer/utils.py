@@ -94,6 +94,18 @@ def uses_label_shift(model: torch.nn.Module) -> bool:
     return isinstance(model, GPT) or name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
+def vocab_size_of(model: torch.nn.Module) -> Optional[int]:
+    """Rows of the input embedding (what input_ids may index), or None when unknown."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if isinstance(embedding, torch.nn.Embedding):
+        return embedding.num_embeddings
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     non_blocking = device.type != "cpu"  # from pinned memory (the loader pins on a GPU)
     return {k: v.to(device, non_blocking=non_blocking)
