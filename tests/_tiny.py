@@ -1,6 +1,9 @@
 """Tiny deterministic models and datasets shared by the trainer tests."""
+import functools
+
 import torch
 
+from fasttrain import TrainerCallback
 from fasttrain.models import GPT, GPTConfig
 
 
@@ -20,3 +23,28 @@ def token_examples(n: int, seq_len: int = 16, vocab: int = 64, seed: int = 1, ra
         ids = torch.randint(0, vocab, (length,), generator=g)
         out.append({"input_ids": ids, "labels": ids.clone()})
     return out
+
+
+class PoisonSteps(TrainerCallback):
+    """A real NaN in the forward pass of the chosen (1-based) steps: the loss becomes non-finite."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        model._poison = (state.global_step + 1) in self.steps
+
+
+def poisonable_gpt():
+    """tiny_gpt() whose loss is multiplied by NaN while `model._poison` is set (PoisonSteps)."""
+    model = tiny_gpt()
+    forward = model.forward
+
+    @functools.wraps(forward)  # the Trainer reads forward's parameter names to pick batch keys
+    def poisoned(*a, **kw):
+        out = forward(*a, **kw)
+        if getattr(model, "_poison", False):
+            out.loss = out.loss * float("nan")
+        return out
+    model.forward = poisoned
+    return model

@@ -1,6 +1,5 @@
 """Checkpoints: exact resume after a real SIGKILL, clean stop on SIGTERM, corruption,
 unsafe pickles, full and read-only disks, rotation, non-finite losses."""
-import functools
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import torch
 from fasttrain.checkpoint import storage as ckpt
 from fasttrain import Trainer, TrainerCallback, TrainingArguments
 from tests._ckpt_worker import build_trainer
-from tests._tiny import tiny_gpt, token_examples
+from tests._tiny import PoisonSteps, poisonable_gpt, tiny_gpt, token_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_STEPS = 10
@@ -257,34 +256,12 @@ def test_layout_tied_weights_and_rotation_keeps_best(tmp_path):
             "data_state.json", "training_args.json", "manifest.json"} <= files
 
 
-class NanAt(TrainerCallback):
-    def __init__(self, steps):
-        self.steps = steps
-
-    def on_step_begin(self, args, state, control, model=None, **kw):
-        model._poison = (state.global_step + 1) in self.steps
-
-
-def _poisonable_gpt():
-    model = tiny_gpt()
-    forward = model.forward
-
-    @functools.wraps(forward)  # the Trainer reads forward's parameter names to pick batch keys
-    def poisoned(*a, **kw):
-        out = forward(*a, **kw)
-        if getattr(model, "_poison", False):
-            out.loss = out.loss * float("nan")
-        return out
-    model.forward = poisoned
-    return model
-
-
 def test_nonfinite_steps_are_skipped_and_never_saved(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=2,
                              save_strategy="steps", save_steps=3, logging_steps=1, disable_tqdm=True,
                              report_to="none", fused_loss=False)
-    model = _poisonable_gpt()
-    trainer = Trainer(model, args, train_dataset=token_examples(16), callbacks=[NanAt({2, 3})])
+    model = poisonable_gpt()
+    trainer = Trainer(model, args, train_dataset=token_examples(16), callbacks=[PoisonSteps({2, 3})])
     trainer.train()
     assert trainer.state.skipped_steps == 2
     for path in ckpt.list_checkpoints(args.output_dir):
@@ -296,7 +273,7 @@ def test_consecutive_nonfinite_steps_stop_with_clear_error(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=2,
                              save_strategy="no", logging_steps=1, disable_tqdm=True, report_to="none",
                              nonfinite_loss_policy="stop", max_consecutive_nonfinite=3, fused_loss=False)
-    trainer = Trainer(_poisonable_gpt(), args, train_dataset=token_examples(16), callbacks=[NanAt(set(range(2, 11)))])
+    trainer = Trainer(poisonable_gpt(), args, train_dataset=token_examples(16), callbacks=[PoisonSteps(set(range(2, 11)))])
     with pytest.raises(FloatingPointError, match="non-finite for 3 consecutive steps"):
         trainer.train()
     assert trainer.state.global_step == 4

@@ -1,8 +1,6 @@
 """The fault campaign: each test injects a real fault (a read-only remount, a killed
 process's leftovers, a deleted checkpoint file, a stopped or killed peer, a real YAML file)
 and checks what the user sees. docs/faults.md lists them in a table."""
-import functools
-import json
 import re
 import os
 import subprocess
@@ -15,7 +13,7 @@ import torch
 
 from fasttrain import Trainer, TrainerCallback, TrainingArguments
 from fasttrain.checkpoint import storage as ckpt
-from tests._tiny import tiny_gpt, token_examples
+from tests._tiny import PoisonSteps, poisonable_gpt, tiny_gpt, token_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -178,33 +176,9 @@ def test_eval_strategy_without_eval_set_fails_at_construction(tmp_path):
         assert f"eval_strategy={strategy!r}" in msg and "eval_dataset" in msg and "'no'" in msg, msg
 
 
-class PoisonSteps(TrainerCallback):
-    """A real NaN in the forward pass of the chosen steps (the loss becomes non-finite)."""
-
-    def __init__(self, steps):
-        self.steps = steps
-
-    def on_step_begin(self, args, state, control, model=None, **kw):
-        model._poison = (state.global_step + 1) in self.steps
-
-
-def _poisonable_gpt():
-    model = tiny_gpt()
-    forward = model.forward
-
-    @functools.wraps(forward)  # the Trainer reads forward's parameter names to pick batch keys
-    def poisoned(*a, **kw):
-        out = forward(*a, **kw)
-        if getattr(model, "_poison", False):
-            out.loss = out.loss * float("nan")
-        return out
-    model.forward = poisoned
-    return model
-
-
 def test_mostly_skipped_window_warns_on_the_logging_step(tmp_path, caplog):
     args = _args(tmp_path / "run", max_steps=16, logging_steps=8, fused_loss=False)
-    trainer = Trainer(_poisonable_gpt(), args, train_dataset=token_examples(32),
+    trainer = Trainer(poisonable_gpt(), args, train_dataset=token_examples(32),
                       callbacks=[PoisonSteps(set(range(1, 8)))])  # steps 1-7 of the first window
     with caplog.at_level("WARNING", logger="fasttrain"):
         trainer.train()
