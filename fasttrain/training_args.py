@@ -748,7 +748,8 @@ def field_types() -> dict:
 
 def _field_docs() -> dict:
     """Each field's documentation: its `metadata["help"]`, else the string literal written
-    right under it in the class body (its docstring), else the comment on its line."""
+    right under it in the class body (its docstring), else the comment on its line, else its
+    line in training_args_help.FIELD_HELP."""
     import ast
     import inspect
     import io
@@ -770,7 +771,8 @@ def _field_docs() -> dict:
     for f in dataclasses.fields(TrainingArguments):
         if f.metadata.get("help"):
             docs[f.name] = f.metadata["help"]
-    return docs
+    from fasttrain.training_args_help import FIELD_HELP
+    return {**FIELD_HELP, **docs}  # a field's own documentation wins over the table
 
 
 def field_help(name: str) -> str:

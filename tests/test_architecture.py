@@ -22,7 +22,8 @@ LAYERS = {
     "trainer": 3,
     "checkpoint": 2, "optim": 2, "precision": 2, "profiler": 2, "compile": 2, "data": 2,
     "ops": 2, "models": 2,
-    "distributed": 1, "kernels": 1, "training_args": 1, "callbacks": 1, "extras": 1,
+    "distributed": 1, "kernels": 1, "training_args": 1, "training_args_help": 1, "callbacks": 1,
+    "extras": 1,
 }
 
 

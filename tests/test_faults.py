@@ -412,11 +412,15 @@ def test_every_train_flag_has_help_and_default():
         if isinstance(action, argparse._HelpAction):
             continue
         assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        # a description, not only the default: every field is documented (its docstring,
+        # metadata or training_args_help.FIELD_HELP)
+        assert not action.help.lstrip().startswith("(default"), (action.option_strings, action.help)
     text = train.format_help()
     assert "--learning_rate VALUE, --learning-rate VALUE" in text, text
     assert "--model-size MODEL_SIZE, --model_size MODEL_SIZE" in text, text
     lr = next(a for a in train._actions if a.dest == "learning_rate")
     assert "(default: 0.002)" in lr.help  # the default job's value, which the run uses
+    assert lr.help.startswith("peak learning rate"), lr.help
     hb = next(a for a in train._actions if a.dest == "ddp_heartbeat_timeout")
     assert "heartbeat" in hb.help and "(default: 60.0)" in hb.help, hb.help  # from the field's doc
 
