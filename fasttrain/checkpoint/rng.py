@@ -24,6 +24,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     py = state["python"]
+    # sync: none, RNG states are CPU tensors read once on resume
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],

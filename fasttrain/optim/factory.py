@@ -62,6 +62,7 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     ("key=value,...") become extra constructor arguments, checked against the constructor."""
     groups = param_groups(model, args.weight_decay)
     device = groups[0]["params"][0].device
+    # sync: one host-to-device copy when the optimizer is built, never per step
     lr_tensor = torch.tensor(args.learning_rate, dtype=torch.float32, device=device)
     extra = parse_optim_args(args.optim_args)
     if args.optim == "fasttrain_adamw":

@@ -70,7 +70,7 @@ class LRScheduler:
             for row, lr in self._targets:
                 torch.index_select(row, 0, index, out=lr)
         else:
-            column = self.table[:, min(self._host_step - self._host_skipped, last)].tolist()  # CPU: no sync
+            column = self.table[:, min(self._host_step - self._host_skipped, last)].tolist()  # sync: none, the host-mode table lives on the CPU
             for g, lr in zip(self.optimizer.param_groups, column):
                 g["lr"] = lr
 
@@ -94,7 +94,7 @@ class LRScheduler:
         that step was skipped): what HF logs as `learning_rate`. Before any step: the LRs
         the first step will use."""
         if self._host_step == 0:
-            return self.table[:, 0].tolist()
+            return self.table[:, 0].tolist()  # sync: logging step only (before the first step)
         if self.device_mode:
             last = int(float(self._last_skipped)) if self._last_skipped is not None else 0  # sync: logging step
             position = self._host_step - int(self.skipped.item())  # sync: logging step
