@@ -15,5 +15,7 @@ if [ "${1:-}" = "test" ]; then
     "$PY" -m pip install --quiet -e ".[test]"
     if [ -f scripts/build_ops.sh ]; then bash scripts/build_ops.sh; fi
 else
-    "$PY" -m pip install --quiet -e .
+    # the default job (`fasttrain train`) logs to TensorBoard and `fasttrain report` plots:
+    # the one-command set-up brings the extras those two use
+    "$PY" -m pip install --quiet -e ".[tensorboard,report]"
 fi
