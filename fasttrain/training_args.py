@@ -98,12 +98,8 @@ CANNOT_APPLY = {
 # nothing is silently ignored. Remove a line when its behaviour lands.
 NOT_YET = {
     "auto_find_batch_size": "set per_device_train_batch_size explicitly",
-    "include_for_metrics": "compute the extra values inside compute_metrics",
-    "batch_eval_metrics": "compute_metrics is called once on the whole evaluation set",
-    "eval_do_concat_batches": "predictions are concatenated across batches",
     "save_only_model": "checkpoints always hold the optimizer state",
     "skip_memory_metrics": "memory figures are in the profiler's summary (profile=True)",
-    "eval_use_gather_object": "evaluation gathers tensors only",
 }
 
 

@@ -12,29 +12,38 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Optional
 
-import numpy as np
 import torch
 
 from fasttrain.data.datasets import count_valid_labels
-from fasttrain.trainer.utils import EvalPrediction, PredictionOutput, denumpify, pad_and_concat, to_device
+from fasttrain.trainer.eval_collect import EvalOptions, Gatherer, to_piece
+from fasttrain.trainer.utils import EvalPrediction, PredictionOutput, denumpify, samples_in, to_device
 
 
 def run_evaluation(loader, n_examples: int, model, prediction_step, *, dist, device,
                    want_predictions: bool, metric_key_prefix: str, compute_metrics=None,
-                   preprocess_logits=None, observe_batch=None, on_step=None) -> PredictionOutput:
+                   preprocess_logits=None, observe_batch=None, on_step=None,
+                   options: EvalOptions = EvalOptions()) -> PredictionOutput:
     """Evaluate `model` over `loader` with `prediction_step(model, batch, prediction_loss_only)`
     (the Trainer's, so a subclass's override is used); `observe_batch(batch)` before and
-    `on_step()` after each batch."""
+    `on_step()` after each batch. `options` carries HF's include_for_metrics,
+    batch_eval_metrics and eval_do_concat_batches."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device)
-    preds, label_ids = [], []
+    kept = {"predictions": [], "label_ids": [], "inputs": [], "losses": []}
+    gatherer = Gatherer(dist)
     has_loss = False
     n_batches = 0
-    for batch in loader:
+    user = None
+    batches = _batches_with_last_flag(loader, dist) if options.batch_metrics else ((b, False) for b in loader)
+    for batch, is_last in batches:
+        if batch is None:  # batch_eval_metrics: this rank's shard ended, the others' did not
+            user = _batch_metrics(compute_metrics, gatherer, dict.fromkeys(kept), is_last, device) or user
+            continue
         n_batches += 1
         batch = to_device(batch, device)
         if observe_batch is not None:
@@ -44,12 +53,19 @@ def run_evaluation(loader, n_examples: int, model, prediction_step, *, dist, dev
             has_loss = True
             loss_sum += b_loss
             tokens += b_count
-        if want_predictions and logits is not None:
-            if preprocess_logits is not None:
-                logits = preprocess_logits(logits, labels)
-            preds.append(_to_numpy(logits))  # sync: eval moves each batch off the device
-        if want_predictions and labels is not None:
-            label_ids.append(_to_numpy(labels))
+        if want_predictions and logits is not None and preprocess_logits is not None:
+            logits = preprocess_logits(logits, labels)
+        pieces = {"predictions": logits if want_predictions else None,
+                  "label_ids": labels if want_predictions else None,
+                  "inputs": _main_input(batch, options.input_name) if want_predictions else None,
+                  "losses": _per_example_loss(b_loss, b_count, labels, batch)
+                  if want_predictions and options.include_loss else None}
+        if options.batch_metrics:
+            user = _batch_metrics(compute_metrics, gatherer, pieces, is_last, device, batch) or user
+        if options.keep_predictions:
+            for key, value in pieces.items():
+                if value is not None:
+                    kept[key].append(to_piece(value))
         if on_step is not None:
             on_step()
     model.train(was_training)
@@ -60,10 +76,14 @@ def run_evaluation(loader, n_examples: int, model, prediction_step, *, dist, dev
     total_loss, total_tokens, any_loss = totals.tolist()  # sync: end of evaluation
     if any_loss:
         metrics[f"{metric_key_prefix}_loss"] = total_loss / total_tokens if total_tokens else float("nan")
-    predictions = _gather(dist, preds, n_examples)
-    labels_all = _gather(dist, label_ids, n_examples)
-    if compute_metrics is not None and predictions is not None and labels_all is not None:
-        user = compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels_all))
+    gathered = {key: gatherer.whole(pieces, options.concat_batches) if options.keep_predictions else None
+                for key, pieces in kept.items()}
+    predictions, labels_all = gathered["predictions"], gathered["label_ids"]
+    if compute_metrics is not None and not options.batch_metrics and predictions is not None \
+            and labels_all is not None:
+        user = compute_metrics(EvalPrediction(predictions, labels_all, inputs=gathered["inputs"],
+                                              losses=gathered["losses"]))
+    if user is not None:
         if not isinstance(user, dict):
             raise TypeError(f"compute_metrics must return a dict, got {type(user).__name__}")
         for key, value in denumpify(user).items():
@@ -74,6 +94,68 @@ def run_evaluation(loader, n_examples: int, model, prediction_step, *, dist, dev
     metrics[f"{metric_key_prefix}_samples_per_second"] = n_examples / max(runtime, 1e-9)
     metrics[f"{metric_key_prefix}_steps_per_second"] = n_batches / max(runtime, 1e-9)
     return PredictionOutput(predictions, labels_all, metrics)
+
+
+def _main_input(batch: dict, name: Optional[str]):
+    if name is None:
+        return None
+    if name not in batch:
+        raise KeyError(f"include_for_metrics=['inputs'] passes the batch's {name!r} (the model's "
+                       f"main_input_name), but the batch holds {sorted(batch)}; set the model's "
+                       "main_input_name or drop 'inputs' from include_for_metrics")
+    return batch[name]
+
+
+def _per_example_loss(b_loss, b_count, labels, batch):
+    """HF's include_for_metrics 'loss': the batch's mean loss, repeated once per example."""
+    if b_loss is None:
+        return None
+    n = labels.shape[0] if isinstance(labels, torch.Tensor) and labels.dim() else samples_in(batch)
+    return (b_loss / b_count).detach().float().reshape(1).repeat(n)  # (N,)
+
+
+def _batches_with_last_flag(loader, dist):
+    """(batch, is_last) pairs; under data parallelism every rank yields as many as the rank
+    with the most batches (None once its own ran out), so per-batch gathers pair up and
+    is_last marks the last batch step of the whole evaluation, as HF's compute_result."""
+    if not dist.enabled:  # look one batch ahead: the loader need not have a length
+        iterator = iter(loader)
+        batch = next(iterator, None)
+        while batch is not None:
+            following = next(iterator, None)
+            yield batch, following is None
+            batch = following
+        return
+    steps = max(dist.all_gather_object(len(loader)))
+    iterator = iter(loader)
+    for step in range(steps):
+        yield next(iterator, None), step == steps - 1
+
+
+def _batch_metrics(compute_metrics, gatherer, pieces: dict, is_last: bool, device, batch=None):
+    """batch_eval_metrics: compute_metrics on this batch step (gathered over ranks) as
+    tensors, as HF calls it; its return value counts only from the last call."""
+    if compute_metrics is None:
+        return None
+    if not gatherer.dist.enabled:
+        local = pieces
+    else:
+        host = {k: to_piece(v) if v is not None else None for k, v in pieces.items()}
+        local = {k: _to_tensor(gatherer.block(v), device) for k, v in host.items()}
+    if local.get("predictions") is None or local.get("label_ids") is None:
+        return None
+    result = compute_metrics(EvalPrediction(local["predictions"], local["label_ids"],
+                                            inputs=batch if local.get("inputs") is not None else None,
+                                            losses=local.get("losses")), compute_result=is_last)
+    return result if is_last else None
+
+
+def _to_tensor(piece, device):
+    if piece is None or isinstance(piece, list):
+        return piece
+    if isinstance(piece, tuple):
+        return tuple(_to_tensor(p, device) for p in piece)
+    return torch.from_numpy(piece).to(device)
 
 
 def loss_sum_and_count(loss: torch.Tensor, labels: torch.Tensor, label_shift: bool):
@@ -102,41 +184,3 @@ def update_best(metrics: dict, args, state) -> bool:
     if better:
         state.best_metric = value
     return better
-
-
-def _to_numpy(t):
-    if isinstance(t, (tuple, list)):
-        return tuple(_to_numpy(x) for x in t)
-    t = t.detach()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.float()
-    return t.cpu().numpy()
-
-
-def _gather(dist, arrays: list, n_examples: int):
-    """This rank's batches (arrays, or tuples of arrays) and, under data parallelism, every
-    rank's, concatenated in dataset order: rank r evaluated examples r, r+W, r+2W, ...
-    One collective per call whatever the structure, so ranks with empty shards never hang."""
-    if not dist.enabled:
-        return _concat(arrays) if arrays else None
-    parts = dist.all_gather_object(arrays)
-    ranks = [(r, _concat(p)) for r, p in enumerate(parts) if p]
-    return _interleave(ranks, n_examples, len(parts)) if ranks else None
-
-
-def _concat(arrays: list):
-    if isinstance(arrays[0], tuple):
-        return tuple(pad_and_concat([a[i] for a in arrays]) for i in range(len(arrays[0])))
-    return pad_and_concat(arrays)
-
-
-def _interleave(ranks: list, n_examples: int, world: int):
-    first = ranks[0][1]
-    if isinstance(first, tuple):
-        return tuple(_interleave([(r, a[i]) for r, a in ranks], n_examples, world)
-                     for i in range(len(first)))
-    merged = pad_and_concat([a for _, a in ranks])
-    positions = np.concatenate([np.arange(r, n_examples, world) for r, _ in ranks])
-    out = np.empty_like(merged)
-    out[positions] = merged
-    return out

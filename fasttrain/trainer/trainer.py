@@ -39,6 +39,7 @@ from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast
 from fasttrain.optim.schedules import (LRScheduler, build_scheduler, learning_rate_used,
                                        step_on_metrics, step_scheduler)
 from fasttrain.trainer import hf_options
+from fasttrain.trainer.eval_collect import EvalOptions
 from fasttrain.trainer.evaluation import loss_sum_and_count, run_evaluation, update_best
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.data.streaming import StreamShard, is_iterable, resume_plan
@@ -950,4 +951,5 @@ class Trainer(ScriptHelpersMixin):
             device=self.device, want_predictions=not prediction_loss_only, metric_key_prefix=metric_key_prefix,
             compute_metrics=self.compute_metrics, preprocess_logits=self.preprocess_logits_for_metrics,
             observe_batch=self._instruments.observe_batch if self._instruments is not None else None,
-            on_step=lambda: self._event("on_prediction_step"))
+            on_step=lambda: self._event("on_prediction_step"),
+            options=EvalOptions.from_args(self.args, self.model, description))

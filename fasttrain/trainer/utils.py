@@ -13,22 +13,27 @@ from fasttrain.data.datasets import IGNORE_INDEX
 
 class EvalPrediction:
     """What `compute_metrics` receives: predictions and label_ids as numpy arrays (or
-    tuples of them), unpackable as `logits, labels = eval_pred` like HF's."""
+    tuples of them; torch tensors under batch_eval_metrics), plus `inputs` and `losses` when
+    include_for_metrics asks for them. Unpacks as HF's: `preds, labels = eval_pred`, or
+    with the included extras after them, in the order inputs, losses."""
 
     def __init__(self, predictions, label_ids, inputs=None, losses=None):
         self.predictions = predictions
         self.label_ids = label_ids
         self.inputs = inputs
         self.losses = losses
+        self.elements = (predictions, label_ids) + tuple(x for x in (inputs, losses) if x is not None)
 
     def __iter__(self):
-        return iter((self.predictions, self.label_ids))
+        return iter(self.elements)
 
     def __getitem__(self, i):
-        return (self.predictions, self.label_ids)[i]
+        if not 0 <= i < len(self.elements):  # as a tuple would, negative indices excepted (as HF)
+            raise IndexError("tuple index out of range")
+        return self.elements[i]
 
     def __len__(self):
-        return 2
+        return len(self.elements)
 
 
 class PredictionOutput(NamedTuple):
