@@ -9,7 +9,8 @@ the cross-entropy kernel writes dloss/dlogits over that buffer in place, then
 grad_h_c = g_c @ W and grad_W += g_c.T @ h_c (grad_b += sum g_c). For "mean" and "sum" the
 gradients are computed in the forward and scaled by the upstream gradient in the backward
 (three matmuls in all, like the unfused loss); for "none" the backward recomputes the logits
-(four matmuls). Peak extra memory: grad_W + grad_h (the floor) + one logits chunk.
+(four matmuls). Peak extra memory: grad_W + grad_h (the floor) + one logits chunk (half
+inputs on the CPU: + the chunk in fp32 and grad_W in fp32, see `_flce_chunks`).
 The loop is the same on CPU and CUDA; only the per-chunk cross-entropy differs (Triton kernel
 on CUDA, chunked torch ops on CPU), see `cross_entropy.ce_rows_`. Algorithm: Liger-Kernel's
 FusedLinearCrossEntropy (chunking over tokens, gradients in the forward).
@@ -40,34 +41,31 @@ def chunk_rows(N: int, H: int, V: int) -> int:
     return min(N, rows)
 
 
-def _accumulate_mm_(acc, a, b, first):
-    """acc (+)= a @ b, with acc possibly fp32 while a, b are half (fp32 accumulation)."""
-    if acc.dtype == a.dtype:
-        if first:
-            torch.mm(a, b, out=acc)
-        else:
-            acc.addmm_(a, b)
-        return
-    try:  # CUDA: half inputs, fp32 output, no temporary
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, beta=0 if first else 1, out=acc)
-    except (RuntimeError, TypeError):
-        prod = torch.mm(a, b)
-        acc.copy_(prod) if first else acc.add_(prod)
-
-
 def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss,
                  scale, row_loss, want_grads):
-    """Fills row_loss (N,) and returns (grad_h, grad_w, grad_b) scaled by `scale` or Nones."""
+    """Fills row_loss (N,) and returns (grad_h, grad_w, grad_b) scaled by `scale` or Nones.
+
+    Per chunk, dtypes: logits x = h_c @ W.T in the input dtype. fp32 inputs, and half ones on
+    CUDA (the kernel reads half and does its math in fp32), take dloss/dlogits in place of x;
+    grad_W accumulates in fp32 through addmm's fp32 output. Half inputs on the CPU: the
+    cross-entropy writes dloss/dlogits once into an fp32 chunk g32 (its math is fp32 anyway),
+    grad_W accumulates g32.T @ h_c in fp32 with no (V, H) temporary, and g32 is written back
+    into x once for grad_h = x @ W in the input dtype. One fp32 conversion of the chunk each
+    way, none of a (V, H) product: the CPU has no half matmul with an fp32 output.
+    """
     N, H = hidden.shape
     V = weight.shape[0]
+    half = weight.dtype in _HALF
+    score_in_fp32 = half and not weight.is_cuda and want_grads
     grad_h = torch.empty_like(hidden) if want_grads else None
-    acc_dtype = torch.float32 if weight.dtype in _HALF else weight.dtype
-    grad_w = torch.empty((V, H), dtype=acc_dtype, device=weight.device) if want_grads else None
+    grad_w = torch.empty((V, H), dtype=torch.float32 if half else weight.dtype,
+                         device=weight.device) if want_grads else None
     grad_b = None
     if want_grads and bias is not None:
         grad_b = torch.zeros(V, dtype=torch.float32, device=bias.device)
     rows = chunk_rows(N, H, V)
     buf = torch.empty((rows, V), dtype=hidden.dtype, device=hidden.device)  # (rows, V)
+    buf32 = torch.empty((rows, V), dtype=torch.float32, device=hidden.device) if score_in_fp32 else None
     w_t = weight.t()
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
@@ -77,14 +75,18 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
         else:
             torch.addmm(bias, h_c, w_t, out=x)
         s = scale[r0:r1] if scale.dim() == 1 else scale
-        g = x if (want_grads or x.is_cuda) else None
+        g = buf32[: r1 - r0] if score_in_fp32 else x if (want_grads or x.is_cuda) else None
         ce_rows_(x, target[r0:r1], g, row_loss[r0:r1], s, ignore_index, label_smoothing, z_loss)
         if not want_grads:
             continue
+        if score_in_fp32:
+            _accumulate_(grad_w, g.t(), h_c.float(), first=r0 == 0)
+            x.copy_(g)
+        else:
+            _accumulate_(grad_w, x.t(), h_c, first=r0 == 0)
         torch.mm(x, weight, out=grad_h[r0:r1])
-        _accumulate_mm_(grad_w, x.t(), h_c, first=r0 == 0)
         if grad_b is not None:
-            grad_b += x.sum(dim=0, dtype=torch.float32)
+            grad_b += g.sum(dim=0, dtype=torch.float32)
     if not want_grads:
         return None, None, None
     if grad_w.dtype != weight.dtype:
@@ -92,6 +94,18 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
     if grad_b is not None:
         grad_b = grad_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
+
+
+def _accumulate_(acc, a, b, first):
+    """acc (+)= a @ b; acc is fp32 while a, b are half only on CUDA (addmm's fp32 output)."""
+    if acc.dtype == a.dtype:
+        torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
+        return
+    try:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, beta=0 if first else 1, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):  # a build without it: a temporary
+        prod = torch.mm(a, b)
+        acc.copy_(prod) if first else acc.add_(prod)
 
 
 def _empty(t):

@@ -6,6 +6,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fasttrain.kernels import linear_cross_entropy
 from fasttrain.kernels._reference import linear_cross_entropy_reference
@@ -134,6 +135,44 @@ def test_backward_allocates_no_weight_sized_buffer(reduction):
     V, H = weight.shape
     big = [n for n in allocs.sizes if n >= V * H]
     assert big == ([] if reduction == "mean" else [V * H]), allocs.sizes
+
+
+class _Conversions(TorchDispatchMode):
+    """Elements of every dtype conversion (copy_ across dtypes, _to_copy), in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default or (
+                func is torch.ops.aten.copy_.default and args[0].dtype != args[1].dtype):
+            self.sizes.append(out.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_chunks_convert_each_chunk_once_each_way(dtype, monkeypatch):
+    """Half inputs on the CPU (no half matmul with an fp32 output there): grad_W accumulates
+    in fp32 with no (V, H) temporary per chunk; the only weight-sized tensors are the fp32
+    accumulator and its one cast back, however many chunks; each logits chunk is converted
+    to fp32 once (the softmax math) and its gradient back once (for grad_h)."""
+    rows = 16
+    monkeypatch.setattr(flce_mod, "chunk_rows", lambda N, H, V: min(N, rows))
+    hidden, weight, _, target = _case((64,), 24, 512, dtype=dtype, ignore_every=5)
+    V, H = weight.shape
+    hidden, weight = hidden.detach(), weight.detach()
+    scale = torch.ones((), dtype=torch.float32)
+    row_loss = torch.empty(64, dtype=torch.float32)
+    with Allocations() as allocs, _Conversions() as conversions:  # inside the opaque op
+        grads = flce_mod._flce_chunks(hidden, weight, None, target, -100, 0.0, 0.0, scale,
+                                      row_loss, want_grads=True)
+    assert [n for n in allocs.sizes if n >= V * H] == [V * H, V * H], allocs.sizes
+    chunks = 64 // rows
+    assert sorted(n for n in conversions.sizes if n >= rows * V) == (
+        [rows * V] * (2 * chunks) + [V * H]), conversions.sizes
+    assert grads[1].dtype == dtype
 
 
 def test_frozen_weight_and_no_grad():
