@@ -27,8 +27,9 @@ from typing import Any, Literal, Optional, Union
 SCHEDULER_TYPES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-    "warmup_stable_decay",
+    "warmup_stable_decay", "greedy",
 )
+METRIC_DRIVEN_SCHEDULES = ("reduce_lr_on_plateau", "greedy")  # stepped on evaluation metrics
 STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 REPORT_TARGETS = ("none", "tensorboard", "jsonl", "all")
@@ -322,7 +323,7 @@ class TrainingArguments:
         self._normalise()
         self._validate()
         self._validate_hf_fields()
-        if (self.load_best_model_at_end or self.lr_scheduler_type == "reduce_lr_on_plateau") \
+        if (self.load_best_model_at_end or self.lr_scheduler_type in METRIC_DRIVEN_SCHEDULES) \
                 and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:
@@ -494,9 +495,9 @@ class TrainingArguments:
 
     # ---- validation of the fields added for HF 5.24 parity ---------------------------------
     def _validate_hf_fields(self):
-        if self.lr_scheduler_type == "reduce_lr_on_plateau" and self.eval_strategy == "no":
-            raise _bad("lr_scheduler_type", self.lr_scheduler_type, "reduces the LR when the "
-                       "evaluation metric stops improving, so it needs eval_strategy 'steps' or 'epoch'")
+        if self.lr_scheduler_type in METRIC_DRIVEN_SCHEDULES and self.eval_strategy == "no":
+            raise _bad("lr_scheduler_type", self.lr_scheduler_type, "changes the LR on evaluation "
+                       "metrics, so it needs eval_strategy 'steps' or 'epoch'")
         self._check_choice("log_level", tuple(LOG_LEVELS))
         self._check_choice("log_level_replica", tuple(LOG_LEVELS))
         self._check_choice("hub_strategy", HUB_STRATEGIES)

@@ -20,7 +20,7 @@ FIELD_HELP = {
     "auto_find_batch_size": "halve the batch on out-of-memory and retry (not built yet: refused)",
     # optimizer
     "learning_rate": "peak learning rate",
-    "lr_scheduler_type": "LR schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, reduce_lr_on_plateau, cosine_with_min_lr, warmup_stable_decay, ...",
+    "lr_scheduler_type": "LR schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, reduce_lr_on_plateau, greedy, cosine_with_min_lr, warmup_stable_decay, ...",
     "lr_scheduler_kwargs": "extra keyword arguments of the schedule (a dict, or its JSON text)",
     "optim": "optimizer: adamw_torch_fused, adamw_torch, fasttrain_adamw, sgd, adafactor, adagrad, rmsprop, ...",
     "optim_target_modules": "modules for GaLore/APOLLO-style optimizers (their libraries are not supported: refused)",

@@ -123,7 +123,7 @@ def get_multiplier(name: str, num_warmup_steps: int, num_training_steps: int,
     schedules that take an absolute LR, polynomial and min_lr, need it)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown lr_scheduler_type {name!r}; accepted: {', '.join(SCHEDULES)}, "
-                         "reduce_lr_on_plateau")
+                         "reduce_lr_on_plateau, greedy")
     fn = SCHEDULES[name]
     params = inspect.signature(fn).parameters
     accepted = [p for p in params if p not in ("s", "w", "n", "lr_init")]

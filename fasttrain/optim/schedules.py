@@ -4,8 +4,8 @@ Every HF `lr_scheduler_type` but reduce_lr_on_plateau is a multiplier m(step)
 (`lr_multipliers.py`, HF's formulas) tabulated once: the LR of an optimizer that accepts a
 tensor LR is updated in place every step with no host synchronisation, and a step skipped
 for overflow (loss scaling) does not advance the schedule. Optimizers that only take float
-LRs get the same table read on the host. reduce_lr_on_plateau is torch's ReduceLROnPlateau,
-stepped on evaluation metrics (`step_on_metrics`), as HF does.
+LRs get the same table read on the host. reduce_lr_on_plateau (torch's ReduceLROnPlateau)
+and greedy (`greedy.GreedyLR`) step on evaluation metrics instead (`step_on_metrics`), as HF's do.
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from typing import Optional
 
 import torch
 
-from fasttrain.optim.lr_multipliers import Multiplier, get_multiplier
+from fasttrain.optim.greedy import GreedyLR
+from fasttrain.optim.lr_multipliers import SCHEDULES, Multiplier, get_multiplier
 
 __all__ = ["LRScheduler", "Multiplier", "get_multiplier", "build_scheduler", "step_scheduler",
-           "learning_rate_used", "step_on_metrics", "is_metric_driven"]
+           "learning_rate_used", "step_on_metrics", "is_metric_driven", "GreedyLR", "METRIC_DRIVEN",
+           "SCHEDULES_ACCEPTED"]
 
 
 class LRScheduler:
@@ -128,18 +130,22 @@ class LRScheduler:
 
 
 def build_scheduler(args, optimizer, num_training_steps: int):
-    """The scheduler TrainingArguments ask for: a tabulated LRScheduler, or for
-    reduce_lr_on_plateau torch's ReduceLROnPlateau (stepped on evaluation metrics)."""
+    """The scheduler TrainingArguments ask for: a tabulated LRScheduler, or one stepped on
+    evaluation metrics (reduce_lr_on_plateau: torch's ReduceLROnPlateau; greedy: GreedyLR)."""
     kwargs = dict(args.lr_scheduler_kwargs or {})
-    if args.lr_scheduler_type == "reduce_lr_on_plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
+    if args.lr_scheduler_type in METRIC_DRIVEN:
+        return METRIC_DRIVEN[args.lr_scheduler_type](optimizer, **kwargs)
     mult = get_multiplier(args.lr_scheduler_type, args.get_warmup_steps(num_training_steps),
                           num_training_steps, lr_init=args.learning_rate, **kwargs)
     return LRScheduler(optimizer, mult, num_training_steps)
 
 
+METRIC_DRIVEN = {"reduce_lr_on_plateau": torch.optim.lr_scheduler.ReduceLROnPlateau, "greedy": GreedyLR}
+SCHEDULES_ACCEPTED = (*SCHEDULES, *METRIC_DRIVEN)  # every lr_scheduler_type build_scheduler builds
+
+
 def is_metric_driven(scheduler) -> bool:
-    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    return isinstance(scheduler, tuple(METRIC_DRIVEN.values()))
 
 
 def step_scheduler(scheduler, optimizer, skipped: Optional[torch.Tensor] = None):
@@ -167,13 +173,14 @@ def learning_rate_used(scheduler, optimizer, captured=None) -> float:
 
 
 def step_on_metrics(scheduler, metrics: dict, metric_for_best_model: str) -> None:
-    """reduce_lr_on_plateau: feed it the evaluation metric (as HF: metric_for_best_model,
-    'eval_'-prefixed)."""
+    """reduce_lr_on_plateau and greedy: feed them the evaluation metric (as HF:
+    metric_for_best_model, 'eval_'-prefixed)."""
     if not is_metric_driven(scheduler) or not metrics:
         return
     key = metric_for_best_model if metric_for_best_model.startswith("eval_") else f"eval_{metric_for_best_model}"
     if key not in metrics:
-        raise KeyError(f"lr_scheduler_type='reduce_lr_on_plateau' watches metric_for_best_model="
+        kind = next(name for name, cls in METRIC_DRIVEN.items() if isinstance(scheduler, cls))
+        raise KeyError(f"lr_scheduler_type={kind!r} watches metric_for_best_model="
                        f"{metric_for_best_model!r}, but evaluation returned only {sorted(metrics)}; "
                        "set metric_for_best_model to one of them")
     scheduler.step(metrics[key])
