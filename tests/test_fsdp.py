@@ -100,3 +100,32 @@ def test_offload_on_a_cpu_run_is_a_clear_error(tmp_path):
                              report_to="none", disable_tqdm=True)
     with pytest.raises(ValueError, match=r"fsdp='full_shard offload'.*drop 'offload'"):
         Trainer(tiny_gpt(), args, train_dataset=token_examples(4)).train()
+
+
+FP16_LOSS_RTOL = 1e-3  # fp16 gathered weights and activations: 2^-11 relative rounding per op
+
+
+def test_fp16_overflow_in_one_rank_shard_skips_the_step_on_every_rank(tmp_path, single):
+    # rank 1 alone finds an inf in its gradient shard at step 2; clipping is off, so the
+    # scaler's agreement over the shard group is the only way rank 0 can learn of it
+    two = run_worker(tmp_path, 2, "fsdp_fp16")
+    for rank, local in enumerate(two["per_rank"]):
+        assert local["scaler"]["_skipped_steps"] == 1, (rank, local)
+        assert local["scaler"]["scale"] == 2.0**15, (rank, local)  # backed off once from 2^16
+        assert local["steps"] == [2.0], (rank, local)  # 3 steps, the second skipped everywhere
+        assert local["host_reads"] == 0, (rank, local)  # the agreement is a device all-reduce
+    after = two["per_step_weights"]
+    for name, value in after[1].items():
+        torch.testing.assert_close(after[2][name], value, rtol=0, atol=0, msg=name)
+    assert max_weight_diff(after[3], after[2]) > 10 * WEIGHT_ATOL, "the step after the skip trained"
+    assert [r["skipped_steps"] for r in two["log"] if "loss" in r] == [0, 1, 1]
+    # the step before the overflow is fp16 training of the same model
+    assert two["losses"][0] == pytest.approx(single["losses"][0], rel=FP16_LOSS_RTOL)
+
+
+def test_fasttrain_adamw_on_local_shards_equals_torch_adamw_in_one_process(tmp_path, single):
+    two = run_worker(tmp_path, 2, "fsdp_fused")
+    assert two["optimizer"] == "FusedAdamW" and "DTensor" in two["state_types"]  # sharded state
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(single["losses"]),
+                               rtol=LOSS_RTOL, atol=0)
+    assert max_weight_diff(two["weights"], single["weights"]) <= WEIGHT_ATOL

@@ -13,8 +13,10 @@ Modes (HF's `TrainingArguments.fsdp` names; several may be combined in one strin
   hybrid_shard    2-D mesh (nodes, local ranks): shard within a node, replicate across nodes
   offload         parameters, gradients and optimizer state live in CPU memory
   auto_wrap       accepted for HF compatibility: blocks are always wrapped one by one
-Under bf16 the policy is MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the
-all-gathered weights are bf16, gradients are reduced in fp32 into fp32 shards.
+Under bf16 (fp16) the policy is MixedPrecisionPolicy(param_dtype=bf16 (fp16),
+reduce_dtype=fp32): the all-gathered weights are bf16 (fp16), gradients are reduced in fp32
+into fp32 shards. With fp16 the loss scaler unscales the local shards and agrees on an
+overflow over the shard group (`shard_groups`), so every rank skips the same steps.
 
 This module knows nothing of the Trainer; it imports only torch.
 """
@@ -48,6 +50,7 @@ class FSDPConfig:
     num_replicas: Optional[int] = None  # hybrid: the replicate dimension (default: nodes)
     offload: bool = False
     bf16: bool = False
+    fp16: bool = False
     activation_checkpointing: bool = False
     options: tuple = field(default_factory=tuple)
 
@@ -67,9 +70,6 @@ class FSDPConfig:
         if "no_shard" in options:
             raise ValueError("TrainingArguments.fsdp='no_shard' is plain data parallelism: leave "
                              "fsdp empty to get fasttrain's DDP, or use 'full_shard'")
-        if fp16:
-            raise ValueError("TrainingArguments.fsdp with fp16=True is not supported (FSDP2 shards "
-                             "need a sharded loss scaler); use bf16=True, which needs no scaler")
         sharding = [o for o in options if o in ("full_shard", "shard_grad_op", "hybrid_shard",
                                                 "hybrid_shard_zero2")]
         if len(sharding) > 1:
@@ -83,7 +83,7 @@ class FSDPConfig:
             raise ValueError(f"TrainingArguments.fsdp_config['num_replicas']={replicas!r} must be a "
                              "positive integer (the number of model replicas in hybrid_shard)")
         return cls(reshard_after_forward=reshard, hybrid=strategy.startswith("hybrid"),
-                   num_replicas=replicas, offload="offload" in options, bf16=bf16,
+                   num_replicas=replicas, offload="offload" in options, bf16=bf16, fp16=fp16,
                    activation_checkpointing=bool(config.get("activation_checkpointing", False)),
                    options=tuple(options))
 
@@ -125,8 +125,9 @@ def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], config: FSDPConfig
     activation checkpointing and per-block compile first, and build the optimizer after."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     kwargs = {"mesh": mesh}
-    if config.bf16:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if config.bf16 or config.fp16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if config.bf16 else torch.float16,
+                                                   reduce_dtype=torch.float32)
     if config.offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     blocks = list(blocks)
@@ -136,6 +137,30 @@ def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], config: FSDPConfig
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=config.reshard_after_forward, **kwargs)
     return model
+
+
+def shard_groups(tensors: Iterable[torch.Tensor]) -> list:
+    """The process groups over which any of `tensors` (FSDP's DTensors) is sharded: one per
+    mesh dimension with a `Shard` placement (for hybrid sharding, the shard dimension only:
+    the replicas already agree after the all-reduce). Empty for plain tensors."""
+    groups, seen = [], set()
+    for t in tensors:
+        mesh = getattr(t, "device_mesh", None)
+        if mesh is None:
+            continue
+        for dim, placement in enumerate(t.placements):
+            if placement.is_shard() and (id(mesh), dim) not in seen:
+                seen.add((id(mesh), dim))
+                group = mesh.get_group(dim)
+                if all(group is not g for g in groups):
+                    groups.append(group)
+    return groups
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the same storage: in-place updates reach the DTensor), or
+    `t` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -10,11 +10,17 @@ and the parameter receives rounded. `step(grad_scale=..., found_inf=...)` divide
 by grad_scale inside the update and skips everything (including the step counter) when
 found_inf is nonzero, without a host sync. The LR may be a 0-d fp32 tensor on the device,
 updated in place by a schedule; it is read by the kernel, never with .item().
+
+Under FSDP the parameters are DTensors: the update runs on each rank's local shards, and
+exp_avg / exp_avg_sq are DTensors sharded like their parameter (torch.optim.AdamW's layout
+under FSDP2), so `get_optimizer_state_dict` and DCP save and reshard them as they do torch's.
+The step counter is a plain 0-d tensor, the same on every rank.
 """
 from __future__ import annotations
 
 import torch
 
+from fasttrain.distributed.fsdp import local_shard
 from fasttrain.ops.dispatch import adamw_
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
@@ -86,8 +92,12 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise RuntimeError("FusedAdamW does not support sparse gradients")
             state = self._init_state(p, group["master_weights"])
             lists = by_device.setdefault(p.device, ([], [], [], [], [], []))
-            for lst, t in zip(lists, (p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                      state.get("master_param"), state["step"])):
+            # FSDP: the kernel steps this rank's shards in place (to_local shares storage);
+            # the state stays a DTensor sharded like its parameter, the layout DCP saves
+            master = state.get("master_param")
+            for lst, t in zip(lists, (local_shard(p.detach()), local_shard(p.grad),
+                                      local_shard(state["exp_avg"]), local_shard(state["exp_avg_sq"]),
+                                      None if master is None else local_shard(master), state["step"])):
                 lst.append(t)
         return by_device
 

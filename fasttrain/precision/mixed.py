@@ -7,7 +7,9 @@
   divergence detection. All state lives on the device; nothing syncs on a training step when
   the optimizer skips on a device flag (FusedAdamW, torch's fused Adam/AdamW).
 - Unscaling is one fused pass over all gradients, `fasttrain.ops.dispatch.unscale_and_check_`
-  (Triton on CUDA, the compiled op on CPU).
+  (Triton on CUDA, the compiled op on CPU). Sharded gradients (FSDP's DTensors) are unscaled
+  on their local shards and the overflow flag is MAX-all-reduced over the shard group on the
+  device, so an overflow in any rank's shard skips the step on every rank.
 - `cast_floating_params_`: bf16 weights for FusedAdamW(master_weights=True).
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from fasttrain.distributed.collectives import all_reduce_
+from fasttrain.distributed.fsdp import local_shard, shard_groups
 from fasttrain.ops.dispatch import unscale_and_check_
 from fasttrain.optim.skip import flag_interface, step_skipping
 
@@ -188,6 +192,7 @@ class DynamicLossScaler:
     def _check_grads(self, optimizer, inv_scale: Optional[torch.Tensor]) -> torch.Tensor:
         scale = self._require_state("unscale_")["scale"]
         per_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        sharded = []
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for param in group["params"]:
@@ -196,6 +201,10 @@ class DynamicLossScaler:
                     if param.grad.is_sparse:
                         param.grad = param.grad.coalesce()
                         per_device[param.grad.device].append(param.grad._values())
+                    elif hasattr(param.grad, "to_local"):  # FSDP: this rank's shard, in place
+                        sharded.append(param.grad)
+                        local = local_shard(param.grad)
+                        per_device[local.device].append(local)
                     else:
                         per_device[param.grad.device].append(param.grad)
             found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
@@ -206,6 +215,10 @@ class DynamicLossScaler:
                 unscale_and_check_(grads, inv, local)
                 if local is not found_inf:  # model parallel: gradients on several devices
                     found_inf = torch.maximum(found_inf, local.to(scale.device, non_blocking=True))
+            # An overflow lands in the shard of whichever rank owns that element: agree on the
+            # device (MAX over the shard group) so every rank skips the step, or none does.
+            for process_group in shard_groups(sharded):
+                all_reduce_(found_inf, "max", process_group)
         return found_inf
 
     def step(self, optimizer, *args, found_inf: Optional[torch.Tensor] = None, **kwargs):

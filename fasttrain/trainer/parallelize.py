@@ -56,9 +56,6 @@ def shard_from_args(model: torch.nn.Module, args, dist, optimizer_given: bool) -
     if getattr(args, "master_weights", False):
         raise ValueError("TrainingArguments.master_weights=True with fsdp: FSDP keeps fp32 shards and "
                          "gathers bf16 copies itself (MixedPrecisionPolicy); drop master_weights")
-    if getattr(args, "optim", "") == "fasttrain_adamw":
-        raise ValueError("TrainingArguments.optim='fasttrain_adamw' with fsdp: use 'adamw_torch_fused' "
-                         "(torch's fused AdamW, which steps the local shards of FSDP's DTensors)")
     if config.offload and dist.device.type == "cpu":
         raise ValueError(f"TrainingArguments.fsdp={args.fsdp!r}: 'offload' keeps parameters and optimizer "
                          "state in host memory between their uses on an accelerator; this run is on the "
