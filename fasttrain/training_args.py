@@ -503,9 +503,9 @@ class TrainingArguments:
         self._check_choice("hub_strategy", HUB_STRATEGIES)
         self._check_choice("include_num_input_tokens_seen", TOKENS_SEEN_MODES)
         self._check_choice("train_sampling_strategy", SAMPLING_STRATEGIES)
-        if self.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+        if self.train_sampling_strategy == "batch_rebalance":
             raise _bad("train_sampling_strategy", self.train_sampling_strategy, "not supported by fasttrain "
-                       "yet: 'random' (default) and 'sequential' are; sort or bucket the dataset by length yourself")
+                       "yet: 'random' (default), 'sequential' and 'group_by_length' are")
         for entry in self.include_for_metrics:
             if entry not in METRIC_INPUTS:
                 raise _bad("include_for_metrics", self.include_for_metrics,

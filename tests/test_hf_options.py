@@ -188,8 +188,8 @@ def test_sequential_sampling_keeps_dataset_order(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), train_sampling_strategy="sequential", report_to="none")
     loader = Trainer(model=_model(), args=args, data_collator=_collate, train_dataset=_data(8)).get_train_dataloader()
     assert list(loader.sampler) == list(range(8))
-    with pytest.raises(ValueError, match="train_sampling_strategy='group_by_length' is invalid: not supported"):
-        TrainingArguments(train_sampling_strategy="group_by_length")
+    with pytest.raises(ValueError, match="train_sampling_strategy='batch_rebalance' is invalid: not supported"):
+        TrainingArguments(train_sampling_strategy="batch_rebalance")
 
 
 class _NanAtStep(TrainerCallback):

@@ -7,11 +7,19 @@ first indices, and rank r takes positions r, r + world, r + 2 * world, ...; with
 uneven and every sample appears exactly once. Resuming: `set_epoch(epoch, skip=k)` makes
 the next iteration start after the k samples this rank already consumed in that epoch,
 so a run restored from a checkpoint sees exactly the samples it would have seen.
+
+Length grouping (HF's train_sampling_strategy="group_by_length"): given every example's
+length, the epoch's order is `length_grouped_order`: the shuffled indices cut into
+mega-batches of `mega_batch_mult * group_batch_size` (mult: 50, or fewer so there are at
+least 4 mega-batches), each sorted longest first, and the longest example of all swapped
+to the very front so an out-of-memory shows at the first step. Padding and the rank
+interleave are as above, which is HF's DistributedLengthGroupedSampler; with one rank it
+is HF's LengthGroupedSampler (seeded with seed + epoch).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -27,6 +35,8 @@ class ShardedSampler(Sampler[int]):
         seed: int = 0,
         drop_last: bool = False,
         pad: bool = True,
+        lengths: Optional[Sequence[int]] = None,
+        group_batch_size: int = 1,
     ):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -39,6 +49,9 @@ class ShardedSampler(Sampler[int]):
         self.total = num_samples
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.drop_last, self.pad = shuffle, seed, drop_last, pad
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"lengths has {len(lengths)} entries for {num_samples} samples")
+        self.lengths, self.group_batch_size = (list(lengths) if lengths is not None else None), group_batch_size
         self.epoch, self.skip = 0, 0
 
     @property
@@ -68,7 +81,10 @@ class ShardedSampler(Sampler[int]):
         self.set_epoch(state["epoch"], skip=state["consumed"])
 
     def _epoch_indices(self) -> list[int]:
-        if self.shuffle:
+        if self.lengths is not None:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            indices = length_grouped_order(self.lengths, self.group_batch_size, generator)
+        elif self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             indices = torch.randperm(self.total, generator=generator).tolist()
         else:
@@ -86,3 +102,17 @@ class ShardedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_rank - self.skip
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[int]:
+    """A shuffled order in which runs of `batch_size` hold examples of similar length (see
+    the module docstring); HF's get_length_grouped_indices, the same order for the same
+    generator state."""
+    n = len(lengths)
+    mult = max(1, min(n // (batch_size * 4), 50))
+    size = mult * batch_size
+    shuffled = torch.randperm(n, generator=generator).tolist()
+    groups = [sorted(shuffled[i:i + size], key=lambda j: lengths[j], reverse=True) for i in range(0, n, size)]
+    longest = max(range(len(groups)), key=lambda g: (lengths[groups[g][0]], -g))  # the first of equals
+    groups[0][0], groups[longest][0] = groups[longest][0], groups[0][0]
+    return [i for group in groups for i in group]

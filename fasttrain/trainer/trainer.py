@@ -43,6 +43,7 @@ from fasttrain.trainer.eval_collect import EvalOptions
 from fasttrain.trainer.evaluation import loss_sum_and_count, run_evaluation, update_best
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.data.streaming import StreamShard, is_iterable, resume_plan
+from fasttrain.data.lengths import example_lengths, model_input_name_of
 from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
 from fasttrain.trainer.script_helpers import ScriptHelpersMixin
 from fasttrain.trainer.run_state import RunState
@@ -185,14 +186,21 @@ class Trainer(ScriptHelpersMixin):
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs train_dataset; pass Trainer(train_dataset=...)")
         if is_iterable(self.train_dataset):
+            if self.args.train_sampling_strategy == "group_by_length":  # as HF
+                logger.warning("train_sampling_strategy='group_by_length' is ignored: the streaming train_dataset "
+                               "has no length, so examples come in the dataset's own order")
             return self._stream_loader()
         n = dataset_len(self.train_dataset, "train_dataset")
         dataset = self._remove_unused_columns(self.train_dataset, "training")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        grouped = self.args.train_sampling_strategy == "group_by_length"
         self._train_sampler = ShardedSampler(
             n, rank=self.dist.rank, world_size=self.dist.world_size,
             shuffle=self.args.train_sampling_strategy == "random", seed=seed,
-            drop_last=self.args.dataloader_drop_last)
+            drop_last=self.args.dataloader_drop_last,
+            lengths=example_lengths(dataset, self.args.length_column_name,
+                                    model_input_name_of(self.processing_class)) if grouped else None,
+            group_batch_size=self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps)
         return self._loader(dataset, self._train_sampler,
                             self.args.per_device_train_batch_size, self.args.dataloader_drop_last)
 
