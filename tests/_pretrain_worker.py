@@ -4,7 +4,10 @@
 MODE:
   fsdp     FSDP run of 6 steps saving at 3 and 6 (RESUME: resume from that checkpoint);
            rank 0 writes OUT/result.pt: per-step losses, the examples each global step
-           used, the gathered weights at the end and right after loading
+           used, the gathered weights at the end, and the gathered weights and optimizer
+           state right after loading
+  ddp      the same without FSDP (data parallelism; one process when run alone)
+  fsdp_fused  the same as fsdp with optim="fasttrain_adamw"
   killsave like fsdp, but rank 0 is SIGKILLed inside the step-4 save, after every rank's
            shards are written and before the checkpoint is committed
   export   FSDP training of a tiny HF GPT-2, then save_model(); rank 0 writes the gathered
@@ -45,14 +48,35 @@ class Recorder:
         return default_data_collator(features)
 
 
+def _copied(tree):
+    """Unsharded models hand out their live tensors: copy them before training moves them."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: _copied(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copied(v) for v in tree)
+    return tree
+
+
 def gathered(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _copied(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+
+
+def gathered_optimizer(model, optimizer):
+    """The whole optimizer state keyed by parameter name (DCP's layout), on rank 0's CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return _copied(get_optimizer_state_dict(model, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
 
 
 class WeightsAfterLoad(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.weights = gathered(self.trainer.model)
+        self.optimizer = None
+        if state.global_step:  # resumed (a fresh optimizer has no state to show yet)
+            self.optimizer = gathered_optimizer(self.trainer.model, self.trainer.optimizer)
 
 
 def run_fsdp(out, mode, resume):
@@ -71,8 +95,8 @@ def run_fsdp(out, mode, resume):
     args = TrainingArguments(
         output_dir=os.path.join(out, "run"), max_steps=6, per_device_train_batch_size=8 // world,
         learning_rate=1e-3, logging_steps=1, save_strategy="steps", save_steps=2 if mode == "killsave" else 3,
-        disable_tqdm=True, report_to="none", seed=5, fsdp="full_shard", use_cpu=True,
-        dataloader_drop_last=True)
+        disable_tqdm=True, report_to="none", seed=5, fsdp="" if mode == "ddp" else "full_shard", use_cpu=True,
+        dataloader_drop_last=True, optim="fasttrain_adamw" if mode == "fsdp_fused" else "adamw_torch_fused")
     trainer = Trainer(tiny_gpt(seed=2, n_layer=2), args, train_dataset=indexed_examples(48, seed=8),
                       data_collator=recorder, callbacks=[probe])
     probe.trainer = trainer
@@ -81,7 +105,8 @@ def run_fsdp(out, mode, resume):
     weights = gathered(trainer.model)
     if trainer.dist.rank == 0:
         torch.save({"losses": {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r},
-                    "batches": batches, "weights": weights, "after_load": probe.weights},
+                    "batches": batches, "weights": weights, "after_load": probe.weights,
+                    "optimizer_after_load": probe.optimizer},
                    os.path.join(out, "result.pt"))
 
 
@@ -157,7 +182,7 @@ def run_stream(out, resume, pause):
 def main():
     out, mode = sys.argv[1], sys.argv[2]
     extra = sys.argv[3] if len(sys.argv) > 3 else None
-    if mode in ("fsdp", "killsave"):
+    if mode in ("fsdp", "killsave", "ddp", "fsdp_fused"):
         run_fsdp(out, mode, resume={"latest": True}.get(extra, extra))
     elif mode == "export":
         run_export(out)

@@ -141,3 +141,91 @@ def test_stream_killed_and_resumed_gives_the_uninterrupted_losses(tmp_path):
     assert sorted(resumed["losses"]) == list(range(1, 9))  # 1-6 restored with the TrainerState
     for step in (7, 8):  # dropout on: the RNG and the stream position are both restored
         assert resumed["losses"][step] == full["losses"][step]
+
+
+# ---------------------------------------------------------------- DDP <-> FSDP, fasttrain_adamw
+def dcp_content(checkpoint, tmp_path) -> dict:
+    """What a sharded checkpoint holds, whole: DCP's own converter to one torch.save file."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(checkpoint / "shards"), str(tmp_path / "whole.pt"))
+    return torch.load(tmp_path / "whole.pt", weights_only=False)
+
+
+def full_checkpoint_optimizer(checkpoint) -> dict:
+    """optimizer.pt of a DDP/single-process checkpoint keyed by parameter name: loaded into an
+    optimizer over an unsharded model, then named by torch's get_optimizer_state_dict."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from fasttrain import TrainingArguments
+    from fasttrain.checkpoint import hf_layout
+    from fasttrain.optim.factory import build_optimizer
+    from tests._tiny import tiny_gpt
+    model = tiny_gpt(seed=99, n_layer=2)
+    storage.load_model_weights(model, str(checkpoint))
+    optimizer = build_optimizer(TrainingArguments(output_dir=str(checkpoint), use_cpu=True, report_to="none"), model)
+    optimizer.load_state_dict(hf_layout.fit_optimizer_state(storage.read_torch(str(checkpoint), "optimizer.pt"), optimizer))
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def assert_same_optimizer_state(actual: dict, expected: dict):
+    assert sorted(actual["state"]) == sorted(expected["state"])
+    for name, state in expected["state"].items():
+        assert sorted(actual["state"][name]) == sorted(state), name
+        for key, value in state.items():
+            torch.testing.assert_close(actual["state"][name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    assert [g["params"] for g in actual["param_groups"]] == [g["params"] for g in expected["param_groups"]]
+
+
+def assert_continues(resumed, full, first_step=4, rtol=LOSS_RTOL):
+    """The resumed run took the uninterrupted run's global batches from `first_step` on, with
+    its losses, and ended at its weights."""
+    skip = first_step - 1
+    assert global_steps(resumed["batches"]) == {i - skip: v for i, v in global_steps(full["batches"]).items() if i >= skip}
+    assert sorted(resumed["losses"]) == [1, 2, 3, 4, 5, 6]
+    for step in range(first_step, 7):
+        assert resumed["losses"][step] == pytest.approx(full["losses"][step], rel=rtol)
+    for name, value in full["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
+
+
+def resume_copy(run_dir, tmp_path):
+    """A copy of `run_dir` without its last checkpoint: resuming it resumes checkpoint-3."""
+    shutil.copytree(run_dir, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-6")
+    return tmp_path / "run" / "checkpoint-3"
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp(tmp_path):
+    full = worker(tmp_path / "ddp", 2, "ddp")
+    checkpoint = resume_copy(tmp_path / "ddp" / "run", tmp_path / "fsdp")
+    assert os.path.isfile(checkpoint / "model.safetensors") and not os.path.isdir(checkpoint / "shards")
+    resumed = worker(tmp_path / "fsdp", 2, "fsdp", "latest")
+    weights = storage.read_model_state(str(checkpoint))
+    assert sorted(resumed["after_load"]) == sorted(weights)
+    for name, value in weights.items():
+        torch.testing.assert_close(resumed["after_load"][name], value, rtol=0, atol=0, msg=name)
+    assert_same_optimizer_state(resumed["optimizer_after_load"], full_checkpoint_optimizer(checkpoint))
+    assert_continues(resumed, full)
+    assert os.path.isdir(checkpoint.parent / "checkpoint-6" / "shards")  # the run saves in its own format
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process(tmp_path, four_ranks):
+    out4, full = four_ranks
+    checkpoint = resume_copy(out4 / "run", tmp_path)
+    resumed = worker(tmp_path, 1, "ddp", "latest")  # no FSDP: one process on the global batch
+    saved = dcp_content(checkpoint, tmp_path)
+    assert sorted(resumed["after_load"]) == sorted(saved["model"])
+    for name, value in saved["model"].items():
+        torch.testing.assert_close(resumed["after_load"][name], value, rtol=0, atol=0, msg=name)
+    assert_same_optimizer_state(resumed["optimizer_after_load"], saved["optim"])
+    assert_continues(resumed, full)
+    assert os.path.isfile(checkpoint.parent / "checkpoint-6" / "model.safetensors")
+
+
+def test_fasttrain_adamw_sharded_checkpoint_resumes_exactly(tmp_path):
+    full = worker(tmp_path / "full", 2, "fsdp_fused")
+    checkpoint = resume_copy(tmp_path / "full" / "run", tmp_path / "resumed")
+    resumed = worker(tmp_path / "resumed", 2, "fsdp_fused", "latest")
+    saved = dcp_content(checkpoint, tmp_path)
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(next(iter(saved["optim"]["state"].values())))
+    assert_same_optimizer_state(resumed["optimizer_after_load"], saved["optim"])
+    assert_continues(resumed, full, rtol=0)  # same world size: bit for bit

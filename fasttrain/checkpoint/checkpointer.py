@@ -81,6 +81,10 @@ class FullStateIO:
         writer.write_torch(OPTIMIZER_FILE, state["optimizer"])
 
     def load(self, path: str, model, optimizer) -> None:
+        from fasttrain.checkpoint import sharded
+        if sharded.has_shards(path):  # an FSDP run's checkpoint: DCP reads every slice
+            sharded.load(path, model, optimizer)
+            return
         hf.load_weights(model, path)
         lr_tensors = [g["lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(hf.fit_optimizer_state(storage.read_torch(path, OPTIMIZER_FILE), optimizer))

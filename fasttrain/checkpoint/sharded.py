@@ -4,7 +4,10 @@ Under FSDP every rank writes its own shards in parallel (`shards/__<rank>_0.dist
 also DCP's `shards/.metadata`), nothing is gathered to one rank. DCP's planner records
 which slice of each tensor every file holds, so loading on another world size (4 ranks to
 2, 1 to 4, FSDP to plain data parallelism) reads the slices each rank now needs: the
-resharding is DCP's, none is written here. Model and optimizer state go through
+resharding is DCP's, none is written here. The other direction, a DDP or single-process
+checkpoint (`model.safetensors` + `optimizer.pt`) resumed under FSDP, hands the full state
+to `set_model_state_dict`/`set_optimizer_state_dict(full_state_dict=True)`
+(`load_full_checkpoint`), which keep each rank's slice. Model and optimizer state go through
 `get/set_model_state_dict` and `get/set_optimizer_state_dict`, which key the optimizer
 state by parameter name, so it survives any re-wrapping.
 
@@ -44,7 +47,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from fasttrain.checkpoint.storage import CheckpointError
+from fasttrain.checkpoint import hf_layout as hf
+from fasttrain.checkpoint.storage import CheckpointError, check_shapes, read_model_state, read_torch
 
 logger = logging.getLogger("fasttrain")
 
@@ -186,7 +190,10 @@ class ShardedStateIO:
         writer.files.update(files)
 
     def load(self, path: str, model, optimizer) -> None:
-        load(path, model, optimizer)
+        if has_shards(path):
+            load(path, model, optimizer)
+        else:  # written by a DDP or single-process run
+            load_full_checkpoint(path, model, optimizer)
 
 
 def own_files(directory: str) -> dict:
@@ -208,7 +215,8 @@ def own_files(directory: str) -> dict:
 
 
 def load(path: str, model, optimizer: Optional[torch.optim.Optimizer]) -> None:
-    """Load model (and optimizer) state from `path/shards` into this run's sharding; the
+    """Load model (and optimizer) state from `path/shards` into this run's sharding, or
+    into an unsharded model (a DDP or single-process run: DCP then reads every slice); the
     caller verified the manifest first. Tensor-valued learning rates are kept in place (the
     device-side LR schedule holds them)."""
     state = {"model": get_model_state_dict(model)}
@@ -229,10 +237,54 @@ def load(path: str, model, optimizer: Optional[torch.optim.Optimizer]) -> None:
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
-        for group, lr in zip(optimizer.param_groups, lrs):
-            if isinstance(lr, torch.Tensor):
-                lr.copy_(torch.as_tensor(group["lr"]))
-                group["lr"] = lr
+        _keep_tensor_lrs(optimizer, lrs)
+
+
+def load_full_checkpoint(path: str, model, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """A DDP or single-process checkpoint (`model.safetensors` + `optimizer.pt`) into an
+    FSDP model: its full state, keyed by parameter name, goes through
+    `set_model_state_dict` / `set_optimizer_state_dict(full_state_dict=True)`, which keep
+    each rank's slice of every tensor (DCP's resharding; none is written here). Every rank
+    reads the files (the weights memory-mapped, the optimizer state whole, once), so a bad
+    file fails on every rank alike instead of leaving the others waiting in a collective."""
+    weights = read_model_state(path)
+    check_shapes(model, weights, path)
+    own = model.state_dict(keep_vars=True)
+    for name, tensor in own.items():  # tied weights stored once (HF's files) share the saved one
+        if name not in weights:
+            twin = next((k for k, t in own.items() if t is tensor and k in weights), None)
+            if twin is not None:
+                weights[name] = weights[twin]
+    options = StateDictOptions(full_state_dict=True)
+    try:
+        set_model_state_dict(model, weights, options=options)
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path!r} does not match the model: {e}") from None
+    if optimizer is None:
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    # optimizer.pt numbers the parameters in the order of the optimizer's groups; the sharded
+    # optimizer's own state dict names them in that same order
+    saved = hf.fit_optimizer_state(read_torch(path, "optimizer.pt"), optimizer)
+    names = [n for g in get_optimizer_state_dict(model, optimizer)["param_groups"] for n in g["params"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(ids) != len(names):
+        raise CheckpointError(f"{path!r}: optimizer.pt holds {len(ids)} parameters, this model trains "
+                              f"{len(names)}; resume with the same model and trainable parameters")
+    by_id = dict(zip(ids, names))
+    full = {"state": {by_id[i]: v for i, v in saved["state"].items()},
+            "param_groups": [dict(g, params=[by_id[i] for i in g["params"]]) for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=options)
+    _keep_tensor_lrs(optimizer, lrs)
+
+
+def _keep_tensor_lrs(optimizer, lrs) -> None:
+    """Loading replaced each group's LR with the saved float: write it into the device
+    tensor the LR schedule updates, and put that tensor back."""
+    for group, lr in zip(optimizer.param_groups, lrs):
+        if isinstance(lr, torch.Tensor):
+            lr.copy_(torch.as_tensor(group["lr"]))
+            group["lr"] = lr
 
 
 def full_model_state(model) -> dict:
