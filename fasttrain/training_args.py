@@ -99,7 +99,6 @@ CANNOT_APPLY = {
 # nothing is silently ignored. Remove a line when its behaviour lands.
 NOT_YET = {
     "auto_find_batch_size": "set per_device_train_batch_size explicitly",
-    "save_only_model": "checkpoints always hold the optimizer state",
     "skip_memory_metrics": "memory figures are in the profiler's summary (profile=True)",
 }
 
@@ -503,6 +502,10 @@ class TrainingArguments:
         self._check_choice("hub_strategy", HUB_STRATEGIES)
         self._check_choice("include_num_input_tokens_seen", TOKENS_SEEN_MODES)
         self._check_choice("train_sampling_strategy", SAMPLING_STRATEGIES)
+        if self.save_only_model and self.fsdp:
+            raise _bad("save_only_model", self.save_only_model, "not supported with fsdp yet (sharded "
+                       "checkpoints always hold the optimizer state); set save_only_model=False, and "
+                       "trainer.save_model() writes the full model")
         if self.train_sampling_strategy == "batch_rebalance":
             raise _bad("train_sampling_strategy", self.train_sampling_strategy, "not supported by fasttrain "
                        "yet: 'random' (default), 'sequential' and 'group_by_length' are")

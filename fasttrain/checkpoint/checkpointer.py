@@ -60,10 +60,14 @@ class FullStateIO:
     (float LRs, HF's two param groups), so HF's Trainer can resume from it too."""
 
     def snapshot(self, model, optimizer, is_main: bool):
+        """`optimizer` None: the model alone (save_only_model)."""
         if not is_main:
             return None
-        optimizer_state = hf.optimizer_state_for_hf(optimizer.state_dict(), optimizer)
-        for group in optimizer_state["param_groups"]:  # plain floats: HF's optimizers take no tensor LR
+        if optimizer is None:
+            optimizer_state = None
+        else:
+            optimizer_state = hf.optimizer_state_for_hf(optimizer.state_dict(), optimizer)
+        for group in optimizer_state["param_groups"] if optimizer_state else ():  # plain floats: HF's take no tensor LR
             if isinstance(group.get("lr"), torch.Tensor):
                 group["lr"] = float(group["lr"])  # sync: once per save
         if hf.is_peft_model(model):
@@ -78,7 +82,8 @@ class FullStateIO:
         else:  # a PEFT adapter: {file name: bytes}
             for name, data in model_part.items():
                 writer.write_bytes(name, data)
-        writer.write_torch(OPTIMIZER_FILE, state["optimizer"])
+        if state["optimizer"] is not None:
+            writer.write_torch(OPTIMIZER_FILE, state["optimizer"])
 
     def load(self, path: str, model, optimizer) -> None:
         from fasttrain.checkpoint import sharded
@@ -111,6 +116,7 @@ class RunComponents:
     restore_callbacks: bool = True  # False: saved, not restored (HF's restore_callback_states_from_checkpoint)
     control: Any = None  # the TrainerControl, saved among the callbacks' state as HF does
     args_object: Any = None  # the arguments object, pickled into HF's training_args.bin (never read back)
+    model_only: bool = False  # HF's save_only_model: no optimizer, scheduler, scaler or RNG state
 
 
 class Checkpointer:
@@ -137,22 +143,24 @@ class Checkpointer:
             c.trainer_state.best_model_checkpoint = path
         if c.callbacks is not None:
             c.trainer_state.stateful_callbacks = c.callbacks.stateful_state(c.control)
-        rng_states = self.dist.all_gather_object(rng_state())
-        model_snap = self.state_io.snapshot(c.model, c.optimizer, self.dist.is_main)
+        rng_states = [] if c.model_only else self.dist.all_gather_object(rng_state())
+        model_snap = self.state_io.snapshot(c.model, None if c.model_only else c.optimizer, self.dist.is_main)
         if self.dist.is_main:
-            scheduler = c.lr_scheduler.state_dict()
-            if "step_count" in scheduler:  # fasttrain's schedule: LambdaLR's keys beside its own
-                scheduler = hf.hf_scheduler_state(scheduler, c.lr_scheduler.get_last_lr(),
-                                                  hf.hf_group_count(c.optimizer))
-            snap = storage.snapshot({
-                "scheduler": scheduler,
-                "scaler": c.scaler.state_dict() if c.scaler is not None else None})
+            snap = {"scheduler": None, "scaler": None}
+            if not c.model_only:
+                scheduler = c.lr_scheduler.state_dict()
+                if "step_count" in scheduler:  # fasttrain's schedule: LambdaLR's keys beside its own
+                    scheduler = hf.hf_scheduler_state(scheduler, c.lr_scheduler.get_last_lr(),
+                                                      hf.hf_group_count(c.optimizer))
+                snap = storage.snapshot({
+                    "scheduler": scheduler,
+                    "scaler": c.scaler.state_dict() if c.scaler is not None else None})
             files = {"trainer_state.json": hf.hf_trainer_state_json(c.trainer_state.to_json_string()).encode(),
                      DATA_STATE_FILE: c.run_state.state_dict(), "training_args.json": c.training_args,
                      "config.json": None if hf.is_peft_model(c.model) else model_config(c.model)}
             if c.args_object is not None:
                 files[hf.TRAINING_ARGS_FILE] = hf.training_args_bytes(c.args_object)
-            if self.dist.world_size == 1:  # HF's RNG file (HF names per-rank files the same way)
+            if self.dist.world_size == 1 and not c.model_only:  # HF's RNG file (HF names per-rank files alike)
                 files[hf.HF_RNG_FILE] = hf.hf_rng_state()
             keep = c.trainer_state.best_model_checkpoint if self.keep_best else None
             self.saver.submit(lambda: self._write(step, model_snap, snap, rng_states, files, keep))
@@ -164,7 +172,8 @@ class Checkpointer:
     def _write(self, step, model_snap, snap, rng_states, files, keep) -> None:
         writer = storage.CheckpointWriter(self.output_dir, step)
         self.state_io.write(writer, model_snap)
-        writer.write_torch("scheduler.pt", snap["scheduler"])
+        if snap["scheduler"] is not None:
+            writer.write_torch("scheduler.pt", snap["scheduler"])
         if snap["scaler"] is not None:
             writer.write_torch("scaler.pt", snap["scaler"])
         for rank, state in enumerate(rng_states):
@@ -212,6 +221,7 @@ class Checkpointer:
         data_state.json): the caller derives that from trainer_state.global_step."""
         c = self.c
         path = self.resolve(resume)
+        refuse_model_only(path)
         logger.info("resuming from %s", path)
         from_hf = hf.looks_like_hf_checkpoint(path)
         if not from_hf:
@@ -242,6 +252,20 @@ class Checkpointer:
                            "optimizer state are exact)", self.dist.world_size,
                            storage.read_json(path, DATA_STATE_FILE)["world_size"])
         return path
+
+
+def refuse_model_only(path: str) -> None:
+    """A checkpoint without optimizer and scheduler state (HF's save_only_model=True, by
+    either trainer) cannot continue a run: say so instead of resuming with a fresh
+    optimizer and a restarted schedule (HF 5.24 resumes silently that way)."""
+    present = set(os.listdir(path))
+    if "scheduler.pt" in present or OPTIMIZER_FILE in present:  # every full checkpoint, sharded ones too
+        return
+    raise ValueError(
+        f"cannot resume from {path!r}: it holds the model weights and trainer state only (saved with "
+        "save_only_model=True), without the optimizer, LR scheduler, loss scaler and RNG state that "
+        "continuing the run needs. Resume from a checkpoint saved with save_only_model=False, or "
+        "start a new run from these weights (load them as the model) without resume_from_checkpoint.")
 
 
 def check_weights_finite(model: torch.nn.Module, dist: Optional[DistContext] = None) -> None:

@@ -823,7 +823,7 @@ class Trainer(ScriptHelpersMixin):
             run_state=self.run, trainer_state=self.state, scaler=self.scaler,
             callbacks=self.callback_handler, training_args=args.to_dict(),
             restore_callbacks=args.restore_callback_states_from_checkpoint, control=self.control,
-            args_object=args)
+            args_object=args, model_only=args.save_only_model)
         state_io = None
         if self._fsdp is not None:  # every rank writes its own shards through DCP
             from fasttrain.checkpoint.sharded import ShardedStateIO
