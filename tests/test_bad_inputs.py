@@ -100,16 +100,6 @@ def test_frozen_model(tmp_path):
         Trainer(model, _args(tmp_path, max_steps=1), train_dataset=token_examples(4)).train()
 
 
-def test_existing_checkpoints_are_not_clobbered(tmp_path):
-    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=2)
-    args.save_strategy, args.save_steps = "steps", 1
-    Trainer(tiny_gpt(), args, train_dataset=token_examples(4)).train()
-    before = sorted(os.listdir(args.output_dir))
-    with pytest.raises(ValueError, match="already holds checkpoints.*resume_from_checkpoint=True"):
-        Trainer(tiny_gpt(), args, train_dataset=token_examples(4)).train()
-    assert sorted(os.listdir(args.output_dir)) == before
-
-
 def test_best_model_needs_a_checkpoint_at_every_best_candidate(tmp_path):
     with pytest.raises(ValueError, match="save_steps to be a multiple of eval_steps"):
         _args(tmp_path, load_best_model_at_end=True, eval_strategy="steps", eval_steps=100,

@@ -283,14 +283,18 @@ def check_weights_finite(model: torch.nn.Module, dist: Optional[DistContext] = N
 
 
 def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool, is_main: bool) -> None:
-    """Refuse to mix a new run into an old run's checkpoints unless told how."""
+    """Make output_dir ready for a run. A new run in a folder that holds an earlier run's
+    checkpoints starts over, as HF's Trainer does (training twice into one folder, or a new
+    Trainer with the same arguments, are common in scripts and HF's own tests): each new
+    checkpoint replaces the old one of its step; the others stay until rotated or replaced.
+    That is said once, with the ways to continue or to clear the folder instead."""
     if os.path.isfile(output_dir):
         raise ValueError(f"output_dir {output_dir!r} is a file; choose a directory")
-    if not resuming and not overwrite and storage.list_checkpoints(output_dir):
-        raise ValueError(
-            f"output_dir {output_dir!r} already holds checkpoints of an earlier run. Pass "
-            "resume_from_checkpoint=True to continue it, overwrite_output_dir=True to start "
-            "over there (its checkpoints will be replaced), or choose another output_dir.")
+    if is_main and not resuming and not overwrite and storage.list_checkpoints(output_dir):
+        logger.warning(
+            "output_dir %r already holds checkpoints of an earlier run; this run starts over and "
+            "replaces them step by step as HF's Trainer does. Pass resume_from_checkpoint=True to "
+            "continue that run instead, or overwrite_output_dir=True to remove them first.", output_dir)
     if is_main:
         if not resuming and overwrite:
             for path in storage.list_checkpoints(output_dir):  # as promised: start over there

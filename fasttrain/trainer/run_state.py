@@ -134,6 +134,11 @@ class RunState:
             self.nonfinite_run = (self.nonfinite_run + 1) * loss_bad
 
     def add_logged_window(self, window: dict) -> None:
+        """Count a flushed window in the run's train_loss. With HF's logging_nan_inf_filter, a
+        window whose every step loss was non-finite logs what HF substitutes for such steps:
+        the mean of the losses logged before it (0.0 before any, HF's empty accumulator)."""
+        if self.window.nan_inf_filter and window["loss"] != window["loss"]:  # NaN: none kept
+            window["loss"] = self.mean_logged_loss() if self.logged_loss_steps else 0.0
         self.logged_loss_total += window["loss"] * window["steps"]
         self.logged_loss_steps += window["steps"]
 

@@ -554,7 +554,9 @@ class Trainer(ScriptHelpersMixin):
         self.model_wrapped = self.dist.wrap(self.model, args)
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
         self.callback_handler.train_dataloader = loader
-        st = self.state
+        # as HF: each train() starts from a fresh TrainerState (a resume then loads the saved one)
+        st = self.state = TrainerState(is_world_process_zero=self.dist.is_main,
+                                       is_local_process_zero=self.dist.local_rank == 0)
         st.max_steps, st.num_train_epochs = max_steps, num_epochs
         st.compute_steps(args, max_steps)
         st.train_batch_size = args.per_device_train_batch_size
