@@ -79,6 +79,13 @@ def count_host_reads_in_the_scaler():
         setattr(DynamicLossScaler, name, counted)
 
 
+def offload_policy(model):
+    """The offload policy FSDP applied to the root's parameters (None without FSDP)."""
+    state = getattr(model, "_get_fsdp_state", None)
+    group = state()._fsdp_param_group if state is not None else None
+    return type(group.offload_policy).__name__ if group is not None else None
+
+
 def main():
     out, mode = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
@@ -119,6 +126,7 @@ def main():
                     "compiled_blocks": len(compiled_module_names(trainer.model)),
                     "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],
                     "log": trainer.state.log_history, "optimizer": type(trainer.optimizer).__name__,
+                    "offload_policy": offload_policy(trainer.model),
                     "state_types": sorted({type(v).__name__ for state in trainer.optimizer.state.values()
                                            for v in state.values()}), **extra},
                    os.path.join(out, "result.pt"))

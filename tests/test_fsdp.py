@@ -93,13 +93,17 @@ def test_hybrid_shard_two_replicas_of_two_shards_equals_one_process(tmp_path, si
         assert local["total"] <= unsharded / 2 * 1.10, (local, unsharded)
 
 
-def test_offload_on_a_cpu_run_is_a_clear_error(tmp_path):
-    from fasttrain import Trainer, TrainingArguments
-    from tests._tiny import tiny_gpt, token_examples
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, fsdp="full_shard offload", use_cpu=True,
-                             report_to="none", disable_tqdm=True)
-    with pytest.raises(ValueError, match=r"fsdp='full_shard offload'.*drop 'offload'"):
-        Trainer(tiny_gpt(), args, train_dataset=token_examples(4)).train()
+def test_cpu_offload_training_equals_one_process(tmp_path, single):
+    # on a CPU mesh the host copies are no-ops (nothing pinned), but FSDP's offload path runs:
+    # parameters, gradients and AdamW state on host shards, the optimizer stepping them there
+    two = run_worker(tmp_path, 2, "offload")
+    assert two["offload_policy"] == "CPUOffloadPolicy"
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(single["losses"]),
+                               rtol=LOSS_RTOL, atol=0)
+    assert max_weight_diff(two["weights"], single["weights"]) <= WEIGHT_ATOL
+    unsharded = single["state_bytes"][0]["total"]
+    for local in two["state_bytes"]:
+        assert local["total"] <= unsharded / 2 * 1.10, (local, unsharded)
 
 
 FP16_LOSS_RTOL = 1e-3  # fp16 gathered weights and activations: 2^-11 relative rounding per op

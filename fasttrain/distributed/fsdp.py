@@ -129,7 +129,9 @@ def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], config: FSDPConfig
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if config.bf16 else torch.float16,
                                                    reduce_dtype=torch.float32)
     if config.offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory makes the host<->accelerator copies asynchronous; a CPU mesh has
+        # no accelerator to pin for (the policy then only exercises FSDP's offload path)
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     blocks = list(blocks)
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by backward: keep them gathered

@@ -57,9 +57,9 @@ def shard_from_args(model: torch.nn.Module, args, dist, optimizer_given: bool) -
         raise ValueError("TrainingArguments.master_weights=True with fsdp: FSDP keeps fp32 shards and "
                          "gathers bf16 copies itself (MixedPrecisionPolicy); drop master_weights")
     if config.offload and dist.device.type == "cpu":
-        raise ValueError(f"TrainingArguments.fsdp={args.fsdp!r}: 'offload' keeps parameters and optimizer "
-                         "state in host memory between their uses on an accelerator; this run is on the "
-                         "CPU, where they already live: drop 'offload'")
+        logger.warning("TrainingArguments.fsdp=%r: 'offload' keeps parameters and optimizer state in host "
+                       "memory between their uses on an accelerator; this run is on the CPU, where they "
+                       "already live, so it saves nothing here (FSDP's offload path still runs)", args.fsdp)
     blocks = repeated_blocks(model)
     if not blocks:
         logger.warning("fsdp: %s has no repeated block stack; sharding the root module only "
