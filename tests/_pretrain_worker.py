@@ -8,6 +8,8 @@ MODE:
            state right after loading
   ddp      the same without FSDP (data parallelism; one process when run alone)
   fsdp_fused  the same as fsdp with optim="fasttrain_adamw"
+  sigterm  like fsdp, logging every 2 steps, with a real SIGTERM delivered to rank 1 alone at
+           the end of step 1: every rank should save and stop at logging step 2
   killsave like fsdp, but rank 0 is SIGKILLed inside the step-4 save, after every rank's
            shards are written and before the checkpoint is committed
   export   FSDP training of a tiny HF GPT-2, then save_model(); rank 0 writes the gathered
@@ -71,6 +73,15 @@ def gathered_optimizer(model, optimizer):
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
 
 
+class SigtermRank1At(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step and int(os.environ.get("RANK", "0")) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class WeightsAfterLoad(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.weights = gathered(self.trainer.model)
@@ -94,19 +105,21 @@ def run_fsdp(out, mode, resume):
     recorder, probe = Recorder(), WeightsAfterLoad()
     args = TrainingArguments(
         output_dir=os.path.join(out, "run"), max_steps=6, per_device_train_batch_size=8 // world,
-        learning_rate=1e-3, logging_steps=1, save_strategy="steps", save_steps=2 if mode == "killsave" else 3,
+        learning_rate=1e-3, logging_steps=2 if mode == "sigterm" else 1, save_strategy="steps",
+        save_steps=2 if mode == "killsave" else 3,
         disable_tqdm=True, report_to="none", seed=5, fsdp="" if mode == "ddp" else "full_shard", use_cpu=True,
         dataloader_drop_last=True, optim="fasttrain_adamw" if mode == "fsdp_fused" else "adamw_torch_fused")
     trainer = Trainer(tiny_gpt(seed=2, n_layer=2), args, train_dataset=indexed_examples(48, seed=8),
-                      data_collator=recorder, callbacks=[probe])
+                      data_collator=recorder, callbacks=[probe] + ([SigtermRank1At(1)] if mode == "sigterm" else []))
     probe.trainer = trainer
     trainer.train(resume_from_checkpoint=resume)
     batches = trainer.dist.all_gather_object(recorder.batches)
+    steps = trainer.dist.all_gather_object(trainer.state.global_step)
     weights = gathered(trainer.model)
     if trainer.dist.rank == 0:
         torch.save({"losses": {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r},
                     "batches": batches, "weights": weights, "after_load": probe.weights,
-                    "optimizer_after_load": probe.optimizer},
+                    "optimizer_after_load": probe.optimizer, "global_steps": steps},
                    os.path.join(out, "result.pt"))
 
 
@@ -182,7 +195,7 @@ def run_stream(out, resume, pause):
 def main():
     out, mode = sys.argv[1], sys.argv[2]
     extra = sys.argv[3] if len(sys.argv) > 3 else None
-    if mode in ("fsdp", "killsave", "ddp", "fsdp_fused"):
+    if mode in ("fsdp", "killsave", "ddp", "fsdp_fused", "sigterm"):
         run_fsdp(out, mode, resume={"latest": True}.get(extra, extra))
     elif mode == "export":
         run_export(out)

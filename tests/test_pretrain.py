@@ -229,3 +229,18 @@ def test_fasttrain_adamw_sharded_checkpoint_resumes_exactly(tmp_path):
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(next(iter(saved["optim"]["state"].values())))
     assert_same_optimizer_state(resumed["optimizer_after_load"], saved["optim"])
     assert_continues(resumed, full, rtol=0)  # same world size: bit for bit
+
+
+def test_sigterm_on_one_fsdp_rank_saves_on_every_rank_and_stops(tmp_path):
+    # rank 1 alone is signalled during step 1; the ranks agree at logging step 2, write one
+    # sharded checkpoint together (a collective) and stop; the process group exits cleanly
+    result = worker(tmp_path, 2, "sigterm")
+    assert result["global_steps"] == [2, 2]
+    run = tmp_path / "run"
+    assert [os.path.basename(p) for p in storage.list_checkpoints(str(run))] == ["checkpoint-2"]
+    storage.verify(str(run / "checkpoint-2"))
+    manifest = storage.read_json(str(run / "checkpoint-2"), "manifest.json")["files"]
+    assert {"shards/__0_0.distcp", "shards/__1_0.distcp"} <= set(manifest)  # both ranks saved
+    saved = dcp_content(run / "checkpoint-2", tmp_path)["model"]
+    for name, value in result["weights"].items():  # the state it stopped with
+        torch.testing.assert_close(saved[name], value, rtol=0, atol=0, msg=name)
