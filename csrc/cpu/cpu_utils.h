@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -40,10 +41,21 @@ inline std::vector<Chunk> make_chunks(at::TensorList tensors) {
   return chunks;
 }
 
-// Runs fn(chunk) for every chunk, spread over the ATen (OpenMP) thread pool.
+// Chunks per thread of the pool: all of them (run inline, no parallel region) while the
+// tensors hold fewer than two full chunks of elements. A parallel region costs a wake-up of
+// every pool thread; on a loaded machine a descheduled thread held a tiny model's step for
+// tens of milliseconds per op (ATen's own kernels run inline below their grain size too).
+inline int64_t chunk_grain(const std::vector<Chunk>& chunks) {
+  int64_t elements = 0;
+  for (const Chunk& c : chunks) elements += c.end - c.begin;
+  return elements < 2 * kChunk ? std::max<int64_t>(1, static_cast<int64_t>(chunks.size())) : 1;
+}
+
+// Runs fn(chunk) for every chunk, spread over the ATen (OpenMP) thread pool when big enough.
 template <typename Fn>
 inline void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(chunks),
+                   [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) fn(chunks[c]);
   });
 }

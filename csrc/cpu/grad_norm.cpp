@@ -65,8 +65,8 @@ at::Tensor grad_norm_cpu(at::TensorList tensors, double norm_type) {
   const float p = static_cast<float>(norm_type);
   const std::vector<Chunk> chunks = make_chunks(tensors);
   std::vector<float> partials(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) partials[c] = chunk_partial(tensors[chunks[c].tensor], chunks[c], p);
+  for_each_chunk(chunks, [&](const Chunk& c) {
+    partials[&c - chunks.data()] = chunk_partial(tensors[c.tensor], c, p);
   });
   double total = 0.0;
   for (float part : partials) {
