@@ -10,7 +10,8 @@ grad_h_c = g_c @ W and grad_W += g_c.T @ h_c (grad_b += sum g_c). For "mean" and
 gradients are computed in the forward and scaled by the upstream gradient in the backward
 (three matmuls in all, like the unfused loss); for "none" the backward recomputes the logits
 (four matmuls). Peak extra memory: grad_W + grad_h (the floor) + one logits chunk (half
-inputs on the CPU: + the chunk in fp32 and grad_W in fp32, see `_flce_chunks`).
+inputs on the CPU: + the chunk in fp32, grad_W in fp32 and one half (V, H) product, see
+`_flce_chunks`).
 The loop is the same on CPU and CUDA; only the per-chunk cross-entropy differs (Triton kernel
 on CUDA, chunked torch ops on CPU), see `cross_entropy.ce_rows_`. Algorithm: Liger-Kernel's
 FusedLinearCrossEntropy (chunking over tokens, gradients in the forward).
@@ -22,6 +23,11 @@ from ._library import custom_op
 from ._reference import linear_cross_entropy_reference  # noqa: F401  (re-exported)
 
 _HALF = (torch.float16, torch.bfloat16)
+# Rows per chunk at least, for half inputs on the CPU: there grad_W is a half GEMM per chunk
+# (K = rows) added into an fp32 accumulator, and short K runs it far below the GEMM's speed
+# (N=2048, H=384, V=8192 bf16, one thread, fused vs unfused forward+backward: 1.33x at 128
+# rows, 1.54x at 512, 1.38x at 1024).
+CPU_HALF_MIN_ROWS = 512
 
 
 def chunk_rows(N: int, H: int, V: int) -> int:
@@ -47,11 +53,13 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
 
     Per chunk, dtypes: logits x = h_c @ W.T in the input dtype. fp32 inputs, and half ones on
     CUDA (the kernel reads half and does its math in fp32), take dloss/dlogits in place of x;
-    grad_W accumulates in fp32 through addmm's fp32 output. Half inputs on the CPU: the
-    cross-entropy writes dloss/dlogits once into an fp32 chunk g32 (its math is fp32 anyway),
-    grad_W accumulates g32.T @ h_c in fp32 with no (V, H) temporary, and g32 is written back
-    into x once for grad_h = x @ W in the input dtype. One fp32 conversion of the chunk each
-    way, none of a (V, H) product: the CPU has no half matmul with an fp32 output.
+    grad_W accumulates in fp32 through addmm's fp32 output. Half inputs on the CPU, which has
+    no half matmul with an fp32 output: the cross-entropy writes dloss/dlogits into an fp32
+    chunk (its math is fp32 anyway: the chunk is converted once), that is written back into
+    x once, and grad_h = x @ W and the grad_W product x.T @ h_c run as half GEMMs (about twice
+    fp32's speed on a CPU with bf16 instructions), the product into one reused (V, H) buffer
+    added into the fp32 accumulator: one (V, H) add per chunk, so chunks are at least
+    CPU_HALF_MIN_ROWS rows.
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -64,9 +72,12 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
     if want_grads and bias is not None:
         grad_b = torch.zeros(V, dtype=torch.float32, device=bias.device)
     rows = chunk_rows(N, H, V)
+    if score_in_fp32:
+        rows = max(rows, min(N, CPU_HALF_MIN_ROWS))
     buf = torch.empty((rows, V), dtype=hidden.dtype, device=hidden.device)  # (rows, V)
     buf32 = torch.empty((rows, V), dtype=torch.float32, device=hidden.device) if score_in_fp32 else None
     w_t = weight.t()
+    prod = None
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         h_c, x = hidden[r0:r1], buf[: r1 - r0]
@@ -80,8 +91,11 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
         if not want_grads:
             continue
         if score_in_fp32:
-            _accumulate_(grad_w, g.t(), h_c.float(), first=r0 == 0)
             x.copy_(g)
+            if prod is None:
+                prod = torch.empty((V, H), dtype=weight.dtype, device=weight.device)
+            torch.mm(x.t(), h_c, out=prod)
+            grad_w.copy_(prod) if r0 == 0 else grad_w.add_(prod)
         else:
             _accumulate_(grad_w, x.t(), h_c, first=r0 == 0)
         torch.mm(x, weight, out=grad_h[r0:r1])
@@ -97,7 +111,7 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
 
 
 def _accumulate_(acc, a, b, first):
-    """acc (+)= a @ b; acc is fp32 while a, b are half only on CUDA (addmm's fp32 output)."""
+    """acc (+)= a @ b; acc is fp32 while a, b are half on CUDA (addmm's fp32 output)."""
     if acc.dtype == a.dtype:
         torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
         return

@@ -154,12 +154,14 @@ class _Conversions(TorchDispatchMode):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_chunks_convert_each_chunk_once_each_way(dtype, monkeypatch):
-    """Half inputs on the CPU (no half matmul with an fp32 output there): grad_W accumulates
-    in fp32 with no (V, H) temporary per chunk; the only weight-sized tensors are the fp32
-    accumulator and its one cast back, however many chunks; each logits chunk is converted
-    to fp32 once (the softmax math) and its gradient back once (for grad_h)."""
+    """Half inputs on the CPU (no half matmul with an fp32 output there): the weight-sized
+    tensors are the fp32 accumulator, one reused half product buffer and the cast back,
+    however many chunks; each logits chunk is converted to fp32 once (the softmax math) and
+    its gradient back once (for the half GEMMs); the only weight-sized conversions are the
+    first product and the cast back."""
     rows = 16
     monkeypatch.setattr(flce_mod, "chunk_rows", lambda N, H, V: min(N, rows))
+    monkeypatch.setattr(flce_mod, "CPU_HALF_MIN_ROWS", rows)
     hidden, weight, _, target = _case((64,), 24, 512, dtype=dtype, ignore_every=5)
     V, H = weight.shape
     hidden, weight = hidden.detach(), weight.detach()
@@ -168,11 +170,25 @@ def test_half_chunks_convert_each_chunk_once_each_way(dtype, monkeypatch):
     with Allocations() as allocs, _Conversions() as conversions:  # inside the opaque op
         grads = flce_mod._flce_chunks(hidden, weight, None, target, -100, 0.0, 0.0, scale,
                                       row_loss, want_grads=True)
-    assert [n for n in allocs.sizes if n >= V * H] == [V * H, V * H], allocs.sizes
+    assert [n for n in allocs.sizes if n >= V * H] == [V * H] * 3, allocs.sizes
     chunks = 64 // rows
     assert sorted(n for n in conversions.sizes if n >= rows * V) == (
-        [rows * V] * (2 * chunks) + [V * H]), conversions.sizes
+        [rows * V] * (2 * chunks) + [V * H] * 2), conversions.sizes
     assert grads[1].dtype == dtype
+
+
+def test_half_chunks_on_cpu_are_long_enough(monkeypatch):
+    """Half on the CPU: at least CPU_HALF_MIN_ROWS rows per chunk (fewer (V, H) adds, a
+    GEMM with a long K); fp32 keeps the memory rule's chunks."""
+    seen = []
+    real_ce = flce_mod.ce_rows_
+    monkeypatch.setattr(flce_mod, "ce_rows_", lambda x, *a: (seen.append(x.shape[0]), real_ce(x, *a)))
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden, weight, _, target = _case((1100,), 8, 4096, dtype=dtype)
+        linear_cross_entropy(hidden, weight, target).backward()
+    fp32_rows = flce_mod.chunk_rows(1100, 8, 4096)
+    assert fp32_rows < flce_mod.CPU_HALF_MIN_ROWS
+    assert seen == [fp32_rows] * (1100 // fp32_rows) + [1100 % fp32_rows] + [512, 512, 76]
 
 
 def test_frozen_weight_and_no_grad():
