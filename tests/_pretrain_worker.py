@@ -15,6 +15,10 @@ MODE:
   export   FSDP training of a tiny HF GPT-2, then save_model(); rank 0 writes the gathered
            weights and logits of a fixed batch
   stream   one process, a stateful iterable dataset, 8 steps saving at 3 and 6
+  stream2  2 FSDP ranks x 2 DataLoader workers over a plain IterableDataset of 24 examples
+           (6 steps a pass), 12 steps saving at 5 and 10 (RESUME as for fsdp); rank 0 writes
+           every rank's per-step examples (recorded by the model's forward, in the main
+           process) and the per-step losses
 """
 import os
 import signal
@@ -192,11 +196,53 @@ def run_stream(out, resume, pause):
                os.path.join(out, "result.pt"))
 
 
+class Examples(IterableDataset):
+    """A plain (stateless) stream: `indexed_examples(n)` in order."""
+
+    def __init__(self, n):
+        self.examples = indexed_examples(n, seed=4)
+
+    def __iter__(self):
+        return iter(self.examples)
+
+
+def recording_gpt(seen: list):
+    """tiny_gpt() whose forward appends the examples (first tokens) of every batch to `seen`."""
+    import functools
+    model = tiny_gpt(seed=2, n_layer=2)
+    forward = model.forward
+
+    @functools.wraps(forward)  # the Trainer reads forward's parameter names to pick batch keys
+    def recorded(*a, **kw):
+        if model.training:
+            seen.append(kw["input_ids"][:, 0].tolist())
+        return forward(*a, **kw)
+    model.forward = recorded
+    return model
+
+
+def run_stream_ranks(out, resume):
+    torch.set_num_threads(1)
+    seen = []
+    args = TrainingArguments(output_dir=os.path.join(out, "run"), max_steps=12, per_device_train_batch_size=2,
+                             learning_rate=1e-3, logging_steps=1, save_strategy="steps", save_steps=5,
+                             disable_tqdm=True, report_to="none", seed=5, use_cpu=True, fsdp="full_shard",
+                             dataloader_num_workers=2)
+    trainer = Trainer(recording_gpt(seen), args, train_dataset=Examples(24))
+    trainer.train(resume_from_checkpoint=resume)
+    seen = trainer.dist.all_gather_object(seen)
+    if trainer.dist.rank == 0:
+        torch.save({"losses": {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r},
+                    "batches": seen}, os.path.join(out, "result.pt"))
+
+
 def main():
     out, mode = sys.argv[1], sys.argv[2]
     extra = sys.argv[3] if len(sys.argv) > 3 else None
     if mode in ("fsdp", "killsave", "ddp", "fsdp_fused", "sigterm"):
         run_fsdp(out, mode, resume={"latest": True}.get(extra, extra))
+    elif mode == "stream2":
+        run_stream_ranks(out, resume={"latest": True}.get(extra, extra))
     elif mode == "export":
         run_export(out)
     elif mode == "stream":

@@ -244,3 +244,20 @@ def test_sigterm_on_one_fsdp_rank_saves_on_every_rank_and_stops(tmp_path):
     saved = dcp_content(run / "checkpoint-2", tmp_path)["model"]
     for name, value in result["weights"].items():  # the state it stopped with
         torch.testing.assert_close(saved[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_stream_over_two_ranks_and_two_workers_each_example_once_per_pass_and_resume(tmp_path):
+    full = worker(tmp_path / "full", 2, "stream2")  # 24 examples, 4 a step: a pass is 6 steps
+    per_step = [sorted(x for rank in full["batches"] for x in rank[step]) for step in range(12)]
+    for first in (0, 6):  # each pass: every example exactly once across ranks and workers
+        assert sorted(x for step in per_step[first:first + 6] for x in step) == list(range(24))
+    # resume mid-pass from checkpoint-5: the consumed examples are skipped (a stateless stream
+    # read by workers), and each rank sees the batches the uninterrupted run saw from step 6
+    shutil.copytree(tmp_path / "full" / "run", tmp_path / "resumed" / "run")
+    for later in ("checkpoint-10", "checkpoint-12"):  # 12: the save at the last step
+        shutil.rmtree(tmp_path / "resumed" / "run" / later)
+    resumed = worker(tmp_path / "resumed", 2, "stream2", "latest")
+    assert resumed["batches"] == [rank[5:] for rank in full["batches"]]
+    assert sorted(resumed["losses"]) == list(range(1, 13))
+    for step in range(6, 13):
+        assert resumed["losses"][step] == pytest.approx(full["losses"][step], rel=LOSS_RTOL)

@@ -92,3 +92,15 @@ def test_stateful_dataset_resumes_from_its_state_without_rereading(world):
     assert plan == {"state": state}
     resumed = [b.tolist() for b in DataLoader(StreamShard(Counter(50), 0, world, resume=plan), batch_size=4)]
     assert resumed == rest and len(rest) > 1
+
+
+def test_a_resume_plan_applies_to_the_resumed_pass_only_with_workers():
+    # the workers read the plan from their copies of the shard: the main process must drop it
+    # when the next pass starts, or every later pass skips again
+    full = read_all(StreamShard(Numbers(40), 0, 2), batch_size=2, workers=2)
+    saved = {"world_size": 2, "per_device_train_batch_size": 2, "micro_batches_done": 3, "num_workers": 2}
+    shard = StreamShard(Numbers(40), 0, 2, resume=resume_plan(saved, 2, 2, 2))
+    shard.set_epoch(0)
+    assert read_all(shard, 2, 2) == full[3:]
+    shard.set_epoch(1)
+    assert read_all(shard, 2, 2) == full

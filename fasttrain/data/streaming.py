@@ -73,13 +73,27 @@ class StreamShard(IterableDataset):
             from datasets.distributed import split_dataset_by_node
             dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         self.dataset = dataset
-        self.resume = dict(resume or {})
+        self.resume = resume
         self.epoch = 0
         self._next_index = 0  # stream index of the next example (read by state_dict)
 
+    @property
+    def resume(self) -> dict:
+        return self._resume
+
+    @resume.setter
+    def resume(self, plan: Optional[dict]) -> None:
+        """A resume plan applies to the first pass started after it is set."""
+        self._resume, self._plan_passes = dict(plan or {}), 0
+
     def set_epoch(self, epoch: int) -> None:
-        """A new pass over the stream (HF datasets reshuffle their buffer by epoch)."""
+        """A new pass over the stream (HF datasets reshuffle their buffer by epoch). A resume
+        plan is dropped at the second pass: with DataLoader workers the pass reads it in the
+        workers' copies of this object, so only this call, in the main process, ends it."""
         self.epoch = epoch
+        self._plan_passes += 1
+        if self._plan_passes > 1:
+            self._resume = {}
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
