@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N -m tests._fsdp_worker OUT MODE
 MODE: plain (no FSDP; also the one-process reference), fsdp, fsdp_compile, fsdp_bf16,
 fsdp_ac, plain_bf16, hybrid (2 replicas x 2 shards at 4 ranks), offload (CPU offload),
-fsdp_fused (optim=fasttrain_adamw), fsdp_fp16 (an inf written into rank 1's gradient shard
+fsdp_fused (optim=fasttrain_adamw), fsdp_memory (rank 1 alone holds 256 MiB more from
+step 1 on: the profiler's per-rank memory must show it), fsdp_fp16 (an inf written into rank 1's gradient shard
 at step 2 only), init (untrained weights only). Rank 0 writes OUT/result.pt: per-step
 losses, the full (gathered) weights and every rank's local state bytes; fsdp_fp16 adds every
 rank's scaler state and optimizer step counters and the weights after steps 1 and 2.
@@ -79,6 +80,14 @@ def count_host_reads_in_the_scaler():
         setattr(DynamicLossScaler, name, counted)
 
 
+class Rank1Ballast(TrainerCallback):
+    """Rank 1 allocates and touches 256 MiB at the end of step 1 and keeps it."""
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 1 and int(os.environ.get("RANK", "0")) == 1:
+            self.ballast = torch.ones(64 * 2**20)
+
+
 def offload_policy(model):
     """The offload policy FSDP applied to the root's parameters (None without FSDP)."""
     state = getattr(model, "_get_fsdp_state", None)
@@ -109,7 +118,8 @@ def main():
         inject_inf_on_rank_1_at_step_2()
         count_host_reads_in_the_scaler()
     trainer = Trainer(tiny_gpt(seed=2, n_layer=4), args, train_dataset=data,
-                      callbacks=[probe] + ([per_step] if mode == "fsdp_fp16" else []))
+                      callbacks=[probe] + ([per_step] if mode == "fsdp_fp16" else [])
+                      + ([Rank1Ballast()] if mode == "fsdp_memory" else []))
     probe.trainer = per_step.trainer = trainer
     trainer.train()
     state_bytes = trainer.dist.all_gather_object(probe.bytes)

@@ -133,3 +133,15 @@ def test_fasttrain_adamw_on_local_shards_equals_torch_adamw_in_one_process(tmp_p
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(single["losses"]),
                                rtol=LOSS_RTOL, atol=0)
     assert max_weight_diff(two["weights"], single["weights"]) <= WEIGHT_ATOL
+
+
+def test_profiler_reports_every_ranks_memory(tmp_path):
+    import json
+    two = run_worker(tmp_path, 2, "fsdp_memory")  # rank 1 alone holds 256 MiB more from step 1
+    per_rank = json.loads((tmp_path / "run" / "profile.json").read_text())["memory_per_rank"]
+    assert [r["rank"] for r in per_rank] == [0, 1]
+    extra = per_rank[1]["host_rss_peak_gib"] - per_rank[0]["host_rss_peak_gib"]
+    assert 0.2 < extra < 0.4, per_rank  # 0.25 GiB, give or take the two processes' own noise
+    last = [r for r in two["log"] if "loss" in r][-1]
+    assert last["host_rss_peak_gib_max_over_ranks"] == per_rank[1]["host_rss_peak_gib"]
+    assert last["host_rss_peak_gib"] == per_rank[0]["host_rss_peak_gib"]  # rank 0's own, as before

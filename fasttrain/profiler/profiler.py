@@ -141,6 +141,9 @@ class Profiler:
         self.step = 0
         self.compile_time_s: float | None = None
         self.oom_snapshot: str | None = None
+        # every rank's memory_metrics() (with its "rank"), gathered by the caller on logging
+        # steps under data/sharded parallelism, where each rank holds a different share
+        self.memory_per_rank: list[dict] | None = None
         self._timer = CudaTimer() if self.device.type == "cuda" else HostTimer()
         self._pending: deque = deque()
         self._current = None
@@ -325,6 +328,7 @@ class Profiler:
                     "flops_per_token": None if fpt is None else fpt.value,
                     "formula": None if fpt is None else fpt.formula},
             "memory": self.memory_metrics(),
+            "memory_per_rank": self.memory_per_rank,
             "hardware": self._hardware_summary(),
             "compile_time_s": self.compile_time_s,
             "trace": None if self._trace is None else self._trace.path,

@@ -32,6 +32,7 @@ class Instruments:
         self.profiler = profiler_from_args(args, model, dist.device, num_devices=dist.world_size,
                                            rank=dist.rank, seq_len=_seq_len_of(train_dataset))
         self.enabled = bool(args.profile)
+        self.dist = dist
         self._warm = False
 
     def observe_batch(self, batch) -> None:
@@ -63,10 +64,23 @@ class Instruments:
         out = {}
         if self.enabled:
             out.update(self.profiler.log_metrics())
+            out.update(self._memory_over_ranks(out))
         if self.monitor is not None:
             out.update({k if k.startswith("compile_") else f"compile_{k}": v
                         for k, v in self.monitor.stats().items()})
         return out
+
+    def _memory_over_ranks(self, logged: dict) -> dict:
+        """Every rank's memory figures (under FSDP each rank holds a different share; the
+        largest is the one that runs out), gathered on logging steps, which every rank takes:
+        the maximum over ranks goes into the log, every rank's figures into profile.json.
+        `logged`: this rank's metrics of this logging step (the figures are taken from it)."""
+        if not self.dist.enabled:
+            return {}
+        mine = {"rank": self.dist.rank, **{k: logged[k] for k in self.profiler.memory_metrics() if k in logged}}
+        per_rank = self.dist.all_gather_object(mine)  # sync: logging step (object sizes)
+        self.profiler.memory_per_rank = per_rank
+        return {f"{key}_max_over_ranks": max(r.get(key, 0.0) for r in per_rank) for key in mine if key != "rank"}
 
     def oom_guard(self):
         return self.profiler.oom_guard() if self.enabled else contextlib.nullcontext()
