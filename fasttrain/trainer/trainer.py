@@ -48,7 +48,7 @@ from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shar
 from fasttrain.trainer.script_helpers import ScriptHelpersMixin
 from fasttrain.trainer.run_state import RunState
 from fasttrain.trainer.utils import (PredictionOutput, TrainOutput, dataset_len, extract_logits,
-                                     extract_loss, forward_arg_names, samples_in,
+                                     extract_loss, forward_arg_names, ignored_output_keys, samples_in,
                                      take, to_device, tokens_in, uses_label_shift, vocab_size_of)
 from fasttrain.training_args import TrainingArguments
 
@@ -922,7 +922,7 @@ class Trainer(ScriptHelpersMixin):
         """(loss_sum, token_count, logits, labels) of one batch; logits None when not needed."""
         labels = self._labels(inputs)
         if labels is not None and (self._compute_loss_overridden() or self.args.label_smoothing_factor):
-            return self._prediction_step_user_loss(model, inputs, prediction_loss_only, labels)
+            return self._prediction_step_user_loss(model, inputs, prediction_loss_only, labels, ignore_keys)
         with torch.no_grad(), self._autocast():
             fused = None
             if prediction_loss_only and labels is not None:
@@ -934,13 +934,22 @@ class Trainer(ScriptHelpersMixin):
                 kwargs["return_logits"] = True
             outputs = model(**inputs, **kwargs)
         loss = extract_loss(outputs)
-        logits = None if prediction_loss_only else extract_logits(outputs)
+        logits = None if prediction_loss_only else extract_logits(
+            outputs, loss_first=loss is not None, ignore_keys=ignored_output_keys(self.model, ignore_keys))
         if loss is None or labels is None:
-            return None, None, logits, labels
+            return None, None, logits, self._prediction_labels(inputs, labels)
         loss_sum, count = loss_sum_and_count(loss, labels, self._label_shift)
-        return loss_sum.detach(), count, logits, labels
+        return loss_sum.detach(), count, logits, self._prediction_labels(inputs, labels)
 
-    def _prediction_step_user_loss(self, model, inputs, prediction_loss_only, labels):
+    def _prediction_labels(self, inputs: dict, labels):
+        """The label_ids predictions carry: with several label_names, all of them (a tuple, as
+        HF); the loss is counted on the first."""
+        names = self.args.label_names or []
+        if len(names) > 1 and all(inputs.get(n) is not None for n in names):
+            return tuple(inputs[n] for n in names)
+        return labels
+
+    def _prediction_step_user_loss(self, model, inputs, prediction_loss_only, labels, ignore_keys=None):
         """A subclass's compute_loss decides the evaluation loss too (as in HF), so best-model
         selection and early stopping see the loss it trains with. HF averages that per-batch
         loss over examples; so does this: weight = the batch's example count."""
@@ -948,8 +957,9 @@ class Trainer(ScriptHelpersMixin):
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         loss = loss.detach().float().mean()
         count = torch.tensor(float(labels.shape[0]), device=loss.device)
-        logits = None if prediction_loss_only else extract_logits(outputs)
-        return loss * count, count, logits, labels
+        logits = None if prediction_loss_only else extract_logits(
+            outputs, loss_first=True, ignore_keys=ignored_output_keys(self.model, ignore_keys))
+        return loss * count, count, logits, self._prediction_labels(inputs, labels)
 
     def evaluation_loop(self, dataloader, description: str = "Evaluation", prediction_loss_only=None,
                         ignore_keys=None, metric_key_prefix: str = "eval") -> PredictionOutput:

@@ -69,15 +69,34 @@ def extract_loss(outputs) -> Optional[torch.Tensor]:
     return None
 
 
-def extract_logits(outputs):
+def extract_logits(outputs, loss_first: bool = False, ignore_keys=()):
+    """The predictions of a model output, as HF's prediction_step takes them: every output
+    but the loss and `ignore_keys` (a dict's keys; a ModelOutput holds only its set fields),
+    in order, and the one tensor itself when only one is left. `loss_first`: a tuple output
+    starts with the loss (labels were given)."""
     if isinstance(outputs, dict):
-        return outputs.get("logits")
-    if hasattr(outputs, "logits"):
-        return outputs.logits
-    if isinstance(outputs, (tuple, list)):
-        rest = [o for o in outputs if isinstance(o, torch.Tensor) and o.dim() > 0]
-        return rest[0] if rest else None
-    return None
+        kept = [v for k, v in outputs.items() if k != "loss" and k not in ignore_keys]
+    elif isinstance(outputs, (tuple, list)):
+        kept = list(outputs[1:] if loss_first else outputs)
+    elif isinstance(outputs, torch.Tensor):
+        return outputs
+    else:
+        return getattr(outputs, "logits", None)
+    kept = [v for v in kept if v is not None]
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else tuple(kept)
+
+
+def ignored_output_keys(model, ignore_keys=None) -> list:
+    """HF's default for prediction_step's ignore_keys: the config's keys_to_ignore_at_inference
+    (the KV cache, for most language models)."""
+    if ignore_keys is not None:
+        return list(ignore_keys)
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    return list(getattr(config, "keys_to_ignore_at_inference", ["cache"]))
 
 
 def forward_arg_names(model: torch.nn.Module) -> Optional[set]:
