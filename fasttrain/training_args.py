@@ -98,8 +98,6 @@ CANNOT_APPLY = {
 # Accepted and validated, but the behaviour is not in this build yet: refused when set, so
 # nothing is silently ignored. Remove a line when its behaviour lands.
 NOT_YET = {
-    "auto_find_batch_size": "set per_device_train_batch_size explicitly",
-    "skip_memory_metrics": "memory figures are in the profiler's summary (profile=True)",
 }
 
 
@@ -502,6 +500,9 @@ class TrainingArguments:
         self._check_choice("hub_strategy", HUB_STRATEGIES)
         self._check_choice("include_num_input_tokens_seen", TOKENS_SEEN_MODES)
         self._check_choice("train_sampling_strategy", SAMPLING_STRATEGIES)
+        if self.auto_find_batch_size and self.fsdp:
+            raise _bad("auto_find_batch_size", self.auto_find_batch_size, "not supported with fsdp yet (a "
+                       "retry would shard the model twice); set per_device_train_batch_size explicitly")
         if self.save_only_model and self.fsdp:
             raise _bad("save_only_model", self.save_only_model, "not supported with fsdp yet (sharded "
                        "checkpoints always hold the optimizer state); set save_only_model=False, and "

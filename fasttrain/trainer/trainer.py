@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fasttrain.checkpoint import hf_layout
+from fasttrain.checkpoint import hf_layout, storage
 from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, prepare_output_dir, save_model_files
 from fasttrain.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
                                  TrainerControl, TrainerState)
@@ -39,6 +39,8 @@ from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast
 from fasttrain.optim.schedules import (LRScheduler, build_scheduler, learning_rate_used,
                                        step_on_metrics, step_scheduler)
 from fasttrain.trainer import hf_options
+from fasttrain.profiler.memory_metrics import MemoryMetrics
+from fasttrain.trainer.batch_size_search import evaluation_oom_error, is_out_of_memory, run_with_shrinking_batch
 from fasttrain.trainer.eval_collect import EvalOptions
 from fasttrain.trainer.evaluation import loss_sum_and_count, run_evaluation, update_best
 from fasttrain.trainer.instruments import Instruments
@@ -89,6 +91,8 @@ class Trainer(ScriptHelpersMixin):
         hf_options.apply_log_level(self.args)
         self.dist = self._build_distributed()
         self.device = self.dist.device
+        self._memory = MemoryMetrics(not self.args.skip_memory_metrics, self.device)  # HF's memory metrics
+        self._memory.start("init")
         self._set_model(model)
         self.scaler = None
         self._in_train = False
@@ -117,6 +121,7 @@ class Trainer(ScriptHelpersMixin):
         self._clip_offset: Optional[torch.Tensor] = None
         self._check_strategies()
         self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
+        self._memory.stop("init")
 
     def _check_strategies(self) -> None:
         """Fail now on a strategy that cannot run, instead of silently never running it."""
@@ -474,8 +479,35 @@ class Trainer(ScriptHelpersMixin):
     def train(self, resume_from_checkpoint=None, **kwargs):
         if kwargs:
             raise TypeError(f"train() got unexpected arguments {sorted(kwargs)}")
+        resume = resume_from_checkpoint or self.args.resume_from_checkpoint
+        self._memory.start("train")
+        try:
+            if not self.args.auto_find_batch_size:
+                return self._train(resume)
+            given = self.optimizer, self.lr_scheduler  # a retry builds its own again, as the first try did
+
+            def attempt(batch_size):
+                self.args.per_device_train_batch_size = batch_size
+                self.optimizer, self.lr_scheduler = given
+                return self._train(resume)
+            return run_with_shrinking_batch(attempt, self._first_batch_size(resume))
+        finally:
+            self._memory.stop("train")  # after a failure (a success has reported it)
+
+    def _first_batch_size(self, resume) -> int:
+        """auto_find_batch_size starts from the batch size a resumed run had found (as HF)."""
+        if resume:
+            try:
+                path = Checkpointer(self.args.output_dir, None).resolve(resume)
+                saved = storage.read_json(path, "trainer_state.json").get("train_batch_size")
+            except Exception:  # noqa: BLE001 - the resume itself reports a bad checkpoint
+                saved = None
+            if saved:
+                return int(saved)
+        return self.args.per_device_train_batch_size
+
+    def _train(self, resume_from_checkpoint):
         args = self.args
-        resume_from_checkpoint = resume_from_checkpoint or args.resume_from_checkpoint
         prepare_output_dir(args.output_dir, bool(resume_from_checkpoint), args.overwrite_output_dir,
                            self.dist.is_main)
         hf_options.seed_everything(args)
@@ -540,6 +572,7 @@ class Trainer(ScriptHelpersMixin):
                    "train_samples_per_second": round(steps_run * samples_per_step / max(runtime, 1e-9), 3),
                    "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
                    "total_flos": st.total_flos, "train_loss": train_loss}
+        self._memory.stop_and_update("train", metrics)
         self.log(dict(metrics))  # train()'s writers are closed: this one opens and closes its own
         metrics["epoch"] = st.epoch
         metrics["train_tokens"] = st.num_input_tokens_seen
@@ -903,19 +936,33 @@ class Trainer(ScriptHelpersMixin):
             for name, ds in eval_dataset.items():
                 metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        loader = self.get_eval_dataloader(eval_dataset)
-        only_loss = self.compute_metrics is None or self.args.prediction_loss_only
-        output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=only_loss,
-                                      ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        self.log(dict(output.metrics))
-        self._event("on_evaluate", metrics=output.metrics)
+        self._memory.start("eval")
+        try:
+            loader = self.get_eval_dataloader(eval_dataset)
+            only_loss = self.compute_metrics is None or self.args.prediction_loss_only
+            output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=only_loss,
+                                          ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            self.log(dict(output.metrics))
+            self._event("on_evaluate", metrics=output.metrics)
+            self._memory.stop_and_update("eval", output.metrics)  # as HF: returned, not logged
+        except RuntimeError as e:
+            if self._in_train and self.args.auto_find_batch_size and is_out_of_memory(e):
+                raise evaluation_oom_error(e) from e
+            raise
+        finally:
+            self._memory.stop("eval")  # after a failure
         return output.metrics
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
-        loader = self.get_test_dataloader(test_dataset)
-        output = self.evaluation_loop(loader, "Prediction", prediction_loss_only=self.args.prediction_loss_only,
-                                      ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        self._event("on_predict", metrics=output.metrics)
+        self._memory.start("test")
+        try:
+            loader = self.get_test_dataloader(test_dataset)
+            output = self.evaluation_loop(loader, "Prediction", prediction_loss_only=self.args.prediction_loss_only,
+                                          ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            self._event("on_predict", metrics=output.metrics)
+            self._memory.stop_and_update("test", output.metrics)
+        finally:
+            self._memory.stop("test")  # after a failure
         return output
 
     def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
