@@ -109,10 +109,11 @@ def test_cpu_offload_training_equals_one_process(tmp_path, single):
 FP16_LOSS_RTOL = 1e-3  # fp16 gathered weights and activations: 2^-11 relative rounding per op
 
 
-def test_fp16_overflow_in_one_rank_shard_skips_the_step_on_every_rank(tmp_path, single):
+@pytest.mark.parametrize("mode", ["fsdp_fp16", "fsdp_fused_fp16"])  # torch's fused AdamW, fasttrain_adamw
+def test_fp16_overflow_in_one_rank_shard_skips_the_step_on_every_rank(tmp_path, single, mode):
     # rank 1 alone finds an inf in its gradient shard at step 2; clipping is off, so the
     # scaler's agreement over the shard group is the only way rank 0 can learn of it
-    two = run_worker(tmp_path, 2, "fsdp_fp16")
+    two = run_worker(tmp_path, 2, mode)
     for rank, local in enumerate(two["per_rank"]):
         assert local["scaler"]["_skipped_steps"] == 1, (rank, local)
         assert local["scaler"]["scale"] == 2.0**15, (rank, local)  # backed off once from 2^16
