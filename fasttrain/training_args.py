@@ -325,6 +325,10 @@ class TrainingArguments:
             self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        if self.save_strategy == "best" and self.metric_for_best_model is None:  # HF's Trainer refuses it too
+            raise _bad("metric_for_best_model", None, "`args.metric_for_best_model` must be provided with "
+                       "save_strategy='best': name the metric that decides it ('loss', or a key "
+                       "compute_metrics returns)")
         if self.tf32 is not None:
             self._apply_tf32()
 

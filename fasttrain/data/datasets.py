@@ -176,16 +176,18 @@ def check_examples(features: list, dataset_name: str) -> None:
 
 def check_first_batch(batch: dict, vocab_size: Optional[int], dataset_name: str) -> None:
     """Token ids a model can embed: integers in [0, vocab_size). Run on the first batch only
-    (a min/max over it: no cost on later steps)."""
+    (a min/max over it: no cost on later steps). A model without a known vocabulary (no token
+    embedding) may take anything under the name input_ids, float features included, as HF's
+    Trainer allows."""
     ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor):
+    if not isinstance(ids, torch.Tensor) or vocab_size is None:
         return
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(
             f"{dataset_name}: batch key 'input_ids' has dtype {ids.dtype}; token ids must be "
             "integers: build them with dtype=torch.long (or return lists of ints) in the dataset "
             "or the collator")
-    if vocab_size and ids.numel():
+    if ids.numel():
         low, high = int(ids.min()), int(ids.max())  # sync: first batch only
         bad = high if high >= vocab_size else low if low < 0 else None
         if bad is not None:
