@@ -2,12 +2,14 @@
 
     torchrun --nproc-per-node N -m tests._fsdp_worker OUT MODE
 MODE: plain (no FSDP; also the one-process reference), fsdp, fsdp_compile, fsdp_bf16,
-fsdp_ac, plain_bf16, hybrid (2 replicas x 2 shards at 4 ranks), offload (CPU offload),
+fsdp_ac, plain_bf16, hybrid (2 replicas x 2 shards at 4 ranks), hybrid_nodes (hybrid_shard
+with the replicas taken from the node count), offload (CPU offload),
 fsdp_fused (optim=fasttrain_adamw), fsdp_memory (rank 1 alone holds 256 MiB more from
 step 1 on: the profiler's per-rank memory must show it), fsdp_fp16 (an inf written into
 rank 1's gradient shard at step 2 only), fsdp_fused_fp16 (the same with fasttrain_adamw),
-init (untrained weights only). Rank 0 writes OUT/result.pt: per-step losses, the full
-(gathered) weights and every rank's local state bytes; the fp16 modes add every rank's
+init (untrained weights only). Rank 0 writes OUT/result.pt: per-step losses, the
+evaluation loss on 10 examples after training, the full (gathered) weights and every rank's
+local state bytes; the fp16 modes add every rank's
 scaler state, optimizer step counters and host reads in the scaler, and the weights after
 every step.
 """
@@ -101,7 +103,8 @@ def main():
     out, mode = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    fsdp = {"hybrid": "hybrid_shard", "offload": "full_shard offload"}.get(mode, "full_shard" if mode.startswith("fsdp") else "")
+    fsdp = {"hybrid": "hybrid_shard", "hybrid_nodes": "hybrid_shard",
+            "offload": "full_shard offload"}.get(mode, "full_shard" if mode.startswith("fsdp") else "")
     args = TrainingArguments(
         output_dir=os.path.join(out, "run"), max_steps=3, per_device_train_batch_size=4 // world,
         gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1,
@@ -125,6 +128,7 @@ def main():
                       + ([Rank1Ballast()] if mode == "fsdp_memory" else []))
     probe.trainer = per_step.trainer = trainer
     trainer.train()
+    eval_loss = trainer.evaluate(data[:10])["eval_loss"]  # 10 rows: not a multiple of the ranks
     state_bytes = trainer.dist.all_gather_object(probe.bytes)
     weights = gathered_weights(trainer.model)
     extra = {}
@@ -138,7 +142,8 @@ def main():
         torch.save({"weights": weights, "state_bytes": state_bytes,
                     "compiled_blocks": len(compiled_module_names(trainer.model)),
                     "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],
-                    "log": trainer.state.log_history, "optimizer": type(trainer.optimizer).__name__,
+                    "eval_loss": eval_loss, "log": trainer.state.log_history,
+                    "mesh_shape": tuple(getattr(next(trainer.model.parameters()), "device_mesh", torch.empty(0)).shape), "optimizer": type(trainer.optimizer).__name__,
                     "offload_policy": offload_policy(trainer.model),
                     "state_types": sorted({type(v).__name__ for state in trainer.optimizer.state.values()
                                            for v in state.values()}), **extra},

@@ -54,6 +54,8 @@ def test_four_ranks_equal_one_process_and_hold_a_quarter_of_the_state(tmp_path, 
     four = run_worker(tmp_path, 4, "fsdp")
     torch.testing.assert_close(torch.tensor(four["losses"]), torch.tensor(single["losses"]),
                                rtol=LOSS_RTOL, atol=0)
+    # evaluation runs the sharded model on every rank's share of the 10 rows, each row once
+    assert four["eval_loss"] == pytest.approx(single["eval_loss"], rel=LOSS_RTOL)
     moved = max_weight_diff(single["weights"], run_worker(tmp_path / "init", 1, "init")["weights"])
     assert moved > 100 * WEIGHT_ATOL, "training barely moved the weights: the test could not fail"
     assert max_weight_diff(four["weights"], single["weights"]) <= WEIGHT_ATOL
@@ -146,3 +148,28 @@ def test_profiler_reports_every_ranks_memory(tmp_path):
     last = [r for r in two["log"] if "loss" in r][-1]
     assert last["host_rss_peak_gib_max_over_ranks"] == per_rank[1]["host_rss_peak_gib"]
     assert last["host_rss_peak_gib"] == per_rank[0]["host_rss_peak_gib"]  # rank 0's own, as before
+
+
+def test_hybrid_shard_over_two_nodes_shards_within_each_node(tmp_path, single):
+    # two torchrun agents as two nodes of 2 ranks (c10d rendezvous, fasttrain's launcher
+    # command line): hybrid_shard replicates across the nodes and shards within each
+    from fasttrain.distributed.launch import LaunchConfig, torchrun_command
+    config = LaunchConfig(nproc_per_node=2, nnodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+                          rdzv_id=f"fsdp-{os.getpid()}")
+    cmd = torchrun_command(config, [str(tmp_path), "hybrid_nodes"], module="tests._fsdp_worker")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=400)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    for agent, output in zip(agents, outputs):
+        assert agent.returncode == 0, output[-3000:]
+    nodes = torch.load(os.path.join(tmp_path, "result.pt"), weights_only=False)
+    assert nodes["mesh_shape"] == (2, 2)  # (replicate = nodes, shard = ranks of a node)
+    torch.testing.assert_close(torch.tensor(nodes["losses"]), torch.tensor(single["losses"]),
+                               rtol=LOSS_RTOL, atol=0)
+    assert max_weight_diff(nodes["weights"], single["weights"]) <= WEIGHT_ATOL
