@@ -111,3 +111,19 @@ def test_a_resumed_search_starts_from_the_batch_size_the_checkpoint_found(tmp_pa
     trainer = fasttrain.Trainer(again, fasttrain.TrainingArguments(max_steps=4, **args), train_dataset=_data())
     out = trainer.train(resume_from_checkpoint=True)
     assert again.seen == [3, 3] and out.global_step == 4  # no out-of-memory round trip, as HF
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_real_cuda_out_of_memory_is_retried(tmp_path):
+    """The allocator's own error: batches above 3 ask for more than the device holds."""
+    class Greedy(FitsUpTo):
+        def forward(self, x, labels=None):
+            if self.training:
+                self.seen.append(x.shape[0])
+                if x.shape[0] > self.limit:
+                    torch.empty(2 ** 50, dtype=torch.uint8, device=x.device)  # 1 PiB: a real OutOfMemoryError
+            logits = self.linear(x)
+            return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+    model = Greedy(3)
+    trainer, out = _train(fasttrain, tmp_path, model)
+    assert model.seen == [8, 7, 6, 5, 4, 3, 3, 3] and out.global_step == 3

@@ -77,3 +77,26 @@ def test_figures_see_a_kept_and_a_freed_allocation():
     tracker.stop_and_update("eval", metrics)
     assert abs(metrics["eval_mem_cpu_alloc_delta"]) < 8 * MIB and metrics["eval_mem_cpu_peaked_delta"] < 8 * MIB
     del kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_adds_hfs_gpu_keys_and_sees_a_device_allocation(tmp_path):
+    keys = {}
+    for lib in (transformers, fasttrain):
+        args = lib.TrainingArguments(output_dir=str(tmp_path / lib.__name__), skip_memory_metrics=False,
+                                     max_steps=2, per_device_train_batch_size=4, report_to="none",
+                                     disable_tqdm=True, save_strategy="no")
+        trainer = lib.Trainer(Classifier(), args, train_dataset=_data(), eval_dataset=_data(8))
+        keys[lib.__name__] = (_mem_keys(trainer.train().metrics), _mem_keys(trainer.evaluate()))
+    assert keys["fasttrain"] == keys["transformers"]
+    assert {"train_mem_gpu_alloc_delta", "train_mem_gpu_peaked_delta", "before_init_mem_gpu"} <= keys["fasttrain"][0]
+    tracker = MemoryMetrics(True, torch.device("cuda"))
+    tracker.start("train")
+    kept = torch.ones(64 * MIB // 4, device="cuda")
+    freed = torch.ones(128 * MIB // 4, device="cuda")
+    del freed
+    metrics = {}
+    tracker.stop_and_update("train", metrics)
+    assert metrics["train_mem_gpu_alloc_delta"] == 64 * MIB  # torch's allocated bytes: exact
+    assert metrics["train_mem_gpu_peaked_delta"] == 128 * MIB
+    del kept
