@@ -1,7 +1,8 @@
 """Evaluation under torchrun, for tests/test_eval_metrics_options.py.
 
     torchrun --nproc-per-node 2 -m tests._eval_gather_worker OUT
-Every rank records what compute_metrics saw; rank 0 writes OUT/result.pt ({rank: record}).
+Every rank records what compute_metrics saw (and its length-grouped train order); rank 0
+writes OUT/result.pt ({rank: record}).
 """
 import os
 import sys
@@ -34,6 +35,12 @@ def main(out):
                       compute_metrics=_batch_recorder(calls)).evaluate()
     record["batch_calls"] = [(c[1], c[3]) for c in calls]
     record["batch_accuracy"] = metrics["eval_accuracy"]
+    # group_by_length on two ranks: the Trainer's train sampler, epoch 0
+    grouped = Trainer(Tagger(), _args(out, train_sampling_strategy="group_by_length", per_device_train_batch_size=2,
+                                      gradient_accumulation_steps=2, seed=4, remove_unused_columns=False),
+                      train_dataset=[{"input_ids": list(range(1 + (i * 7) % 11))} for i in range(23)],
+                      data_collator=lambda f: f)
+    record["grouped_order"] = list(grouped.get_train_dataloader().sampler)
     records = [None] * dist.get_world_size()
     dist.all_gather_object(records, record)
     if int(os.environ["RANK"]) == 0:

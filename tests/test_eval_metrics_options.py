@@ -181,6 +181,7 @@ def _free_port() -> int:
 
 @pytest.mark.distributed
 def test_two_gloo_ranks_gather_objects_and_batches_in_dataset_order(tmp_path):
+    """Also: the Trainer's group_by_length sampler on each rank is HF's distributed one."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
@@ -196,3 +197,9 @@ def test_two_gloo_ranks_gather_objects_and_batches_in_dataset_order(tmp_path):
         assert result[rank]["batch_calls"] == [((6, 4, 3), False), ((1, 4, 3), True)]
     single = _evaluate(fasttrain, tmp_path, _batch_recorder([]), batch_eval_metrics=True)
     assert result[0]["batch_accuracy"] == single["eval_accuracy"]
+    # the same launch checks group_by_length's distributed variant against HF's own sampler
+    from transformers.trainer_pt_utils import DistributedLengthGroupedSampler
+    lengths = [1 + (i * 7) % 11 for i in range(23)]
+    for rank in (0, 1):
+        hf = DistributedLengthGroupedSampler(2 * 2, num_replicas=2, rank=rank, seed=4, lengths=lengths)
+        assert result[rank]["grouped_order"] == list(hf)
