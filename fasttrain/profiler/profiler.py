@@ -106,6 +106,8 @@ def profiler_from_args(args, model: torch.nn.Module, device: torch.device, num_d
 
 
 class _Phase:
+    """Context manager for one phase name, made once per name and reused (the Trainer enters
+    four phases a step); the open phase's start lives in the profiler, so nesting works."""
     __slots__ = ("_prof", "_name")
 
     def __init__(self, prof: "Profiler", name: str):
@@ -148,6 +150,7 @@ class Profiler:
         self._pending: deque = deque()
         self._current = None
         self._open: dict[str, tuple] = {}
+        self._phases: dict[str, _Phase] = {}
         self._window, self._run = Stats(), Stats(self.config.max_recorded_steps)
         self._excluded = 0
         self._trace = self._build_trace()
@@ -186,7 +189,10 @@ class Profiler:
 
     def phase(self, name: str) -> _Phase:
         """Context manager timing one phase of the current step (names may repeat)."""
-        return _Phase(self, name)
+        ctx = self._phases.get(name)
+        if ctx is None:
+            ctx = self._phases[name] = _Phase(self, name)
+        return ctx
 
     def _phase_begin(self, name: str) -> None:
         if self._current is None:
