@@ -41,6 +41,7 @@ logger = logging.getLogger("fasttrain")
 PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"  # HF's sharded weights: shard file per tensor
 
 
 class CheckpointError(RuntimeError):
@@ -213,6 +214,11 @@ def verify(path: str) -> None:
         raise CheckpointError(f"checkpoint {path!r} has a corrupt {MANIFEST}: {e}") from None
     for name, meta in files.items():
         file_path = os.path.join(path, name)
+        if name == MODEL_FILE and not os.path.isfile(file_path) and _model_shards(path):
+            logger.warning("checkpoint %r: the weights were re-sharded after the save (%s); the shards "
+                           "are loaded by the index, their bytes are not covered by %s", path, MODEL_INDEX,
+                           MANIFEST)
+            continue
         if not os.path.isfile(file_path):
             raise CheckpointError(f"checkpoint {path!r} is missing {name}")
         size = os.path.getsize(file_path)
@@ -307,16 +313,43 @@ def read_json(path: str, name: str) -> dict:
         raise CheckpointError(f"checkpoint {path!r}: {name} is not valid JSON ({e})") from None
 
 
-def read_model_state(path: str) -> dict:
-    file_path = os.path.join(path, MODEL_FILE)
-    if not os.path.isfile(file_path):
-        raise CheckpointError(f"checkpoint {path!r} is missing {MODEL_FILE}")
+def _model_shards(path: str) -> Optional[list]:
+    """The shard files HF's index names (model.safetensors.index.json), when all are present."""
+    index = os.path.join(path, MODEL_INDEX)
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: {MODEL_INDEX} is not a valid index ({e})") from None
+    missing = [name for name in shards if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r}: {MODEL_INDEX} names shards that are missing: {missing[:4]}")
+    return shards
+
+
+def _read_safetensors(file_path: str) -> tuple[dict, dict]:
     try:
         with safe_open(file_path, framework="pt") as f:  # memory-mapped, no full read
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{file_path!r} is not a valid safetensors file: {e}") from None
+
+
+def read_model_state(path: str) -> dict:
+    """The weights of a checkpoint: model.safetensors, or the shards HF's index names (a large
+    model's checkpoint from HF's Trainer, or weights re-sharded after the save)."""
+    file_path = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(file_path):
+        shards = _model_shards(path)
+        if not shards:
+            raise CheckpointError(f"checkpoint {path!r} is missing {MODEL_FILE}")
+        tensors = {}
+        for name in shards:
+            tensors.update(_read_safetensors(os.path.join(path, name))[0])
+        return tensors
+    tensors, meta = _read_safetensors(file_path)
     for alias, name in json.loads(meta.get("fasttrain_aliases", "{}")).items():
         tensors[alias] = tensors[name]
     return tensors
@@ -324,7 +357,10 @@ def read_model_state(path: str) -> dict:
 
 def check_shapes(model: torch.nn.Module, state: dict, path: str) -> None:
     """One sentence for a checkpoint of another model size, instead of torch's dump of every
-    size mismatch."""
+    size mismatch. A model with its own load_state_dict decides what fits (it may resize a
+    buffer, say); HF's Trainer leaves that to it too."""
+    if type(model).load_state_dict is not torch.nn.Module.load_state_dict:
+        return
     own = model.state_dict()
     for name, t in state.items():
         if name in own and tuple(own[name].shape) != tuple(t.shape):
