@@ -8,6 +8,7 @@ MODE:
            state right after loading
   ddp      the same without FSDP (data parallelism; one process when run alone)
   fsdp_fused  the same as fsdp with optim="fasttrain_adamw"
+  fsdp_deeper  the same as fsdp with a 3-layer model (its checkpoints do not fit the others)
   sigterm  like fsdp, logging every 2 steps, with a real SIGTERM delivered to rank 1 alone at
            the end of step 1: every rank should save and stop at logging step 2
   killsave like fsdp, but rank 0 is SIGKILLed inside the step-4 save, after every rank's
@@ -113,7 +114,8 @@ def run_fsdp(out, mode, resume):
         save_steps=2 if mode == "killsave" else 3,
         disable_tqdm=True, report_to="none", seed=5, fsdp="" if mode == "ddp" else "full_shard", use_cpu=True,
         dataloader_drop_last=True, optim="fasttrain_adamw" if mode == "fsdp_fused" else "adamw_torch_fused")
-    trainer = Trainer(tiny_gpt(seed=2, n_layer=2), args, train_dataset=indexed_examples(48, seed=8),
+    model = tiny_gpt(seed=2, n_layer=3 if mode == "fsdp_deeper" else 2)
+    trainer = Trainer(model, args, train_dataset=indexed_examples(48, seed=8),
                       data_collator=recorder, callbacks=[probe] + ([SigtermRank1At(1)] if mode == "sigterm" else []))
     probe.trainer = trainer
     trainer.train(resume_from_checkpoint=resume)
@@ -239,7 +241,7 @@ def run_stream_ranks(out, resume):
 def main():
     out, mode = sys.argv[1], sys.argv[2]
     extra = sys.argv[3] if len(sys.argv) > 3 else None
-    if mode in ("fsdp", "killsave", "ddp", "fsdp_fused", "sigterm"):
+    if mode in ("fsdp", "killsave", "ddp", "fsdp_fused", "sigterm", "fsdp_deeper"):
         run_fsdp(out, mode, resume={"latest": True}.get(extra, extra))
     elif mode == "stream2":
         run_stream_ranks(out, resume={"latest": True}.get(extra, extra))

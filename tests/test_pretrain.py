@@ -3,6 +3,7 @@ another world size, crash mid-save, corruption, unsafe metadata), the consolidat
 and a streaming dataset killed and resumed. Real gloo process groups under torchrun."""
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -13,11 +14,17 @@ import pytest
 import torch
 
 from fasttrain.checkpoint import storage
-from tests.test_fsdp import ROOT, run_worker
+from tests.test_fsdp import ROOT, _free_port, run_worker
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 LOSS_RTOL = 1e-5   # fp32; 4 vs 2 ranks only changes the reduction order
 WEIGHT_ATOL = 1e-5
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
 
 
 def worker(out, nproc, mode, *extra):
@@ -206,6 +213,16 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(tmp_path):
     assert_same_optimizer_state(resumed["optimizer_after_load"], full_checkpoint_optimizer(checkpoint))
     assert_continues(resumed, full)
     assert os.path.isdir(checkpoint.parent / "checkpoint-6" / "shards")  # the run saves in its own format
+    # rank 0 alone reads the files: a checkpoint of another model fails on every rank, by name
+    shutil.rmtree(tmp_path / "deeper", ignore_errors=True)
+    resume_copy(tmp_path / "ddp" / "run", tmp_path / "deeper")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                        f"--master-port={_free_port()}", "-m", "tests._pretrain_worker", str(tmp_path / "deeper"),
+                        "fsdp_deeper", "latest"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    for rank in (0, 1):
+        assert re.search(rf"\[rank{rank}\].*CheckpointError: checkpoint .*checkpoint-3' does not match the model: "
+                         r"missing \['transformer\.h\.2\.", r.stdout + r.stderr), (r.stdout + r.stderr)[-3000:]
 
 
 def test_an_fsdp_checkpoint_resumes_in_one_process(tmp_path, four_ranks):

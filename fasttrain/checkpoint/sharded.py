@@ -6,10 +6,10 @@ which slice of each tensor every file holds, so loading on another world size (4
 2, 1 to 4, FSDP to plain data parallelism) reads the slices each rank now needs: the
 resharding is DCP's, none is written here. The other direction, a DDP or single-process
 checkpoint (`model.safetensors` + `optimizer.pt`) resumed under FSDP, hands the full state
-to `set_model_state_dict`/`set_optimizer_state_dict(full_state_dict=True)`
-(`load_full_checkpoint`), which keep each rank's slice. Model and optimizer state go through
-`get/set_model_state_dict` and `get/set_optimizer_state_dict`, which key the optimizer
-state by parameter name, so it survives any re-wrapping.
+read on rank 0 to `set_model_state_dict`/`set_optimizer_state_dict(full_state_dict=True,
+broadcast_from_rank0=True)` (`load_full_checkpoint`), which keep each rank's slice. Model
+and optimizer state go through `get/set_model_state_dict` and `get/set_optimizer_state_dict`,
+which key the optimizer state by parameter name, so it survives any re-wrapping.
 
 fasttrain's checkpoint guarantees, kept:
 - atomic: every rank writes into the checkpoint's temporary directory; rank 0 commits the
@@ -243,10 +243,38 @@ def load(path: str, model, optimizer: Optional[torch.optim.Optimizer]) -> None:
 def load_full_checkpoint(path: str, model, optimizer: Optional[torch.optim.Optimizer]) -> None:
     """A DDP or single-process checkpoint (`model.safetensors` + `optimizer.pt`) into an
     FSDP model: its full state, keyed by parameter name, goes through
-    `set_model_state_dict` / `set_optimizer_state_dict(full_state_dict=True)`, which keep
-    each rank's slice of every tensor (DCP's resharding; none is written here). Every rank
-    reads the files (the weights memory-mapped, the optimizer state whole, once), so a bad
-    file fails on every rank alike instead of leaving the others waiting in a collective."""
+    `set_model_state_dict` / `set_optimizer_state_dict(full_state_dict=True,
+    broadcast_from_rank0=True)`, which send one tensor at a time from rank 0 and keep each
+    rank's slice (DCP's resharding; none is written here). Rank 0 alone reads the files, so
+    host memory holds the optimizer state once per node, not once per rank; whether they
+    could be read is agreed first, so a bad file fails on every rank alike instead of
+    leaving the others waiting in a collective."""
+    lrs = [g["lr"] for g in optimizer.param_groups] if optimizer is not None else []
+    # the optimizer's own state dict names its parameters in the order optimizer.pt numbers them
+    names = None if optimizer is None else [
+        n for g in get_optimizer_state_dict(model, optimizer)["param_groups"] for n in g["params"]]
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    weights, full, error = {}, {}, None
+    if main:
+        try:
+            weights = _full_weights(path, model)
+            full = _named_optimizer_state(path, optimizer, names) if optimizer is not None else {}
+        except CheckpointError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise CheckpointError(error)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    set_model_state_dict(model, weights, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, full, options=options)
+        _keep_tensor_lrs(optimizer, lrs)
+
+
+def _full_weights(path: str, model) -> dict:
     weights = read_model_state(path)
     check_shapes(model, weights, path)
     own = model.state_dict(keep_vars=True)
@@ -255,27 +283,22 @@ def load_full_checkpoint(path: str, model, optimizer: Optional[torch.optim.Optim
             twin = next((k for k, t in own.items() if t is tensor and k in weights), None)
             if twin is not None:
                 weights[name] = weights[twin]
-    options = StateDictOptions(full_state_dict=True)
-    try:
-        set_model_state_dict(model, weights, options=options)
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path!r} does not match the model: {e}") from None
-    if optimizer is None:
-        return
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    # optimizer.pt numbers the parameters in the order of the optimizer's groups; the sharded
-    # optimizer's own state dict names them in that same order
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path!r} does not match the model: missing {missing[:8]}, "
+                              f"unexpected {unexpected[:8]}")
+    return weights
+
+
+def _named_optimizer_state(path: str, optimizer, names: list) -> dict:
     saved = hf.fit_optimizer_state(read_torch(path, "optimizer.pt"), optimizer)
-    names = [n for g in get_optimizer_state_dict(model, optimizer)["param_groups"] for n in g["params"]]
     ids = [i for g in saved["param_groups"] for i in g["params"]]
     if len(ids) != len(names):
         raise CheckpointError(f"{path!r}: optimizer.pt holds {len(ids)} parameters, this model trains "
                               f"{len(names)}; resume with the same model and trainable parameters")
     by_id = dict(zip(ids, names))
-    full = {"state": {by_id[i]: v for i, v in saved["state"].items()},
+    return {"state": {by_id[i]: v for i, v in saved["state"].items()},
             "param_groups": [dict(g, params=[by_id[i] for i in g["params"]]) for g in saved["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, full, options=options)
-    _keep_tensor_lrs(optimizer, lrs)
 
 
 def _keep_tensor_lrs(optimizer, lrs) -> None:
