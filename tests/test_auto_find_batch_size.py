@@ -44,6 +44,7 @@ def _train(lib, tmp_path, model, **kw):
                                  per_device_train_batch_size=8, max_steps=3, report_to="none",
                                  disable_tqdm=True, save_strategy="no", **kw)
     trainer = lib.Trainer(model, args, train_dataset=_data(), eval_dataset=_data(8))
+    trainer.args_given = args
     return trainer, trainer.train()
 
 
@@ -53,8 +54,10 @@ def test_retries_the_batch_sizes_hf_tries(tmp_path):
         model = FitsUpTo(3)
         trainer, out = _train(lib, tmp_path, model)
         runs[lib.__name__] = (model.seen, trainer.state.train_batch_size, out.global_step)
+        runs[lib.__name__ + "_trainer"] = (trainer._train_batch_size, trainer.args_given.per_device_train_batch_size)
     assert runs["fasttrain"] == runs["transformers"]
     assert runs["fasttrain"] == ([8, 7, 6, 5, 4, 3, 3, 3], 3, 3)
+    assert runs["fasttrain_trainer"] == runs["transformers_trainer"] == (3, 8)  # args passed in: untouched
 
 
 def test_without_it_the_out_of_memory_error_propagates(tmp_path):

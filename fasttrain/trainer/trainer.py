@@ -9,6 +9,7 @@ Nothing in a step reads a device value on the host; logging steps do (marked `# 
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -485,14 +486,21 @@ class Trainer(ScriptHelpersMixin):
             if not self.args.auto_find_batch_size:
                 return self._train(resume)
             given = self.optimizer, self.lr_scheduler  # a retry builds its own again, as the first try did
+            requested = self.args  # left as the caller made it, as HF leaves it
 
             def attempt(batch_size):
+                self.args = copy.copy(requested)
                 self.args.per_device_train_batch_size = batch_size
                 self.optimizer, self.lr_scheduler = given
                 return self._train(resume)
             return run_with_shrinking_batch(attempt, self._first_batch_size(resume))
         finally:
             self._memory.stop("train")  # after a failure (a success has reported it)
+
+    @property
+    def _train_batch_size(self) -> int:
+        """HF's name for the per-process training batch (what auto_find_batch_size found)."""
+        return self.args.train_batch_size
 
     def _first_batch_size(self, resume) -> int:
         """auto_find_batch_size starts from the batch size a resumed run had found (as HF)."""
