@@ -38,10 +38,47 @@ def _is_peer_failure(error: BaseException) -> bool:
     return False
 
 
+def _gloo_groups() -> list:
+    """This rank's live process groups with a gloo backend, in creation order (the same on
+    every rank, so waiting on each in turn cannot deadlock)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+    groups = []
+    for group in list(distributed_c10d._world.pg_map):  # torch lists its groups nowhere public
+        try:
+            backend = str(dist.get_backend(group))
+        except (RuntimeError, ValueError):
+            continue
+        if "gloo" in backend:
+            groups.append(group)
+    return groups
+
+
+def drain_gloo_workers() -> None:
+    """Return only once no gloo worker thread of this process still holds a finished
+    collective. A collective on every rank of every gloo group: call it on all ranks.
+
+    Why: a gloo worker thread frees each finished collective's tensors itself, after the
+    caller's wait() has already returned, and freeing a tensor that Python has seen takes the
+    GIL (torch releases the tensor's Python object). If the interpreter has begun to finalize
+    by then, Python 3.11 ends the thread inside that C++ destructor and the process aborts:
+    "terminate called without an active exception" (SIGABRT) after a finished run. With
+    FSDP/DTensor the groups outlive destroy_process_group (DeviceMeshes keep them), so the
+    threads are still there at exit. A queued barrier closes the window: queueing it takes
+    the group's work lock, which a worker holds while it frees a collective, and the call
+    releases the GIL while it waits, so a worker stuck on the GIL finishes first; the barrier
+    itself runs only after all earlier work of the group is done, and its own tensor never
+    had a Python object. (monitored_barrier does not go through the queue.)"""
+    import torch.distributed as dist
+    for group in _gloo_groups():
+        dist.barrier(group=group)
+
+
 def _install_teardown(destroy) -> None:
     """Tear the process group down when the program ends. After a clean run the ranks first
     meet at a barrier, so no rank closes its connections while a peer is still inside a
-    collective (gloo aborts the peer otherwise); after a crash they do not wait."""
+    collective (gloo aborts the peer otherwise), and wait until gloo's worker threads hold
+    no finished work (`drain_gloo_workers`); after a crash they do not wait."""
     import datetime
     import sys
 
@@ -56,10 +93,11 @@ def _install_teardown(destroy) -> None:
     def teardown():
         if not _crashed and dist.is_initialized():
             try:
-                if dist.get_backend() == "gloo":
+                if dist.get_backend() == "gloo":  # bounded, and names a rank that never came
                     dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
                 else:
                     dist.barrier()
+                drain_gloo_workers()
             except Exception:  # noqa: BLE001 - a peer is gone: nothing left to protect
                 pass
         destroy()
