@@ -128,6 +128,7 @@ class TrainerCallback:
     def on_save(self, args, state, control, **kwargs): pass
     def on_log(self, args, state, control, logs=None, **kwargs): pass
     def on_prediction_step(self, args, state, control, **kwargs): pass
+    def on_push_begin(self, args, state, control, **kwargs): pass  # HF's event; fasttrain never pushes
 
 
 # Flags the handler clears before an event's callbacks run (as HF's handler does), so a
@@ -152,6 +153,10 @@ class CallbackHandler:
         self.lr_scheduler = lr_scheduler
         self.train_dataloader = None
         self.eval_dataloader = None
+        if not any(isinstance(cb, DefaultFlowCallback) for cb in self.callbacks):
+            names = ", ".join(type(cb).__name__ for cb in self.callbacks) or "none"
+            logger.warning(f"no DefaultFlowCallback among the callbacks ({names}): nothing will decide "
+                           "when to log, evaluate, save or stop; add DefaultFlowCallback first")
 
     def add_callback(self, callback):
         cb = callback() if isinstance(callback, type) else callback
@@ -159,8 +164,8 @@ class CallbackHandler:
             raise TypeError(f"callback {callback!r} is not a TrainerCallback; subclass "
                             "fasttrain.TrainerCallback and override the events you need")
         if any(type(c) is type(cb) for c in self.callbacks):
-            logger.warning("adding a second %s; the callbacks are now: %s", type(cb).__name__,
-                           ", ".join(type(c).__name__ for c in self.callbacks + [cb]))
+            names = ", ".join(type(c).__name__ for c in self.callbacks + [cb])
+            logger.warning(f"adding a second {type(cb).__name__}; the callbacks are now: {names}")
         self.callbacks.append(cb)
 
     def pop_callback(self, callback):
@@ -212,24 +217,31 @@ class CallbackHandler:
                 saved[name] = value
         return saved
 
-    def restore_state(self, saved: dict) -> None:
-        seen: dict = {}
-        for cb in self.callbacks:
-            name = type(cb).__name__
-            if name not in saved or not callable(getattr(cb, "state", None)):
-                continue
-            value = saved[name]
-            if isinstance(value, list):  # several callbacks of one class, in order
-                index = seen.get(name, 0)
-                seen[name] = index + 1
-                if index >= len(value):
-                    continue
-                value = value[index]
-            if isinstance(value, dict) and "attributes" in value:
-                for key, attr in value["attributes"].items():
-                    setattr(cb, key, attr)
-            elif callable(getattr(cb, "restore", None)):
-                cb.restore(value)
+    def restore_state(self, saved: dict, control: Optional[TrainerControl] = None) -> None:
+        """Put back the states a checkpoint saved (`stateful_callbacks`), as HF's Trainer does:
+        a state in HF's layout rebuilds each callback of that class name, in order, as
+        `type(cb)(**args)` with `attributes` set on it, and `control` likewise. Unlike HF's
+        (which puts a new object in the list), the rebuilt values go into the existing object,
+        so a callback the caller still holds is the restored one. Saved names this trainer has
+        no callback for are named in a warning and ignored."""
+        targets = self.callbacks + ([control] if control is not None else [])
+        missing = []
+        for name, values in saved.items():
+            same = [cb for cb in targets if type(cb).__name__ == name]
+            if not same:
+                missing.append(name)
+            for cb, value in zip(same, values if isinstance(values, list) else [values]):
+                if isinstance(value, dict) and {"args", "attributes"} <= set(value):
+                    rebuilt = type(cb)(**value["args"])
+                    for key, attr in value["attributes"].items():
+                        setattr(rebuilt, key, attr)
+                    vars(cb).update(vars(rebuilt))
+                elif callable(getattr(cb, "restore", None)):  # the layout fasttrain wrote before HF's
+                    cb.restore(value)
+        if missing:
+            logger.warning(f"the checkpoint holds the state of callbacks this Trainer does not have: "
+                           f"{', '.join(missing)}; their state is ignored (pass them in callbacks=[...] "
+                           "to restore it)")
 
 
 class DefaultFlowCallback(TrainerCallback):

@@ -239,7 +239,7 @@ class Checkpointer:
             if f.name not in _NOT_RESTORED:
                 setattr(c.trainer_state, f.name, getattr(saved, f.name))
         if c.callbacks is not None and c.restore_callbacks:
-            c.callbacks.restore_state(c.trainer_state.stateful_callbacks)
+            c.callbacks.restore_state(c.trainer_state.stateful_callbacks, c.control)
         if from_hf:
             if not hf.restore_hf_rng_state(path, self.dist.rank, self.dist.world_size):
                 logger.warning("%s has no RNG state for this process: dropout and shuffling restart "

@@ -61,6 +61,13 @@ class ScriptHelpersMixin:
             merged.update(metrics)
             _write_json(path, merged)
 
+    def _load_callback_state(self) -> None:
+        """HF's (private) name, which HF's callback tests call: put back the callbacks' and the
+        control's states from `self.state.stateful_callbacks`, as a resume does, when
+        restore_callback_states_from_checkpoint is set."""
+        if self.args.restore_callback_states_from_checkpoint:
+            self.callback_handler.restore_state(self.state.stateful_callbacks, self.control)
+
     def save_state(self) -> None:
         """trainer_state.json in output_dir (HF's layout)."""
         if not self.is_world_process_zero():
