@@ -14,7 +14,8 @@ if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")) and \
         _os.path.isfile(_os.path.join(_root, "pyproject.toml")):
     __path__.append(_root)  # noqa: F821 (module __path__)
 
-from fasttrain.callbacks import EarlyStoppingCallback, TrainerCallback, TrainerControl, TrainerState  # noqa: E402
+from fasttrain.callbacks import (DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback,  # noqa: E402
+                                 ProgressCallback, TrainerCallback, TrainerControl, TrainerState)
 from fasttrain.trainer.trainer import Trainer  # noqa: E402
 from fasttrain.trainer.utils import EvalPrediction  # noqa: E402
 from fasttrain.training_args import TrainingArguments  # noqa: E402
@@ -22,4 +23,5 @@ from fasttrain.training_args import TrainingArguments  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl",
-           "EarlyStoppingCallback", "EvalPrediction"]
+           "EarlyStoppingCallback", "DefaultFlowCallback", "ProgressCallback", "PrinterCallback",
+           "EvalPrediction"]

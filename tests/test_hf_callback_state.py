@@ -144,3 +144,13 @@ def test_on_push_begin_reaches_callbacks_as_hf(tmp_path):
         handler = module.CallbackHandler([module.DefaultFlowCallback(), Recorder()], None, None, None, None)
         handler.on_push_begin(None, module.TrainerState(), module.TrainerControl())
         assert events == [("push", True)], which
+
+
+def test_the_callback_names_hf_exports_are_fasttrains():
+    """`from transformers import X` -> `from fasttrain import X` for the callback classes, and
+    transformers.trainer_callback's names in fasttrain.callbacks."""
+    for name in ("TrainerCallback", "TrainerState", "TrainerControl", "EarlyStoppingCallback",
+                 "DefaultFlowCallback", "ProgressCallback", "PrinterCallback"):
+        assert hasattr(transformers, name) and getattr(fasttrain, name) is getattr(fasttrain.callbacks, name)
+    for name in ("CallbackHandler", "ExportableState"):
+        assert hasattr(transformers.trainer_callback, name) and hasattr(fasttrain.callbacks, name)
