@@ -138,6 +138,10 @@ _CLEARS = {"on_train_begin": ("should_training_stop",), "on_epoch_begin": ("shou
            "on_log": ("should_log",), "on_evaluate": ("should_evaluate",), "on_save": ("should_save",)}
 
 
+# The events whose HF handler method takes a fourth positional argument, and its name.
+_FOURTH_ARGUMENT = {"on_log": "logs", "on_evaluate": "metrics", "on_predict": "metrics"}
+
+
 class CallbackHandler:
     """Calls every callback's event in order; owned by the Trainer. The Trainer puts
     DefaultFlowCallback first, so the other callbacks see (and may override) the flags it
@@ -200,9 +204,19 @@ class CallbackHandler:
         return control
 
     def __getattr__(self, name):  # handler.on_step_end(args, state, control), as HF's handler
-        if name.startswith("on_") and hasattr(TrainerCallback, name):
-            return lambda args, state, control, **kw: self.call_event(name, args, state, control, **kw)
-        raise AttributeError(name)
+        if not (name.startswith("on_") and hasattr(TrainerCallback, name)):
+            raise AttributeError(name)
+        fourth = _FOURTH_ARGUMENT.get(name)
+
+        def event(args, state, control, *positional, **kwargs):
+            if positional:  # HF's handler.on_log(args, state, control, logs), as Trainer subclasses call it
+                if fourth is None or len(positional) > 1:
+                    raise TypeError(f"CallbackHandler.{name} takes (args, state, control"
+                                    f"{', ' + fourth if fourth else ''}, **kwargs); got {len(positional)} "
+                                    "more positional argument(s)")
+                kwargs[fourth] = positional[0]
+            return self.call_event(name, args, state, control, **kwargs)
+        return event
 
     def stateful_state(self, control: Optional[TrainerControl] = None) -> dict:
         """HF's `stateful_callbacks` layout: class name -> state (a list for repeats)."""

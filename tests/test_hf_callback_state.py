@@ -154,3 +154,29 @@ def test_the_callback_names_hf_exports_are_fasttrains():
         assert hasattr(transformers, name) and getattr(fasttrain, name) is getattr(fasttrain.callbacks, name)
     for name in ("CallbackHandler", "ExportableState"):
         assert hasattr(transformers.trainer_callback, name) and hasattr(fasttrain.callbacks, name)
+
+
+def test_handler_events_take_hfs_positional_arguments():
+    """A Trainer subclass copied from HF calls handler.on_log(args, state, control, logs)."""
+    for which, (lib, module) in LIBS.items():
+        seen = []
+
+        class Recorder(module.TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                seen.append(("log", logs, control.should_log))
+
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                seen.append(("evaluate", metrics, control.should_evaluate))
+
+            def on_predict(self, args, state, control, metrics=None, **kwargs):
+                seen.append(("predict", metrics))
+
+        handler = module.CallbackHandler([module.DefaultFlowCallback(), Recorder()], None, None, None, None)
+        control = module.TrainerControl(should_log=True, should_evaluate=True)
+        handler.on_log(None, module.TrainerState(), control, {"loss": 1.0})
+        handler.on_evaluate(None, module.TrainerState(), control, {"eval_loss": 2.0})
+        handler.on_predict(None, module.TrainerState(), control, {"test_loss": 3.0})
+        assert seen == [("log", {"loss": 1.0}, False), ("evaluate", {"eval_loss": 2.0}, False),
+                        ("predict", {"test_loss": 3.0})], which
+    with pytest.raises(TypeError, match="on_step_end takes"):
+        fasttrain.callbacks.CallbackHandler([], None, None, None, None).on_step_end(None, None, None, 1)
