@@ -1,7 +1,9 @@
 """Evaluation and prediction, as functions of what they use (they read no Trainer attribute).
 
 The HF-overridable methods (`evaluate`, `evaluation_loop`, `prediction_step`,
-`get_eval_dataloader`, `get_test_dataloader`, `predict`) stay on the Trainer and call these.
+`get_eval_dataloader`, `get_test_dataloader`, `predict`) stay on the Trainer and call these;
+whatever a subclass may override reaches these functions as an argument (`prediction_step`,
+`user_loss`: its compute_loss), so overrides are honoured.
 
 Losses accumulate on the device as (sum over valid tokens, token count), the same
 normalisation as training. Predictions leave the accelerator batch by batch, so a large
@@ -18,7 +20,8 @@ import torch
 
 from fasttrain.data.datasets import count_valid_labels
 from fasttrain.trainer.eval_collect import EvalOptions, Gatherer, to_piece
-from fasttrain.trainer.utils import EvalPrediction, PredictionOutput, denumpify, samples_in, to_device
+from fasttrain.trainer.utils import (EvalPrediction, PredictionOutput, denumpify, extract_logits, extract_loss,
+                                     samples_in, to_device)
 
 
 def run_evaluation(loader, n_examples: int, model, prediction_step, *, dist, device,
@@ -156,6 +159,69 @@ def _to_tensor(piece, device):
     if isinstance(piece, tuple):
         return tuple(_to_tensor(p, device) for p in piece)
     return torch.from_numpy(piece).to(device)
+
+
+def resolve_eval_dataset(eval_dataset, default):
+    """The dataset to evaluate: `eval_dataset`, the name of one when `default` (the
+    Trainer's eval_dataset) is a dict, or `default`."""
+    if isinstance(eval_dataset, str):
+        if not isinstance(default, dict) or eval_dataset not in default:
+            raise KeyError(f"get_eval_dataloader({eval_dataset!r}): Trainer(eval_dataset=...) is not a "
+                           f"dict with that key (keys: {sorted(default or {}) if isinstance(default, dict) else None})")
+        eval_dataset = default[eval_dataset]
+    dataset = eval_dataset if eval_dataset is not None else default
+    if dataset is None:
+        raise ValueError("evaluate() needs an eval dataset: pass Trainer(eval_dataset=...) "
+                         "or evaluate(eval_dataset=...)")
+    return dataset
+
+
+def predict_batch(model, inputs: dict, prediction_loss_only: bool, *, losses, autocast, forward_args,
+                  ignored_keys=(), user_loss=None):
+    """(loss_sum, token_count, predictions, label_ids) of one batch; predictions None when not
+    needed. `losses`: the Trainer's LossPaths (labels, the fused loss, the label shift);
+    `autocast()`: the precision context; `ignored_keys`: model outputs that are not
+    predictions (HF's ignore_keys); `user_loss(model, inputs) -> (loss, outputs)`: the
+    compute_loss that decides the loss when a subclass overrides it or label smoothing is
+    on, else None."""
+    labels = losses.labels(inputs)
+    label_names = losses.args.label_names
+    if labels is not None and user_loss is not None:
+        with torch.no_grad(), autocast():
+            loss, outputs = user_loss(model, inputs)
+        # a subclass's compute_loss decides the evaluation loss too (as in HF), so best-model
+        # selection and early stopping see the loss it trains with; HF averages that per-batch
+        # loss over examples, so does this: weight = the batch's example count
+        loss = loss.detach().float().mean()
+        count = torch.tensor(float(labels.shape[0]), device=loss.device)
+        logits = None if prediction_loss_only else extract_logits(outputs, loss_first=True, ignore_keys=ignored_keys)
+        return loss * count, count, logits, prediction_labels(inputs, labels, label_names)
+    with torch.no_grad(), autocast():
+        fused = None
+        if prediction_loss_only and labels is not None:
+            fused = losses.fused_loss(model, inputs)
+        if fused is not None:
+            return fused[0].detach(), fused[1], None, labels
+        kwargs = {}
+        if not prediction_loss_only and forward_args and "return_logits" in forward_args:
+            kwargs["return_logits"] = True
+        outputs = model(**inputs, **kwargs)
+    loss = extract_loss(outputs)
+    logits = None if prediction_loss_only else extract_logits(
+        outputs, loss_first=loss is not None, ignore_keys=ignored_keys)
+    if loss is None or labels is None:
+        return None, None, logits, prediction_labels(inputs, labels, label_names)
+    loss_sum, count = loss_sum_and_count(loss, labels, losses.label_shift)
+    return loss_sum.detach(), count, logits, prediction_labels(inputs, labels, label_names)
+
+
+def prediction_labels(inputs: dict, labels, label_names):
+    """The label_ids predictions carry: with several label_names, all of them (a tuple, as
+    HF); the loss is counted on the first."""
+    names = label_names or []
+    if len(names) > 1 and all(inputs.get(n) is not None for n in names):
+        return tuple(inputs[n] for n in names)
+    return labels
 
 
 def loss_sum_and_count(loss: torch.Tensor, labels: torch.Tensor, label_shift: bool):

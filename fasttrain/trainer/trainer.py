@@ -10,7 +10,7 @@ Nothing in a step reads a device value on the host; logging steps do (marked `# 
 from __future__ import annotations
 
 import copy
-import inspect
+import functools
 import json
 import logging
 import math
@@ -27,31 +27,30 @@ from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, prepa
 from fasttrain.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
                                  TrainerControl, TrainerState)
 from fasttrain.data.columns import collate_or_explain, kept_columns, remove_unused_columns
-from fasttrain.data.datasets import (check_examples, check_first_batch, count_valid_labels,
-                                     default_data_collator)
+from fasttrain.data.datasets import check_examples, check_first_batch, default_data_collator
 from fasttrain.distributed.sampler import ShardedSampler
-from fasttrain.distributed.fsdp import is_fsdp
 from fasttrain.trainer.metrics_log import MetricsLogger
 from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm
 from fasttrain.optim.factory import build_optimizer
 from fasttrain.optim.skip import flag_interface, step_skipping, takes_grad_scale
 from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
-from fasttrain.optim.schedules import (LRScheduler, build_scheduler, learning_rate_used,
-                                       step_on_metrics, step_scheduler)
+from fasttrain.optim.schedules import LRScheduler, build_scheduler, step_on_metrics, step_scheduler
 from fasttrain.trainer import hf_options
 from fasttrain.profiler.memory_metrics import MemoryMetrics
 from fasttrain.trainer.batch_size_search import evaluation_oom_error, is_out_of_memory, run_with_shrinking_batch
 from fasttrain.trainer.eval_collect import EvalOptions
-from fasttrain.trainer.evaluation import loss_sum_and_count, run_evaluation, update_best
+from fasttrain.trainer.evaluation import predict_batch, resolve_eval_dataset, run_evaluation, update_best
 from fasttrain.trainer.instruments import Instruments
+from fasttrain.trainer.logging_step import stamp, training_record, write_outside_train
+from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga
 from fasttrain.data.streaming import StreamShard, is_iterable, resume_plan
 from fasttrain.data.lengths import example_lengths, model_input_name_of
 from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
 from fasttrain.trainer.script_helpers import ScriptHelpersMixin
 from fasttrain.trainer.run_state import RunState
-from fasttrain.trainer.utils import (PredictionOutput, TrainOutput, dataset_len, extract_logits,
-                                     extract_loss, forward_arg_names, ignored_output_keys, samples_in,
+from fasttrain.trainer.utils import (PredictionOutput, TrainOutput, dataset_len, forward_arg_names,
+                                     ignored_output_keys, samples_in,
                                      take, to_device, tokens_in, uses_label_shift, vocab_size_of)
 from fasttrain.training_args import TrainingArguments
 
@@ -94,6 +93,8 @@ class Trainer(ScriptHelpersMixin):
         self.device = self.dist.device
         self._memory = MemoryMetrics(not self.args.skip_memory_metrics, self.device)  # HF's memory metrics
         self._memory.start("init")
+        # the loss of a micro-batch and the step's token counts (caches included)
+        self._losses = LossPaths(self.args, label_shift=False)
         self._set_model(model)
         self.scaler = None
         self._in_train = False
@@ -117,8 +118,7 @@ class Trainer(ScriptHelpersMixin):
         self._stream: Optional[StreamShard] = None  # an iterable train_dataset's shard
         self._logger: Optional[MetricsLogger] = None
         self.profile_summary: Optional[dict] = None
-        # per-step caches: each micro-batch's valid-token count, the clip constant
-        self._step_counts: dict = {}
+        # per-step cache: the clip constant
         self._clip_offset: Optional[torch.Tensor] = None
         self._check_strategies()
         self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
@@ -134,7 +134,7 @@ class Trainer(ScriptHelpersMixin):
     def _set_model(self, model) -> None:
         self.model = model.to(self.device)
         self.model_wrapped = self.model
-        self._label_shift = uses_label_shift(model)
+        self._losses.label_shift = uses_label_shift(model)
         self._forward_args = forward_arg_names(model)
         hf_options.apply_model_options(self.model, self.args)
 
@@ -252,131 +252,26 @@ class Trainer(ScriptHelpersMixin):
         """Loss of one micro-batch. With `num_items_in_batch` (valid label tokens of the whole
         optimizer step) the result is this micro-batch's summed token loss divided by it, so
         the micro-batch losses of a step add up to the step's exact mean."""
-        labels = self._labels(inputs)
-        if labels is not None and self.args.label_smoothing_factor:
-            return self._label_smoothed_loss(model, inputs, labels, return_outputs, num_items_in_batch)
-        fused = self._fused_loss(model, inputs) if labels is not None and not return_outputs else None
-        outputs = None
-        if fused is not None:
-            loss_sum, count = fused
-        else:
-            outputs = model(**inputs)
-            loss = extract_loss(outputs)
-            if loss is None:
-                raise ValueError(
-                    "the model returned no loss. Batch keys: "
-                    f"{sorted(inputs)}. Pass labels in the batch (see TrainingArguments.label_names) "
-                    "or make the model return a loss (an object with .loss, a dict with 'loss', or "
-                    "a tuple whose first item is the loss)")
-            loss = loss.float()
-            if labels is None or num_items_in_batch is None:
-                # no labels, or one micro-batch on one rank: the model's own mean is exact
-                return (loss, outputs) if return_outputs else loss
-            count = self._valid_tokens(labels)
-            # a mean over zero tokens is NaN; its weight is zero, so it contributes nothing
-            loss_sum = torch.where(count > 0, loss * count, torch.zeros_like(loss))
-        denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
-        loss = loss_sum / denominator
-        return (loss, outputs) if return_outputs else loss
-
-    def _label_smoothed_loss(self, model, inputs, labels, return_outputs, num_items_in_batch):
-        """HF's label smoothing: the labels are taken out of the batch, the loss is computed from
-        the logits (shifted for a causal LM), normalised as every other loss here."""
-        from fasttrain.ops.label_smoothing import label_smoothed_sum
-        label_keys = set(self.args.label_names or ["labels"])
-        outputs = model(**{k: v for k, v in inputs.items() if k not in label_keys})
-        logits = outputs["logits"] if isinstance(outputs, dict) else getattr(outputs, "logits", None)
-        if logits is None:
-            logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-        loss_sum, count = label_smoothed_sum(logits, labels, self.args.label_smoothing_factor,
-                                             shift=self._label_shift)
-        loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
-        return (loss, outputs) if return_outputs else loss
-
-    def _loss_is_scaled_for_ga(self) -> bool:
-        """Whether compute_loss's result is already normalised over the whole step. fasttrain's
-        own is (it divides by num_items_in_batch). For an override, HF's rule: a subclass's
-        `loss_is_scaled_for_ga` if set, else whether the model takes loss kwargs (**kwargs in
-        forward, or `accepts_loss_kwargs`); otherwise the loss is divided by the micro-batches."""
-        if not self._compute_loss_overridden():
-            return True
-        explicit = getattr(self, "loss_is_scaled_for_ga", None)
-        if explicit is not None:
-            return bool(explicit)
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if hasattr(model, "accepts_loss_kwargs"):
-            return bool(model.accepts_loss_kwargs)
-        params = inspect.signature(model.forward).parameters.values()
-        return any(p.kind == p.VAR_KEYWORD for p in params)
+        return self._losses.compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _compute_loss_overridden(self) -> bool:
         return type(self).compute_loss is not Trainer.compute_loss
-
-    def _fused_loss(self, model, inputs):
-        """(summed loss, valid tokens) from the fused linear cross-entropy of an HF causal LM,
-        run through the data-parallel wrapper when there is one (its gradient sync and
-        parameter gathering stay as they are), or None: the model's own loss then runs, and
-        the reason is logged once."""
-        if not self.args.fused_loss:
-            return None
-        inner = getattr(model, "module", model)  # DDP/BucketedDDP wrap; FSDP shards in place
-        cache = self.__dict__.setdefault("_fused_model_reasons", {})
-        if id(inner) not in cache:  # the model's part does not change from step to step
-            cache[id(inner)] = self._fused_model_reason(inner)
-        if cache[id(inner)] is not None:
-            if cache[id(inner)]:  # "" for the built-in GPT: nothing to log
-                self._fused_loss_skipped(cache[id(inner)])
-            return None
-        from fasttrain.ops import loss as fused
-        reason = fused.batch_reason(inputs)
-        if reason is not None:
-            self._fused_loss_skipped(reason)
-            return None
-        if inner is model and not is_fsdp(model):
-            # one process: call it directly (a whole-model compile would otherwise trace the
-            # swapped-in forward)
-            return fused.fused_causal_lm_loss(model, inputs, checked=True)
-        return fused.fused_loss_through(model, inner, inputs)
-
-    def _fused_model_reason(self, inner) -> Optional[str]:
-        if self._is_builtin(inner):
-            return ""  # its forward already uses the fused linear cross-entropy
-        try:
-            from fasttrain.ops import loss as fused
-        except ImportError:
-            return "fasttrain.kernels (Triton) is not importable"
-        return fused.model_reason(inner)
-
-    def _fused_loss_skipped(self, reason: str) -> None:
-        logged = self.__dict__.setdefault("_fused_reasons_logged", set())
-        if reason not in logged:
-            logged.add(reason)
-            logger.info("fused loss off, the model's own loss runs (full logits): %s", reason)
-
-    @staticmethod
-    def _is_builtin(model) -> bool:
-        from fasttrain.models import GPT
-        return isinstance(getattr(model, "module", model), GPT)
-
-    def _labels(self, inputs: dict):
-        for name in self.args.label_names or ["labels"]:
-            if name in inputs:
-                return inputs[name]
-        return None
 
     def training_step(self, batches: list) -> torch.Tensor:
         """One optimizer step over the micro-batches in `batches`; returns the step's mean
         loss as a device tensor (never read here; it may still reference the freed autograd
         graph: detach it before keeping it)."""
         model = self.model_wrapped
+        losses = self._losses
         batches = [to_device(b, self.device) for b in batches]  # labels are counted on the device
-        has_labels = all(self._labels(b) is not None for b in batches)
-        num_items = self._step_token_count(batches) if has_labels else None
-        self._last_labels = [self._labels(b) for b in batches]  # references: read on logging steps
+        has_labels = all(losses.labels(b) is not None for b in batches)
+        num_items = losses.step_token_count(batches, self.dist) if has_labels else None
+        losses.last_labels = [losses.labels(b) for b in batches]  # references: read on logging steps
         world = self.dist.world_size
         # a loss that is a per-micro-batch mean (no labels, or an override HF would divide by the
         # accumulation steps) is averaged over the step's micro-batches
-        own_mean = not has_labels or not self._loss_is_scaled_for_ga()
+        own_mean = not has_labels or not loss_is_scaled_for_ga(
+            self._compute_loss_overridden(), getattr(self, "loss_is_scaled_for_ga", None), self.model)
         step_loss = None
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -402,28 +297,10 @@ class Trainer(ScriptHelpersMixin):
                     scaled.backward()
             if not last:
                 self._event("on_substep_end")
-        self._step_counts = {}
+        losses.end_step()
         with self._instruments.phase("optimizer"), torch.no_grad():
             self._optimizer_step(step_loss)
         return step_loss
-
-    def _step_token_count(self, batches: list) -> Optional[torch.Tensor]:
-        """Valid label tokens of the whole optimizer step over all ranks, on the device (no
-        host read), or None for one micro-batch on one rank: the model's mean is then exact
-        as it is, and nothing needs counting. Each micro-batch is counted once; compute_loss
-        reuses the count."""
-        if len(batches) == 1 and not self.dist.enabled:
-            return None
-        self._step_counts = {}
-        total = sum(self._valid_tokens(self._labels(b)) for b in batches)
-        return self.dist.all_reduce_sum(total)
-
-    def _valid_tokens(self, labels: torch.Tensor) -> torch.Tensor:
-        counts = self._step_counts
-        count = counts.get(id(labels))
-        if count is None:
-            count = counts[id(labels)] = count_valid_labels(labels, self._label_shift)
-        return count
 
     def _optimizer_step(self, step_loss: torch.Tensor) -> None:
         """Unscale, clip and step, skipping on a device-side flag: overflow (fp16), a
@@ -772,81 +649,22 @@ class Trainer(ScriptHelpersMixin):
         control.should_log = control.should_evaluate = control.should_save = False
 
     def _log_training(self, window: dict):
-        st = self.state
         if not window:
             return
-        self.run.add_logged_window(window)
-        lr = learning_rate_used(self.lr_scheduler, self.optimizer, self.run.lr_captured)
-        record = {"loss": window["loss"], "learning_rate": lr,
-                  "epoch": round(st.epoch, 4)}
-        if window.get("grad_norm") is not None:
-            record["grad_norm"] = window["grad_norm"]
-        record["tokens_per_second"] = window["tokens_per_second"]
-        valid = self._valid_tokens_of_last_step()
-        if valid is None:
-            record["skipped_steps"] = int(self.run.skipped.item())  # sync: logging step
-        else:  # one read for both
-            skipped, valid = torch.stack([self.run.skipped.float(), valid.float()]).tolist()  # sync: logging step
-            record["skipped_steps"], valid = int(skipped), int(valid)
-        self._warn_if_window_is_nonsense(window, record["skipped_steps"] - st.skipped_steps, valid)
-        st.skipped_steps = record["skipped_steps"]
-        if self.scaler is not None:
-            record["loss_scale"] = float(self.scaler.get_scale())  # sync: logging step
-            self.scaler.check_divergence()
-        record.update(self._instruments.log_metrics())
-        if self.args.nonfinite_loss_policy == "stop":
-            run = int(self.run.nonfinite_run.item())  # sync: logging step
-            if run >= self.args.max_consecutive_nonfinite:
-                raise FloatingPointError(
-                    f"the loss was non-finite for {run} consecutive steps (limit "
-                    f"max_consecutive_nonfinite={self.args.max_consecutive_nonfinite}); those steps were "
-                    "skipped and no NaN weights were saved. Lower the learning rate, enable "
-                    "gradient clipping, or use bf16 instead of fp16.")
+        record = training_record(window, args=self.args, state=self.state, run=self.run,
+                                 lr_scheduler=self.lr_scheduler, optimizer=self.optimizer,
+                                 scaler=self.scaler, instruments=self._instruments, losses=self._losses)
         self.log(record)
-
-    def _valid_tokens_of_last_step(self) -> Optional[torch.Tensor]:
-        """Valid label tokens of this rank's last step (device ops on logging steps only;
-        the step itself keeps just references to its label tensors)."""
-        labels = getattr(self, "_last_labels", None)
-        if not labels or any(lab is None for lab in labels):
-            return None
-        return sum(count_valid_labels(lab, self._label_shift) for lab in labels)
-
-    def _warn_if_window_is_nonsense(self, window: dict, skipped: int, valid_last: Optional[int]) -> None:
-        """Loud, on the logging step: a window whose steps were mostly skipped (non-finite
-        loss or gradients, fp16 overflow), or a logging step whose batches had no label to
-        learn from (checked on the last step of the window: constant memory, no per-step op)."""
-        step, steps = self.state.global_step, window["steps"]
-        span = f"steps {step - steps + 1}-{step}" if steps > 1 else f"step {step}"
-        if skipped * 2 > steps:
-            logger.warning(
-                "%s: %d of %d optimizer steps were skipped (non-finite loss or gradients, or fp16 "
-                "overflow); the weights barely changed. Lower learning_rate, keep max_grad_norm on, "
-                "or use bf16 instead of fp16", span, skipped, steps)
-        if valid_last == 0:
-            logger.warning(
-                "step %d: no valid label tokens in this step's batches (every label is -100, or one "
-                "token per sequence after the causal shift): nothing is learned from them. Check "
-                "that the collator and label_names produce labels", step)
 
     def log(self, logs: dict):
         st = self.state
-        if st.epoch is not None:
-            logs.setdefault("epoch", round(st.epoch, 4))
-        if self.args.include_num_input_tokens_seen != "no":
-            logs["num_input_tokens_seen"] = st.num_input_tokens_seen
-        record = {**logs, "step": st.global_step}
+        record = stamp(logs, st, self.args)
         st.log_history.append(record)
         self._event("on_log", logs=logs)
         if self._logger is not None:
             self._logger.log(record, st.global_step)
             return
-        # evaluate()/predict() outside train(): append to the run's log, keep nothing open
-        outside = MetricsLogger(self.args, self.dist.is_main, 0, resume=True)
-        try:
-            outside.log(record, st.global_step)
-        finally:
-            outside.close()
+        write_outside_train(record, self.args, self.dist.is_main, st.global_step)
 
     def _preemption_agreed(self, agree_now: bool) -> bool:
         """Whether to save and stop now. One process decides at the end of the step the
@@ -912,16 +730,7 @@ class Trainer(ScriptHelpersMixin):
         """The evaluation DataLoader (HF's contract: a subclass may return its own).
         `eval_dataset` may be a dataset, or the name of one when Trainer(eval_dataset=...)
         is a dict."""
-        if isinstance(eval_dataset, str):
-            if not isinstance(self.eval_dataset, dict) or eval_dataset not in self.eval_dataset:
-                raise KeyError(f"get_eval_dataloader({eval_dataset!r}): Trainer(eval_dataset=...) is not a "
-                               f"dict with that key (keys: {sorted(self.eval_dataset or {}) if isinstance(self.eval_dataset, dict) else None})")
-            eval_dataset = self.eval_dataset[eval_dataset]
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("evaluate() needs an eval dataset: pass Trainer(eval_dataset=...) "
-                             "or evaluate(eval_dataset=...)")
-        return self._eval_loader(dataset, "evaluation")
+        return self._eval_loader(resolve_eval_dataset(eval_dataset, self.eval_dataset), "evaluation")
 
     def get_test_dataloader(self, test_dataset) -> DataLoader:
         """The DataLoader predict() reads `test_dataset` with."""
@@ -975,46 +784,12 @@ class Trainer(ScriptHelpersMixin):
 
     def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
         """(loss_sum, token_count, logits, labels) of one batch; logits None when not needed."""
-        labels = self._labels(inputs)
-        if labels is not None and (self._compute_loss_overridden() or self.args.label_smoothing_factor):
-            return self._prediction_step_user_loss(model, inputs, prediction_loss_only, labels, ignore_keys)
-        with torch.no_grad(), self._autocast():
-            fused = None
-            if prediction_loss_only and labels is not None:
-                fused = self._fused_loss(model, inputs)
-            if fused is not None:
-                return fused[0].detach(), fused[1], None, labels
-            kwargs = {}
-            if not prediction_loss_only and self._forward_args and "return_logits" in self._forward_args:
-                kwargs["return_logits"] = True
-            outputs = model(**inputs, **kwargs)
-        loss = extract_loss(outputs)
-        logits = None if prediction_loss_only else extract_logits(
-            outputs, loss_first=loss is not None, ignore_keys=ignored_output_keys(self.model, ignore_keys))
-        if loss is None or labels is None:
-            return None, None, logits, self._prediction_labels(inputs, labels)
-        loss_sum, count = loss_sum_and_count(loss, labels, self._label_shift)
-        return loss_sum.detach(), count, logits, self._prediction_labels(inputs, labels)
-
-    def _prediction_labels(self, inputs: dict, labels):
-        """The label_ids predictions carry: with several label_names, all of them (a tuple, as
-        HF); the loss is counted on the first."""
-        names = self.args.label_names or []
-        if len(names) > 1 and all(inputs.get(n) is not None for n in names):
-            return tuple(inputs[n] for n in names)
-        return labels
-
-    def _prediction_step_user_loss(self, model, inputs, prediction_loss_only, labels, ignore_keys=None):
-        """A subclass's compute_loss decides the evaluation loss too (as in HF), so best-model
-        selection and early stopping see the loss it trains with. HF averages that per-batch
-        loss over examples; so does this: weight = the batch's example count."""
-        with torch.no_grad(), self._autocast():
-            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-        loss = loss.detach().float().mean()
-        count = torch.tensor(float(labels.shape[0]), device=loss.device)
-        logits = None if prediction_loss_only else extract_logits(
-            outputs, loss_first=True, ignore_keys=ignored_output_keys(self.model, ignore_keys))
-        return loss * count, count, logits, self._prediction_labels(inputs, labels)
+        user_loss = None  # a subclass's compute_loss (or label smoothing) decides the loss
+        if self._compute_loss_overridden() or self.args.label_smoothing_factor:
+            user_loss = functools.partial(self.compute_loss, return_outputs=True)
+        return predict_batch(model, inputs, prediction_loss_only, losses=self._losses, autocast=self._autocast,
+                             forward_args=self._forward_args, ignored_keys=ignored_output_keys(self.model, ignore_keys),
+                             user_loss=user_loss)
 
     def evaluation_loop(self, dataloader, description: str = "Evaluation", prediction_loss_only=None,
                         ignore_keys=None, metric_key_prefix: str = "eval") -> PredictionOutput:

@@ -1,0 +1,178 @@
+"""The loss of a micro-batch, and the valid-token counts that normalise it.
+
+`LossPaths` is handed what it reads (the TrainingArguments, whether the model shifts labels)
+and owns the caches of a step: each micro-batch's valid-token count (counted once, reused by
+the loss), the fused-loss decision per model and the reasons already logged, and the label
+tensors of the last step (read on logging steps only).
+
+The Trainer's public `compute_loss` and `training_step` call into this object, so a
+subclass that overrides them (HF's contract) replaces the behaviour here exactly as before.
+Normalisation is stated once, in `LossPaths.compute_loss`: the micro-batch's summed token
+loss divided by the valid tokens of the whole optimizer step.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Optional
+
+import torch
+
+from fasttrain.data.datasets import count_valid_labels
+from fasttrain.distributed.fsdp import is_fsdp
+from fasttrain.trainer.utils import extract_loss
+
+logger = logging.getLogger("fasttrain")
+
+
+class LossPaths:
+    def __init__(self, args, label_shift: bool):
+        self.args = args
+        self.label_shift = label_shift  # the Trainer updates it when it sets a new model
+        self._step_counts: dict = {}  # id(labels) -> valid tokens, for the step being run
+        self._model_reasons: dict = {}  # id(model) -> why the fused loss cannot run ("" / None)
+        self._reasons_logged: set = set()
+        self.last_labels: Optional[list] = None  # the last step's label tensors (references)
+
+    # ------------------------------------------------------------------ labels and tokens
+    def labels(self, inputs: dict):
+        for name in self.args.label_names or ["labels"]:
+            if name in inputs:
+                return inputs[name]
+        return None
+
+    def valid_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        count = self._step_counts.get(id(labels))
+        if count is None:
+            count = self._step_counts[id(labels)] = count_valid_labels(labels, self.label_shift)
+        return count
+
+    def step_token_count(self, batches: list, dist) -> Optional[torch.Tensor]:
+        """Valid label tokens of the whole optimizer step over all ranks, on the device (no
+        host read), or None for one micro-batch on one rank: the model's mean is then exact
+        as it is, and nothing needs counting. Each micro-batch is counted once; compute_loss
+        reuses the count."""
+        if len(batches) == 1 and not dist.enabled:
+            return None
+        self._step_counts = {}
+        total = sum(self.valid_tokens(self.labels(b)) for b in batches)
+        return dist.all_reduce_sum(total)
+
+    def end_step(self) -> None:
+        self._step_counts = {}
+
+    def valid_tokens_of_last_step(self) -> Optional[torch.Tensor]:
+        """Valid label tokens of this rank's last step (device ops on logging steps only;
+        the step itself keeps just references to its label tensors)."""
+        labels = self.last_labels
+        if not labels or any(lab is None for lab in labels):
+            return None
+        return sum(count_valid_labels(lab, self.label_shift) for lab in labels)
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(self, model, inputs: dict, return_outputs: bool, num_items_in_batch):
+        """The body of `Trainer.compute_loss` (see its docstring)."""
+        labels = self.labels(inputs)
+        if labels is not None and self.args.label_smoothing_factor:
+            return self._label_smoothed_loss(model, inputs, labels, return_outputs, num_items_in_batch)
+        fused = self.fused_loss(model, inputs) if labels is not None and not return_outputs else None
+        outputs = None
+        if fused is not None:
+            loss_sum, count = fused
+        else:
+            outputs = model(**inputs)
+            loss = extract_loss(outputs)
+            if loss is None:
+                raise ValueError(
+                    "the model returned no loss. Batch keys: "
+                    f"{sorted(inputs)}. Pass labels in the batch (see TrainingArguments.label_names) "
+                    "or make the model return a loss (an object with .loss, a dict with 'loss', or "
+                    "a tuple whose first item is the loss)")
+            loss = loss.float()
+            if labels is None or num_items_in_batch is None:
+                # no labels, or one micro-batch on one rank: the model's own mean is exact
+                return (loss, outputs) if return_outputs else loss
+            count = self.valid_tokens(labels)
+            # a mean over zero tokens is NaN; its weight is zero, so it contributes nothing
+            loss_sum = torch.where(count > 0, loss * count, torch.zeros_like(loss))
+        denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        loss = loss_sum / denominator
+        return (loss, outputs) if return_outputs else loss
+
+    def _label_smoothed_loss(self, model, inputs, labels, return_outputs, num_items_in_batch):
+        """HF's label smoothing: the labels are taken out of the batch, the loss is computed from
+        the logits (shifted for a causal LM), normalised as every other loss here."""
+        from fasttrain.ops.label_smoothing import label_smoothed_sum
+        label_keys = set(self.args.label_names or ["labels"])
+        outputs = model(**{k: v for k, v in inputs.items() if k not in label_keys})
+        logits = outputs["logits"] if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+        if logits is None:
+            logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        loss_sum, count = label_smoothed_sum(logits, labels, self.args.label_smoothing_factor,
+                                             shift=self.label_shift)
+        loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ the fused loss
+    def fused_loss(self, model, inputs):
+        """(summed loss, valid tokens) from the fused linear cross-entropy of an HF causal LM,
+        run through the data-parallel wrapper when there is one (its gradient sync and
+        parameter gathering stay as they are), or None: the model's own loss then runs, and
+        the reason is logged once."""
+        if not self.args.fused_loss:
+            return None
+        inner = getattr(model, "module", model)  # DDP/BucketedDDP wrap; FSDP shards in place
+        cache = self._model_reasons
+        if id(inner) not in cache:  # the model's part does not change from step to step
+            cache[id(inner)] = _fused_model_reason(inner)
+        if cache[id(inner)] is not None:
+            if cache[id(inner)]:  # "" for the built-in GPT: nothing to log
+                self._skipped(cache[id(inner)])
+            return None
+        from fasttrain.ops import loss as fused
+        reason = fused.batch_reason(inputs)
+        if reason is not None:
+            self._skipped(reason)
+            return None
+        if inner is model and not is_fsdp(model):
+            # one process: call it directly (a whole-model compile would otherwise trace the
+            # swapped-in forward)
+            return fused.fused_causal_lm_loss(model, inputs, checked=True)
+        return fused.fused_loss_through(model, inner, inputs)
+
+    def _skipped(self, reason: str) -> None:
+        if reason not in self._reasons_logged:
+            self._reasons_logged.add(reason)
+            logger.info("fused loss off, the model's own loss runs (full logits): %s", reason)
+
+
+def _fused_model_reason(inner) -> Optional[str]:
+    if is_builtin(inner):
+        return ""  # its forward already uses the fused linear cross-entropy
+    try:
+        from fasttrain.ops import loss as fused
+    except ImportError:
+        return "fasttrain.kernels (Triton) is not importable"
+    return fused.model_reason(inner)
+
+
+def is_builtin(model) -> bool:
+    from fasttrain.models import GPT
+    return isinstance(getattr(model, "module", model), GPT)
+
+
+def loss_is_scaled_for_ga(overridden: bool, explicit: Optional[bool], model) -> bool:
+    """Whether compute_loss's result is already normalised over the whole step. fasttrain's
+    own is (it divides by num_items_in_batch). For an override (`overridden`), HF's rule: a
+    subclass's `loss_is_scaled_for_ga` (`explicit`) if set, else whether the model takes loss
+    kwargs (**kwargs in forward, or `accepts_loss_kwargs`); otherwise the loss is divided by
+    the micro-batches."""
+    if not overridden:
+        return True
+    if explicit is not None:
+        return bool(explicit)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.kind == p.VAR_KEYWORD for p in params)
