@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import math
-import os
 import sys
 import time
 from typing import Callable, Optional
@@ -23,29 +21,29 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fasttrain.checkpoint import hf_layout, storage
-from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, prepare_output_dir, save_model_files
+from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, prepare_output_dir
 from fasttrain.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
                                  TrainerControl, TrainerState)
-from fasttrain.data.columns import collate_or_explain, kept_columns, remove_unused_columns
+from fasttrain.data.columns import collate_or_explain
 from fasttrain.data.datasets import check_examples, check_first_batch, default_data_collator
 from fasttrain.distributed.sampler import ShardedSampler
 from fasttrain.trainer.metrics_log import MetricsLogger
-from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm
 from fasttrain.optim.factory import build_optimizer
-from fasttrain.optim.skip import flag_interface, step_skipping, takes_grad_scale
 from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
-from fasttrain.optim.schedules import LRScheduler, build_scheduler, step_on_metrics, step_scheduler
-from fasttrain.trainer import hf_options
+from fasttrain.optim.schedules import LRScheduler, build_scheduler, step_on_metrics
+from fasttrain.trainer import hf_options, loaders
 from fasttrain.profiler.memory_metrics import MemoryMetrics
 from fasttrain.trainer.batch_size_search import evaluation_oom_error, is_out_of_memory, run_with_shrinking_batch
+from fasttrain.trainer.checkpointing import (build_checkpointer, record_stream_position, resume_run,
+                                            write_model_folder)
 from fasttrain.trainer.eval_collect import EvalOptions
 from fasttrain.trainer.evaluation import predict_batch, resolve_eval_dataset, run_evaluation, update_best
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.logging_step import stamp, training_record, write_outside_train
 from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga
-from fasttrain.data.streaming import StreamShard, is_iterable, resume_plan
-from fasttrain.data.lengths import example_lengths, model_input_name_of
+from fasttrain.trainer.optimizer_step import GradClipper, optimizer_step
+from fasttrain.data.streaming import StreamShard, is_iterable
 from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
 from fasttrain.trainer.script_helpers import ScriptHelpersMixin
 from fasttrain.trainer.run_state import RunState
@@ -55,16 +53,6 @@ from fasttrain.trainer.utils import (PredictionOutput, TrainOutput, dataset_len,
 from fasttrain.training_args import TrainingArguments
 
 logger = logging.getLogger("fasttrain")
-
-
-def _nonfinite(value: torch.Tensor) -> torch.Tensor:
-    """0-d fp32 flag on the device, 1.0 when `value` is inf or NaN (x*0 is NaN exactly then),
-    in two ops and no host read."""
-    return torch.nan_to_num(value.float() * 0, nan=1.0)
-
-
-def _either(flag: Optional[torch.Tensor], other: torch.Tensor) -> torch.Tensor:
-    return other if flag is None else torch.maximum(flag, other)
 
 
 class Trainer(ScriptHelpersMixin):
@@ -112,14 +100,11 @@ class Trainer(ScriptHelpersMixin):
         self.checkpointer: Optional[Checkpointer] = None
         self._instruments: Optional[Instruments] = None
         self._train_sampler: Optional[ShardedSampler] = None
-        self._trainable: Optional[list] = None
-        self._sharded = False  # FSDP: parameters are DTensors
+        self._clipper: Optional[GradClipper] = None  # the trainable parameters, clipped
         self._fsdp = None
         self._stream: Optional[StreamShard] = None  # an iterable train_dataset's shard
         self._logger: Optional[MetricsLogger] = None
         self.profile_summary: Optional[dict] = None
-        # per-step cache: the clip constant
-        self._clip_offset: Optional[torch.Tensor] = None
         self._check_strategies()
         self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
         self._memory.stop("init")
@@ -191,53 +176,17 @@ class Trainer(ScriptHelpersMixin):
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs train_dataset; pass Trainer(train_dataset=...)")
+        args = self.args
         if is_iterable(self.train_dataset):
-            if self.args.train_sampling_strategy == "group_by_length":  # as HF
-                logger.warning("train_sampling_strategy='group_by_length' is ignored: the streaming train_dataset "
-                               "has no length, so examples come in the dataset's own order")
-            return self._stream_loader()
+            self._stream, stream = loaders.stream_loader(self.train_dataset, collate=self._collate, args=args,
+                                                         dist=self.dist, device=self.device)
+            self._train_sampler = None
+            return stream
         n = dataset_len(self.train_dataset, "train_dataset")
-        dataset = self._remove_unused_columns(self.train_dataset, "training")
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        grouped = self.args.train_sampling_strategy == "group_by_length"
-        self._train_sampler = ShardedSampler(
-            n, rank=self.dist.rank, world_size=self.dist.world_size,
-            shuffle=self.args.train_sampling_strategy == "random", seed=seed,
-            drop_last=self.args.dataloader_drop_last,
-            lengths=example_lengths(dataset, self.args.length_column_name,
-                                    model_input_name_of(self.processing_class)) if grouped else None,
-            group_batch_size=self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps)
-        return self._loader(dataset, self._train_sampler,
-                            self.args.per_device_train_batch_size, self.args.dataloader_drop_last)
-
-    def _stream_loader(self) -> DataLoader:
-        """An iterable train_dataset: sharded over ranks x workers by StreamShard, read in order."""
-        if self.args.max_steps <= 0:
-            raise ValueError(f"TrainingArguments.max_steps={self.args.max_steps}: a streaming train_dataset "
-                             f"({type(self.train_dataset).__name__}, no len()) needs max_steps > 0, the "
-                             "number of optimizer steps to train")
-        self._train_sampler = None
-        self._stream = StreamShard(self.train_dataset, self.dist.rank, self.dist.world_size)
-        return DataLoader(self._stream, batch_size=self.args.per_device_train_batch_size,
-                          drop_last=self.args.dataloader_drop_last, collate_fn=self._collate,
-                          num_workers=self.args.dataloader_num_workers,
-                          pin_memory=self.args.dataloader_pin_memory and self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(self.args.seed))  # see _loader
-
-    def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
-        # The loader gets its own generator: creating an iterator (with workers) then draws no
-        # numbers from the global RNG, which dropout uses; a resumed run stays bit-exact.
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                          collate_fn=self._collate, num_workers=self.args.dataloader_num_workers,
-                          pin_memory=self.args.dataloader_pin_memory and self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(self.args.seed),
-                          **hf_options.loader_options(self.args))
-
-    def _remove_unused_columns(self, dataset, description: str):
-        if not self.args.remove_unused_columns:
-            return dataset
-        keep = kept_columns(self.model, self.args.label_names)
-        return remove_unused_columns(dataset, keep, description, type(self.model).__name__)
+        dataset = loaders.drop_unused_columns(self.train_dataset, self.model, args, "training")
+        self._train_sampler = loaders.train_sampler(n, dataset, args, self.dist, self.processing_class)
+        return loaders.loader(dataset, self._train_sampler, args.per_device_train_batch_size,
+                              args.dataloader_drop_last, collate=self._collate, args=args, device=self.device)
 
     def _collate(self, features):
         check_examples(features, "the dataset")  # one isinstance per example
@@ -303,55 +252,11 @@ class Trainer(ScriptHelpersMixin):
         return step_loss
 
     def _optimizer_step(self, step_loss: torch.Tensor) -> None:
-        """Unscale, clip and step, skipping on a device-side flag: overflow (fp16), a
-        non-finite gradient norm or a non-finite loss. Nothing here reads the flag."""
-        args = self.args
-        found_inf = grad_scale = None
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            found_inf = self.scaler.found_inf_flag()
-        if args.max_grad_norm:
-            self.run.grad_norm, grad_scale = self._clip()
-            found_inf = _either(found_inf, _nonfinite(self.run.grad_norm))  # NaN loss -> NaN norm
-        loss_bad = None
-        if not args.max_grad_norm or args.nonfinite_loss_policy == "stop":
-            loss_bad = _nonfinite(step_loss)
-            found_inf = _either(found_inf, loss_bad)
-        self._event("on_pre_optimizer_step")
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer, found_inf=found_inf)
-            self.scaler.update()
-        else:
-            if found_inf is not None and not flag_interface(self.optimizer):
-                # foreach/for-loop AdamW, SGD: they cannot skip on a device flag, so read it
-                # once here and hand the number to both the optimizer and the schedule
-                found_inf = float(found_inf)  # sync: optimizers without a device skip flag
-            step_skipping(self.optimizer, found_inf, grad_scale)
-        self._event("on_optimizer_step")
-        # a scheduler fasttrain did not build hands back the LRs this step used, for logging
-        self.run.lr_captured = step_scheduler(self.lr_scheduler, self.optimizer, skipped=found_inf)
-        self.run.record_optimizer_step(found_inf, loss_bad if args.nonfinite_loss_policy == "stop" else None)
+        """Unscale, clip and step, skipping on a device-side flag (trainer/optimizer_step.py);
+        then drop the gradients."""
+        optimizer_step(step_loss, args=self.args, optimizer=self.optimizer, scaler=self.scaler,
+                       lr_scheduler=self.lr_scheduler, run=self.run, clipper=self._clipper, event=self._event)
         self.dist.zero_grad(self.model_wrapped, self.optimizer)
-
-    def _clip(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(total gradient norm, divisor for the optimizer or None). An optimizer that divides
-        the gradients by a device scalar inside its update (torch's fused AdamW, FusedAdamW)
-        gets the clipping factor that way: no pass over the gradients, and the same update as
-        clip_grad_norm_ (max_norm / (norm + 1e-6), at most 1) up to rounding. Callbacks then
-        see the gradients unclipped."""
-        max_norm = self.args.max_grad_norm
-        if self.scaler is not None or not takes_grad_scale(self.optimizer) or self._sharded:
-            norm = clip_grad_norm_(self._trainable, max_norm)
-            if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor, no comm
-                norm = norm.full_tensor()
-            return norm, None
-        grads = [p.grad for p in self._trainable if p.grad is not None]
-        norm = grad_norm(grads)
-        if self._clip_offset is None or self._clip_offset.device != norm.device:
-            self._clip_offset = torch.full((), 1e-6 / max_norm, device=norm.device)
-        # (norm + 1e-6) / max_norm, at least 1: one op with a constant built once
-        divisor = torch.add(self._clip_offset, norm, alpha=1.0 / max_norm).clamp_(min=1.0)
-        return norm, divisor
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume_from_checkpoint=None, **kwargs):
@@ -478,9 +383,7 @@ class Trainer(ScriptHelpersMixin):
         st.max_steps, st.num_train_epochs = max_steps, num_epochs
         st.compute_steps(args, max_steps)
         st.train_batch_size = args.per_device_train_batch_size
-        self._clip_offset = None
-        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self._sharded = any(hasattr(p, "full_tensor") for p in self._trainable)  # FSDP DTensors
+        self._clipper = GradClipper([p for p in self.model.parameters() if p.requires_grad])
         # one count of skipped steps: the LR schedule's when it is ours (it holds the LR on them)
         schedule_counts = isinstance(self.lr_scheduler, LRScheduler) and self.lr_scheduler.device_mode
         self.run = RunState(self.device, self.dist.world_size, args.per_device_train_batch_size,
@@ -489,24 +392,9 @@ class Trainer(ScriptHelpersMixin):
         self.run.window.nan_inf_filter = args.logging_nan_inf_filter
         self.checkpointer = self._build_checkpointer()
         if resume_from_checkpoint:
-            try:
-                path = self.checkpointer.load(resume_from_checkpoint)
-            except Exception as e:  # noqa: BLE001 - re-raised unless the optimizer is the cause
-                try:
-                    resolved = self.checkpointer.resolve(resume_from_checkpoint)
-                except Exception:  # noqa: BLE001 - the original error says more
-                    raise e from None
-                self._raise_if_other_optimizer(resolved, e)
-                raise
-            self._raise_if_other_optimizer(path, None)
-            if hf_layout.looks_like_hf_checkpoint(path):  # HF's run: the position from its step count
-                self.run.epoch, self.run.micro_batches_done = hf_layout.hf_resume_position(
-                    st.global_step, math.ceil(len(loader) / args.gradient_accumulation_steps),
-                    args.gradient_accumulation_steps)
-            if args.ignore_data_skip:  # HF: resume at the start of the saved epoch's data
-                self.run.micro_batches_done = 0
-            elif self._stream is not None:
-                self._stream.resume = self._stream_resume_plan()
+            resume_run(self.checkpointer, resume_from_checkpoint, args=args, run=self.run, state=st,
+                   steps_per_epoch=lambda: math.ceil(len(loader) / args.gradient_accumulation_steps),
+                   stream=self._stream, dist=self.dist, built_optimizer=getattr(self, "_built_optimizer", False))
         self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint),
                                      history=st.log_history if resume_from_checkpoint else None)
         self.run.install_sigterm_handler()
@@ -518,22 +406,6 @@ class Trainer(ScriptHelpersMixin):
         self.run.window.t0 = start_time  # set-up and resume time are not training time
         self._neftune = hf_options.activate_neftune(self.model, args.neftune_noise_alpha)
         return st.global_step, start_time
-
-    def _raise_if_other_optimizer(self, path: str, error: Optional[BaseException]) -> None:
-        """A checkpoint holding another optimizer's state cannot resume this run: say so
-        (loading it fails deep in torch, blaming a parameter group, or worse, succeeds)."""
-        if not getattr(self, "_built_optimizer", False):
-            return
-        try:
-            with open(os.path.join(path, "training_args.json"), encoding="utf-8") as f:
-                saved = json.load(f).get("optim")
-        except (OSError, ValueError, AttributeError):  # HF's checkpoints keep a .bin: nothing to compare
-            return
-        if saved and saved != self.args.optim:
-            raise ValueError(
-                f"checkpoint {path!r} holds the state of optim={saved!r}, this run uses "
-                f"optim={self.args.optim!r}; resume with optim={saved!r}, or load only the "
-                "weights into the model and start a new run") from error
 
     def _finish_training(self, failed: bool) -> None:
         """Release everything train() holds. After a failure, cleanup errors are logged and
@@ -685,30 +557,15 @@ class Trainer(ScriptHelpersMixin):
             callbacks=self.callback_handler, training_args=args.to_dict(),
             restore_callbacks=args.restore_callback_states_from_checkpoint, control=self.control,
             args_object=args, model_only=args.save_only_model)
-        state_io = None
-        if self._fsdp is not None:  # every rank writes its own shards through DCP
-            from fasttrain.checkpoint.sharded import ShardedStateIO
-            state_io = ShardedStateIO(args.output_dir, self.dist.world_size, timeout_s=args.ddp_timeout)
-        return Checkpointer(args.output_dir, components, self.dist, save_total_limit=args.save_total_limit,
-                            keep_best=args.load_best_model_at_end, state_io=state_io)
+        return build_checkpointer(args, components, self.dist, sharded=self._fsdp is not None)
 
     def _save_checkpoint(self, metrics=None, blocking: bool = False, best: bool = False) -> str:
         """Save `checkpoint-<global_step>`; `best`: it holds the new best model."""
         if self.scaler is not None:
             self.scaler.check_divergence()  # a diverged fp16 run stops before it saves
         if self._stream is not None:  # every rank's stream position (a collective)
-            self.run.num_workers = self.args.dataloader_num_workers
-            state = self._stream.state_dict() if self.args.dataloader_num_workers == 0 else {}
-            states = self.dist.all_gather_object(state)
-            self.run.stream_states = states if any(states) else None
+            record_stream_position(self.run, self._stream, self.dist, self.args.dataloader_num_workers)
         return self.checkpointer.save(self.state.global_step, best=best, blocking=blocking)
-
-    def _stream_resume_plan(self) -> dict:
-        saved = self.run.resumed_from
-        states = saved.get("stream") or []
-        mine = states[self.dist.rank] if saved["world_size"] == self.dist.world_size and states else None
-        return resume_plan(saved, self.dist.world_size, self.args.per_device_train_batch_size,
-                           self.args.dataloader_num_workers, stateful_state=mine)
 
     def save_model(self, output_dir=None) -> None:
         """Weights (safetensors) and config of the model, for inference or fine-tuning."""
@@ -717,13 +574,8 @@ class Trainer(ScriptHelpersMixin):
             from fasttrain.checkpoint.sharded import full_model_state
             state_dict = full_model_state(self.model)
         if self.dist.is_main:
-            output_dir = output_dir or self.args.output_dir
-            save_model_files(self.model, output_dir, state_dict=state_dict)
-            # the tokenizer/processor beside the weights, so AutoTokenizer reloads the folder (HF)
-            if callable(getattr(self.processing_class, "save_pretrained", None)):
-                self.processing_class.save_pretrained(output_dir)
-            with open(os.path.join(output_dir, hf_layout.TRAINING_ARGS_FILE), "wb") as f:
-                f.write(hf_layout.training_args_bytes(self.args))
+            write_model_folder(self.model, output_dir or self.args.output_dir, self.args,
+                               self.processing_class, state_dict=state_dict)
 
     # ------------------------------------------------------------------ evaluation (HF API)
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
@@ -739,11 +591,10 @@ class Trainer(ScriptHelpersMixin):
         return self._eval_loader(test_dataset, "test")
 
     def _eval_loader(self, dataset, description: str) -> DataLoader:
-        n = dataset_len(dataset, f"{description} dataset")
-        sampler = ShardedSampler(n, rank=self.dist.rank, world_size=self.dist.world_size,
-                                 shuffle=False, pad=False)
-        dataset = self._remove_unused_columns(dataset, description)
-        return self._loader(dataset, sampler, self.args.per_device_eval_batch_size, False)
+        sampler = loaders.eval_sampler(dataset, description, self.dist)
+        dataset = loaders.drop_unused_columns(dataset, self.model, self.args, description)
+        return loaders.loader(dataset, sampler, self.args.per_device_eval_batch_size, False,
+                              collate=self._collate, args=self.args, device=self.device)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         if eval_dataset is None and isinstance(self.eval_dataset, dict):

@@ -1,0 +1,80 @@
+"""The Trainer's DataLoaders: training (a map-style dataset through the sharded sampler, or
+a stream sharded over ranks x workers), evaluation and prediction (unpadded shards).
+
+Functions of what they use. The Trainer's HF-overridable `get_train_dataloader`,
+`get_eval_dataloader` and `get_test_dataloader` call these; its `_collate` is passed in as
+the collate function, read when a loader is built (a test or subclass may replace it).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import DataLoader
+
+from fasttrain.data.columns import kept_columns, remove_unused_columns
+from fasttrain.data.lengths import example_lengths, model_input_name_of
+from fasttrain.distributed.sampler import ShardedSampler
+from fasttrain.data.streaming import StreamShard
+from fasttrain.trainer import hf_options
+from fasttrain.trainer.utils import dataset_len
+
+logger = logging.getLogger("fasttrain")
+
+
+def train_sampler(n: int, dataset, args, dist, processing_class=None) -> ShardedSampler:
+    """Per-epoch permutation of `n` examples from (data_seed or seed, epoch), sharded by rank;
+    with train_sampling_strategy='group_by_length', HF's length-grouped order over the
+    lengths of `dataset`'s examples (length_column_name, or the processing class's main
+    input, as HF's Trainer reads them)."""
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    grouped = args.train_sampling_strategy == "group_by_length"
+    return ShardedSampler(
+        n, rank=dist.rank, world_size=dist.world_size,
+        shuffle=args.train_sampling_strategy == "random", seed=seed,
+        drop_last=args.dataloader_drop_last,
+        lengths=example_lengths(dataset, args.length_column_name,
+                                model_input_name_of(processing_class)) if grouped else None,
+        group_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps)
+
+
+def eval_sampler(dataset, description: str, dist) -> ShardedSampler:
+    n = dataset_len(dataset, f"{description} dataset")
+    return ShardedSampler(n, rank=dist.rank, world_size=dist.world_size, shuffle=False, pad=False)
+
+
+def loader(dataset, sampler, batch_size: int, drop_last: bool, *, collate, args, device) -> DataLoader:
+    # The loader gets its own generator: creating an iterator (with workers) then draws no
+    # numbers from the global RNG, which dropout uses; a resumed run stays bit-exact.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      collate_fn=collate, num_workers=args.dataloader_num_workers,
+                      pin_memory=args.dataloader_pin_memory and device.type == "cuda",
+                      generator=torch.Generator().manual_seed(args.seed),
+                      **hf_options.loader_options(args))
+
+
+def stream_loader(dataset, *, collate, args, dist, device) -> tuple[StreamShard, DataLoader]:
+    """An iterable train_dataset: sharded over ranks x workers by StreamShard, read in order.
+    Returns the shard (its position is saved with checkpoints) and its loader."""
+    if args.train_sampling_strategy == "group_by_length":  # as HF
+        logger.warning("train_sampling_strategy='group_by_length' is ignored: the streaming train_dataset "
+                       "has no length, so examples come in the dataset's own order")
+    if args.max_steps <= 0:
+        raise ValueError(f"TrainingArguments.max_steps={args.max_steps}: a streaming train_dataset "
+                         f"({type(dataset).__name__}, no len()) needs max_steps > 0, the "
+                         "number of optimizer steps to train")
+    stream = StreamShard(dataset, dist.rank, dist.world_size)
+    return stream, DataLoader(stream, batch_size=args.per_device_train_batch_size,
+                              drop_last=args.dataloader_drop_last, collate_fn=collate,
+                              num_workers=args.dataloader_num_workers,
+                              pin_memory=args.dataloader_pin_memory and device.type == "cuda",
+                              generator=torch.Generator().manual_seed(args.seed))  # see loader()
+
+
+def drop_unused_columns(dataset, model, args, description: str):
+    """HF's remove_unused_columns: the columns `model.forward` does not take, removed before
+    collation (a no-op when the argument is off)."""
+    if not args.remove_unused_columns:
+        return dataset
+    keep = kept_columns(model, args.label_names)
+    return remove_unused_columns(dataset, keep, description, type(model).__name__)

@@ -1,0 +1,84 @@
+"""The end of a training step: unscale, clip and step, skipping on a device-side flag.
+
+Handed what it acts on (arguments, optimizer, loss scaler, LR schedule, the loop's
+RunState, the callback event); reads no flag on the host except for optimizers that cannot
+skip on a device flag (marked `# sync:`). `GradClipper` owns the trainable parameters and
+the one constant the clip divisor needs, built once per run.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm
+from fasttrain.optim.schedules import step_scheduler
+from fasttrain.optim.skip import flag_interface, step_skipping, takes_grad_scale
+
+
+def _nonfinite(value: torch.Tensor) -> torch.Tensor:
+    """0-d fp32 flag on the device, 1.0 when `value` is inf or NaN (x*0 is NaN exactly then),
+    in two ops and no host read."""
+    return torch.nan_to_num(value.float() * 0, nan=1.0)
+
+
+def _either(flag: Optional[torch.Tensor], other: torch.Tensor) -> torch.Tensor:
+    return other if flag is None else torch.maximum(flag, other)
+
+
+class GradClipper:
+    def __init__(self, trainable: list):
+        self.trainable = trainable
+        self.sharded = any(hasattr(p, "full_tensor") for p in trainable)  # FSDP: DTensors
+        self._offset: Optional[torch.Tensor] = None
+
+    def clip(self, max_norm: float, optimizer, scaler) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(total gradient norm, divisor for the optimizer or None). An optimizer that divides
+        the gradients by a device scalar inside its update (torch's fused AdamW, FusedAdamW)
+        gets the clipping factor that way: no pass over the gradients, and the same update as
+        clip_grad_norm_ (max_norm / (norm + 1e-6), at most 1) up to rounding. Callbacks then
+        see the gradients unclipped."""
+        if scaler is not None or not takes_grad_scale(optimizer) or self.sharded:
+            norm = clip_grad_norm_(self.trainable, max_norm)
+            if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor, no comm
+                norm = norm.full_tensor()
+            return norm, None
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        norm = grad_norm(grads)
+        if self._offset is None or self._offset.device != norm.device:
+            self._offset = torch.full((), 1e-6 / max_norm, device=norm.device)
+        # (norm + 1e-6) / max_norm, at least 1: one op with a constant built once
+        divisor = torch.add(self._offset, norm, alpha=1.0 / max_norm).clamp_(min=1.0)
+        return norm, divisor
+
+
+def optimizer_step(step_loss: torch.Tensor, *, args, optimizer, scaler, lr_scheduler, run,
+                   clipper: GradClipper, event) -> None:
+    """Unscale, clip and step, skipping on a device-side flag: overflow (fp16), a
+    non-finite gradient norm or a non-finite loss. Nothing here reads the flag (but see
+    the one `# sync:`). `event(name)` runs the callbacks around the update."""
+    found_inf = grad_scale = None
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+        found_inf = scaler.found_inf_flag()
+    if args.max_grad_norm:
+        run.grad_norm, grad_scale = clipper.clip(args.max_grad_norm, optimizer, scaler)
+        found_inf = _either(found_inf, _nonfinite(run.grad_norm))  # NaN loss -> NaN norm
+    loss_bad = None
+    if not args.max_grad_norm or args.nonfinite_loss_policy == "stop":
+        loss_bad = _nonfinite(step_loss)
+        found_inf = _either(found_inf, loss_bad)
+    event("on_pre_optimizer_step")
+    if scaler is not None:
+        scaler.step(optimizer, found_inf=found_inf)
+        scaler.update()
+    else:
+        if found_inf is not None and not flag_interface(optimizer):
+            # foreach/for-loop AdamW, SGD: they cannot skip on a device flag, so read it
+            # once here and hand the number to both the optimizer and the schedule
+            found_inf = float(found_inf)  # sync: optimizers without a device skip flag
+        step_skipping(optimizer, found_inf, grad_scale)
+    event("on_optimizer_step")
+    # a scheduler fasttrain did not build hands back the LRs this step used, for logging
+    run.lr_captured = step_scheduler(lr_scheduler, optimizer, skipped=found_inf)
+    run.record_optimizer_step(found_inf, loss_bad if args.nonfinite_loss_policy == "stop" else None)
