@@ -45,7 +45,7 @@ from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga
 from fasttrain.trainer.optimizer_step import GradClipper, optimizer_step
 from fasttrain.data.streaming import StreamShard, is_iterable
 from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
-from fasttrain.trainer.script_helpers import ScriptHelpersMixin
+from fasttrain.trainer import script_helpers
 from fasttrain.trainer.run_state import RunState
 from fasttrain.trainer.utils import (PredictionOutput, TrainOutput, dataset_len, forward_arg_names,
                                      ignored_output_keys, samples_in,
@@ -55,7 +55,7 @@ from fasttrain.training_args import TrainingArguments
 logger = logging.getLogger("fasttrain")
 
 
-class Trainer(ScriptHelpersMixin):
+class Trainer:
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, data_collator=None,
                  train_dataset: Optional[Dataset] = None, eval_dataset=None,
                  processing_class=None, tokenizer=None, model_init: Optional[Callable] = None,
@@ -105,6 +105,7 @@ class Trainer(ScriptHelpersMixin):
         self._stream: Optional[StreamShard] = None  # an iterable train_dataset's shard
         self._logger: Optional[MetricsLogger] = None
         self.profile_summary: Optional[dict] = None
+        self._flops = script_helpers.FlopCounter()
         self._check_strategies()
         self.control = self.callback_handler.call_event("on_init_end", self.args, self.state, self.control)
         self._memory.stop("init")
@@ -654,3 +655,65 @@ class Trainer(ScriptHelpersMixin):
             observe_batch=self._instruments.observe_batch if self._instruments is not None else None,
             on_step=lambda: self._event("on_prediction_step"),
             options=EvalOptions.from_args(self.args, self.model, description))
+
+    # ------------------------------------------------------------------ what HF's scripts call
+    def is_world_process_zero(self) -> bool:
+        return self.dist.is_main
+
+    def is_local_process_zero(self) -> bool:
+        return self.dist.local_rank == 0
+
+    def metrics_format(self, metrics: dict) -> dict:
+        """Metrics for reading: runtimes as h:mm:ss.ss, total_flos in GF, floats to 4 places."""
+        return script_helpers.metrics_format(metrics)
+
+    def log_metrics(self, split: str, metrics: dict) -> None:
+        """Print `metrics` as an aligned table under a `***** {split} metrics *****` header."""
+        if self.is_world_process_zero():
+            script_helpers.print_metrics(split, self.metrics_format(metrics))
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        """`{split}_results.json` in output_dir; with `combined`, merged into all_results.json."""
+        if self.is_world_process_zero():
+            script_helpers.save_metrics(self.args.output_dir, split, metrics, combined)
+
+    def _load_callback_state(self) -> None:
+        """HF's (private) name, which HF's callback tests call: put back the callbacks' and the
+        control's states from `self.state.stateful_callbacks`, as a resume does, when
+        restore_callback_states_from_checkpoint is set."""
+        if self.args.restore_callback_states_from_checkpoint:
+            self.callback_handler.restore_state(self.state.stateful_callbacks, self.control)
+
+    def save_state(self) -> None:
+        """trainer_state.json in output_dir (HF's layout)."""
+        if self.is_world_process_zero():
+            script_helpers.save_state(self.args.output_dir, self.state, self.callback_handler, self.control)
+
+    def create_model_card(self, model_name=None, finetuned_from=None, tasks=None, dataset=None,
+                          language=None, license=None, tags=None, **kwargs) -> None:
+        """A README.md in output_dir (HF's card, without the hub metadata it cannot fetch offline)."""
+        if self.is_world_process_zero():
+            script_helpers.create_model_card(self.args, self.state.log_history, model_name, finetuned_from,
+                                             tasks, dataset, language, license, tags)
+
+    def num_examples(self, dataloader) -> int:
+        """Examples behind a DataLoader: its dataset's length, else batches x batch size."""
+        return script_helpers.num_examples(dataloader)
+
+    def num_tokens(self, train_dl, max_steps=None) -> int:
+        """Input tokens of one pass over `train_dl` (or of `max_steps` batches)."""
+        return script_helpers.num_tokens(train_dl, max_steps)
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """FLOPs of one forward+backward on `inputs` (HF's estimate unless the model counts)."""
+        return self._flops(self.model, inputs)
+
+    def get_num_trainable_parameters(self) -> int:
+        return script_helpers.trainable_parameters(self.model)
+
+    def get_learning_rates(self) -> list:
+        return script_helpers.learning_rates(self.optimizer)
+
+    def get_optimizer_group(self, param=None):
+        """The optimizer's param group holding `param`, or every group's params without it."""
+        return script_helpers.optimizer_group(self.optimizer, param)
