@@ -4,7 +4,8 @@ Layers, top to bottom (docs/ARCHITECTURE.md):
   4 cli                 fasttrain.cli, fasttrain.__main__
   3 trainer             fasttrain.trainer
   2 concerns            checkpoint, optim, precision, profiler, compile, data, ops, models
-  1 foundations         distributed, kernels, training_args, callbacks, extras
+  1 foundations         distributed, kernels, training_args (+ _help, _choices, _checks, _fields),
+                        callbacks, extras
 A module may import its own layer or a lower one; every `import` statement counts, including
 the lazy ones inside functions. Between subpackages of one layer there must be no cycle.
 `kernels/` imports only torch, triton, the standard library and itself.
@@ -22,7 +23,8 @@ LAYERS = {
     "trainer": 3,
     "checkpoint": 2, "optim": 2, "precision": 2, "profiler": 2, "compile": 2, "data": 2,
     "ops": 2, "models": 2,
-    "distributed": 1, "kernels": 1, "training_args": 1, "training_args_help": 1, "callbacks": 1,
+    "distributed": 1, "kernels": 1, "training_args": 1, "training_args_help": 1,
+    "training_args_choices": 1, "training_args_checks": 1, "training_args_fields": 1, "callbacks": 1,
     "extras": 1,
 }
 
