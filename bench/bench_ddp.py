@@ -35,17 +35,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 from _common import environment, spread  # noqa: E402
 
 from fasttrain.distributed import BucketedDDP  # noqa: E402
-
-
-class Block(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.up = nn.Linear(d, 4 * d)
-        self.down = nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        return x + self.down(torch.relu(self.up(self.norm(x))))
+from tests._ddp_workers import Block  # noqa: E402  (the distributed tests' residual MLP block)
 
 
 def build_model(width: int, depth: int) -> nn.Module:

@@ -1,5 +1,6 @@
 """Per-step overhead of the fasttrain Trainer, on its DEFAULTS, against a hand-written loop,
-the HF Trainer and Lightning (when installed).
+the HF Trainer and Lightning (when installed). The model, examples and hand-written step
+are `fasttrain.profiler.hand_loop`'s (shared with tests/test_step_ops.py and gpu-check).
 
 The issue's configuration: Linear(16, 1), batch 4, MSE, labels in the batch. fasttrain
 runs its defaults (profiler on, clipping 1.0, torch's fused AdamW, linear schedule,
@@ -15,7 +16,6 @@ a TorchDispatchMode over two run lengths: deterministic, the launches on a GPU).
 Goal: fasttrain >= 0.95x the loop's steps/s and <= 1.10x its ops per step.
 """
 import argparse
-import collections
 import json
 import os
 import sys
@@ -23,7 +23,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,22 +30,9 @@ from _common import OpCount, environment, fmt, spread  # noqa: E402
 
 from fasttrain import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from fasttrain.data.datasets import default_data_collator  # noqa: E402
+from fasttrain.profiler.hand_loop import HandLoop, Regressor, regression_examples  # noqa: E402
 
 BATCH, LR, LOGGING_STEPS = 4, 5e-5, 100
-
-
-class Linear16(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(16, 1)
-
-    def forward(self, x, labels):
-        return {"loss": F.mse_loss(self.lin(x), labels)}
-
-
-def dataset(n: int):
-    g = torch.Generator().manual_seed(0)
-    return [{"x": torch.randn(16, generator=g), "labels": torch.randn(1, generator=g)} for _ in range(n)]
 
 
 class _Clock:
@@ -79,26 +65,19 @@ def run_fasttrain(data, warmup: int, steps: int) -> float:
         args = TrainingArguments(output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=BATCH,
                                  learning_rate=LR, logging_steps=LOGGING_STEPS, save_strategy="no",
                                  disable_tqdm=True, report_to="none", dataloader_pin_memory=False)
-        Trainer(Linear16(), args, train_dataset=data, callbacks=[_FasttrainClock(clock)]).train()
+        Trainer(Regressor(), args, train_dataset=data, callbacks=[_FasttrainClock(clock)]).train()
     return clock.rate(steps)
 
 
 def run_loop(data, warmup: int, steps: int) -> float:
     torch.manual_seed(0)
     clock = _Clock(warmup)
-    model = Linear16()
     total = warmup + steps
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)
+    loop = HandLoop(Regressor(), lr=LR, total_steps=total)
     done = 0
     while done < total:
         for batch in DataLoader(data, batch_size=BATCH, shuffle=True, collate_fn=default_data_collator):
-            loss = model(**batch)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            loss = loop.step(batch)
             done += 1
             if done % LOGGING_STEPS == 0:
                 loss.item()  # sync: the logging read every trainer does
@@ -122,7 +101,7 @@ def run_hf(data, warmup: int, steps: int) -> float:
             output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=BATCH, learning_rate=LR,
             logging_steps=LOGGING_STEPS, save_strategy="no", report_to="none", disable_tqdm=True,
             optim="adamw_torch_fused", use_cpu=True, dataloader_pin_memory=False)
-        transformers.Trainer(model=Linear16(), args=args, train_dataset=data,
+        transformers.Trainer(model=Regressor(), args=args, train_dataset=data,
                              data_collator=default_data_collator, callbacks=[Clock()]).train()
     return clock.rate(steps)
 
@@ -136,7 +115,7 @@ def run_lightning(data, warmup: int, steps: int) -> float:
     class Module(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = Linear16()
+            self.net = Regressor()
 
         def training_step(self, batch, i):
             return self.net(**batch)["loss"]
@@ -181,7 +160,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="also write the result here")
     ns = p.parse_args()
-    data = dataset(BATCH * (ns.warmup + ns.steps + 1))
+    data = regression_examples(BATCH * (ns.warmup + ns.steps + 1))
     runners = {"loop": run_loop, "fasttrain": run_fasttrain}
     if _available("transformers"):
         runners["hf_trainer"] = run_hf

@@ -48,3 +48,17 @@ def poisonable_gpt():
         return out
     model.forward = poisoned
     return model
+
+
+class Classifier(torch.nn.Module):
+    """Linear(4, 2) with cross-entropy, HF-style: {"loss" (None without labels), "logits"}."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x, labels=None):
+        logits = self.linear(x)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}

@@ -1,20 +1,13 @@
 """The `fasttrain` command line: train, sample, config files, --help everywhere."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from fasttrain.cli.main import build_parser, build_training_args
+from tests._launch import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(args, cwd, timeout=300):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "fasttrain", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_every_subcommand_has_help():
@@ -45,7 +38,7 @@ def test_train_then_sample_on_a_text_folder(tmp_path):
     text.mkdir()
     for i in range(4):
         (text / f"f{i}.py").write_text("def add(a, b):\n    return a + b\n" * 200)
-    r = _run(["train", "--data", str(text), "--name", "t", "--seq-len", "32", "--max_steps", "40",
+    r = run_cli(["train", "--data", str(text), "--name", "t", "--seq-len", "32", "--max_steps", "40",
               "--logging_steps", "10", "--disable_tqdm", "--per_device_train_batch_size", "8"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "== fasttrain train: summary ==" in r.stdout and "steps" in r.stdout
@@ -53,22 +46,22 @@ def test_train_then_sample_on_a_text_folder(tmp_path):
     with open(run_dir / "log_history.jsonl") as f:
         losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
     assert losses[-1] < 0.5 * losses[0]  # a repetitive corpus is learnt quickly
-    s = _run(["sample", "--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "40"], tmp_path)
+    s = run_cli(["sample", "--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "40"], tmp_path)
     assert s.returncode == 0, s.stderr
     assert s.stdout.startswith("def ") and len(s.stdout) > 20
 
 
 def test_cli_reports_bad_values_without_a_traceback(tmp_path):
-    r = _run(["train", "--optim", "nope", "--max_steps", "1"], tmp_path)
+    r = run_cli(["train", "--optim", "nope", "--max_steps", "1"], tmp_path)
     assert r.returncode == 2 and "optim='nope' is invalid" in r.stderr and "Traceback" not in r.stderr
-    r = _run(["sample", "--checkpoint", str(tmp_path)], tmp_path)
+    r = run_cli(["sample", "--checkpoint", str(tmp_path)], tmp_path)
     assert r.returncode != 0 and "has no config.json" in r.stderr
 
 
 @pytest.mark.slow
 def test_default_job_finishes_and_learns(tmp_path):
     """`fasttrain train` with no arguments (the README's first command), shortened only in steps."""
-    r = _run(["train", "--name", "d", "--max_steps", "60", "--eval_steps", "60", "--disable_tqdm"],
+    r = run_cli(["train", "--name", "d", "--max_steps", "60", "--eval_steps", "60", "--disable_tqdm"],
              tmp_path, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     summary = r.stdout.split("== fasttrain train: summary ==")[1]
@@ -82,7 +75,7 @@ def test_train_nproc_per_node_starts_torchrun(tmp_path):
     text = tmp_path / "corpus"
     text.mkdir()
     (text / "a.py").write_text("x = 1\n" * 2000)
-    r = _run(["train", "--nproc-per-node", "2", "--data", str(text), "--name", "ddp", "--seq-len", "16",
+    r = run_cli(["train", "--nproc-per-node", "2", "--data", str(text), "--name", "ddp", "--seq-len", "16",
               "--max_steps", "4", "--save_steps", "4", "--logging_steps", "2", "--disable_tqdm",
               "--per_device_train_batch_size", "2"], tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -96,7 +89,7 @@ def test_train_nproc_per_node_starts_torchrun(tmp_path):
 @pytest.mark.distributed
 def test_train_four_ranks_fsdp_with_gradient_checkpointing(tmp_path):
     """The issue's command line on the default job's model and data, shortened to 6 steps."""
-    r = _run(["train", "--nproc-per-node", "4", "--fsdp", "full_shard", "--gradient-checkpointing",
+    r = run_cli(["train", "--nproc-per-node", "4", "--fsdp", "full_shard", "--gradient-checkpointing",
               "--name", "fsdp", "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3",
               "--logging_steps", "3", "--disable_tqdm", "--per_device_train_batch_size", "4"],
              tmp_path, timeout=900)
@@ -106,5 +99,5 @@ def test_train_four_ranks_fsdp_with_gradient_checkpointing(tmp_path):
     assert sorted(os.listdir(run / "checkpoint-6" / "shards")) == \
         [".metadata"] + [f"__{rank}_0.distcp" for rank in range(4)]
     assert os.path.isfile(run / "model.safetensors")  # save_model gathered the shards
-    s = _run(["sample", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "10"], tmp_path)
+    s = run_cli(["sample", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "10"], tmp_path)
     assert s.returncode == 0, s.stderr

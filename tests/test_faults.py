@@ -13,6 +13,7 @@ import torch
 
 from fasttrain import Trainer, TrainerCallback, TrainingArguments
 from fasttrain.checkpoint import storage as ckpt
+from tests._launch import run_cli
 from tests._tiny import PoisonSteps, poisonable_gpt, tiny_gpt, token_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -390,12 +391,6 @@ def test_linear_cross_entropy_with_zero_rows_named():
 
 
 # ------------------------------------------------------------------ 8: the command line
-def _cli(args, cwd, timeout=300):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "fasttrain", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def _train_parser():
     import argparse
 
@@ -449,7 +444,7 @@ def test_misspelt_flag_suggests_the_right_one(capsys):
     (["--resume_from_checkpoint", "runs/x/checkpoint-9"], "no such checkpoint directory"),
 ])
 def test_missing_input_file_is_one_line(tmp_path, argv, needle):
-    r = _cli(["train", "--max_steps", "1", *argv], tmp_path)
+    r = run_cli(["train", "--max_steps", "1", *argv], tmp_path)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -4,36 +4,19 @@ gradient sync intact (two gloo ranks equal one process on the global batch), the
 (tokens x vocab) logits never exist on any rank, and a rank's largest tensor under 2-rank
 data parallelism equals one process's at the same per-rank batch."""
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests._launch import launch
+
 pytest.importorskip("transformers")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(out, nproc, backend):
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "tests._fused_ddp_worker", str(out), backend]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-               "-m", "tests._fused_ddp_worker", str(out), backend]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    launch("tests._fused_ddp_worker", str(out), backend, nproc=nproc)
     return [torch.load(os.path.join(out, f"rank{i}.pt"), weights_only=False) for i in range(nproc)]
 
 

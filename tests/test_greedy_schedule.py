@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 import fasttrain  # noqa: E402
 from fasttrain.optim.greedy import GreedyLR  # noqa: E402
 from fasttrain.optim.schedules import SCHEDULES_ACCEPTED  # noqa: E402
+from tests._tiny import Classifier  # noqa: E402
 
 
 def _opt(lr, tensor, groups=2):
@@ -79,17 +80,6 @@ def test_greedy_refuses_a_factor_of_one_or_more():
 def test_every_transformers_scheduler_type_is_accepted():
     from fasttrain.training_args import SCHEDULER_TYPES
     assert {s.value for s in transformers.SchedulerType} <= set(SCHEDULES_ACCEPTED) == set(SCHEDULER_TYPES)
-
-
-class Classifier(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(4, 2)
-
-    def forward(self, x, labels=None):
-        logits = self.linear(x)
-        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
 def _data(n=16):

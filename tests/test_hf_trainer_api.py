@@ -9,18 +9,7 @@ from torch.utils.data import DataLoader
 transformers = pytest.importorskip("transformers")
 
 import fasttrain  # noqa: E402
-
-
-class Classifier(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(4, 2)
-
-    def forward(self, x, labels=None):
-        logits = self.linear(x)
-        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
-        return {"loss": loss, "logits": logits}
+from tests._tiny import Classifier  # noqa: E402
 
 
 def class_data(n, seed=0):

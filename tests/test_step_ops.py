@@ -2,36 +2,23 @@
 GPU, where small steps are launch-bound) against a hand-written loop doing the same work.
 
 Counted with a TorchDispatchMode over runs of two lengths (deterministic on any machine).
-The loop: forward, backward, clip_grad_norm_, AdamW(fused=True) with a linear LR schedule
+The loop (`fasttrain.profiler.hand_loop`, shared with bench/bench_overhead.py and gpu-check):
+forward, backward, clip_grad_norm_, AdamW(fused=True) with a linear LR schedule
 on the host, zero_grad; the same DataLoader and collator. The Trainer runs its defaults:
 labels in the batch, profiler on, skip-on-overflow, exact token accounting, logging.
 """
 import tempfile
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fasttrain import Trainer, TrainingArguments
 from fasttrain.data.datasets import default_data_collator
+from fasttrain.profiler.hand_loop import HandLoop, Regressor, regression_examples
 from tests._dispatch_count import OpCounter, per_step
 
 SHORT, LONG = 10, 20
 BUDGET = 1.10
-
-
-class Linear16(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(16, 1)
-
-    def forward(self, x, labels):
-        return {"loss": F.mse_loss(self.lin(x), labels)}
-
-
-def _data(n=200):
-    g = torch.Generator().manual_seed(0)
-    return [{"x": torch.randn(16, generator=g), "labels": torch.randn(1, generator=g)} for _ in range(n)]
 
 
 def _trainer_ops(steps):
@@ -39,7 +26,7 @@ def _trainer_ops(steps):
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=4,
                              save_strategy="no", disable_tqdm=True, report_to="none", logging_steps=1000)
     assert args.profile and args.max_grad_norm and args.optim == "adamw_torch_fused"  # the defaults
-    trainer = Trainer(Linear16(), args, train_dataset=_data())
+    trainer = Trainer(Regressor(), args, train_dataset=regression_examples(200))
     with OpCounter() as counter:
         trainer.train()
     return counter.ops
@@ -47,18 +34,12 @@ def _trainer_ops(steps):
 
 def _loop_ops(steps):
     torch.manual_seed(0)
-    model = Linear16()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-    batches = iter(DataLoader(_data(), batch_size=4, shuffle=True, collate_fn=default_data_collator))
+    loop = HandLoop(Regressor(), lr=5e-5, total_steps=steps)
+    batches = iter(DataLoader(regression_examples(200), batch_size=4, shuffle=True,
+                              collate_fn=default_data_collator))
     with OpCounter() as counter:
         for _ in range(steps):
-            loss = model(**next(batches))["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+            loop.step(next(batches))
     return counter.ops
 
 

@@ -1,35 +1,18 @@
 """The Trainer launched by torchrun with two gloo processes equals one process on the
 global batch: exact token normalisation across ranks, every eval example seen once."""
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests._launch import launch
+
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(out, nproc, backend, *extra):
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "tests._trainer_ddp_worker", str(out), backend, *extra]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-               "-m", "tests._trainer_ddp_worker", str(out), backend, *extra]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    launch("tests._trainer_ddp_worker", str(out), backend, *extra, nproc=nproc)
     return torch.load(out / "result.pt", weights_only=False)
 
 

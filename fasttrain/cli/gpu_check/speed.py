@@ -156,46 +156,25 @@ class StepClock(TrainerCallback):
         return (self.t1 - self.t0) / (self.last - self.warmup)
 
 
-class _Regressor(torch.nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(),
-                                       torch.nn.Linear(width, width))
-
-    def forward(self, x, y):
-        return {"loss": F.mse_loss(self.net(x), y)}
-
-
 def step_overhead_figures(width: int, steps: int, warmup: int, outdir: str) -> dict:
-    """fasttrain Trainer (defaults) vs a hand-written loop (forward, backward, clip, fused
-    AdamW, LR schedule, zero_grad) on a small MLP, batch 4: seconds per step each."""
+    """fasttrain Trainer (defaults) vs the hand-written loop (`fasttrain.profiler.hand_loop`:
+    forward, backward, clip, fused AdamW, LR schedule, zero_grad) on a small MLP, batch 4:
+    seconds per step each."""
     from fasttrain import Trainer, TrainingArguments
+    from fasttrain.profiler.hand_loop import HandLoop, Regressor, regression_examples
 
     dev = device()
-    gen = torch.Generator().manual_seed(0)
-    data = [{"x": torch.randn(width, generator=gen), "y": torch.randn(width, generator=gen)}
-            for _ in range(4 * steps)]
+    data = regression_examples(4 * steps, width=width, out=width)
     torch.manual_seed(0)
-    model = _Regressor(width).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
-    batches = [{k: torch.stack([d[k] for d in data[i:i + 4]]).to(dev) for k in ("x", "y")}
+    loop = HandLoop(Regressor(width, out=width, mlp=True).to(dev), lr=1e-3, total_steps=steps)
+    batches = [{k: torch.stack([d[k] for d in data[i:i + 4]]).to(dev) for k in ("x", "labels")}
                for i in range(0, 4 * steps, 4)]
-
-    def hand_step(batch):
-        loss = model(**batch)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-
     for batch in batches[:warmup]:
-        hand_step(batch)
+        loop.step(batch)
     sync()
     t0 = time.perf_counter()
     for batch in batches[warmup:]:
-        hand_step(batch)
+        loop.step(batch)
     sync()
     hand = (time.perf_counter() - t0) / (steps - warmup)
     torch.manual_seed(0)
@@ -203,7 +182,7 @@ def step_overhead_figures(width: int, steps: int, warmup: int, outdir: str) -> d
     args = TrainingArguments(output_dir=outdir, max_steps=steps, per_device_train_batch_size=4,
                              learning_rate=1e-3, logging_steps=steps, save_strategy="no",
                              report_to="none", disable_tqdm=True)
-    Trainer(model=_Regressor(width), args=args, train_dataset=data, callbacks=[clock]).train()
+    Trainer(model=Regressor(width, out=width, mlp=True), args=args, train_dataset=data, callbacks=[clock]).train()
     ours = clock.seconds_per_step()
     return {"width": width, "steps_timed": steps - warmup, "hand_loop_s_per_step": hand,
             "fasttrain_s_per_step": ours, "fasttrain_over_hand_loop": ours / hand}
