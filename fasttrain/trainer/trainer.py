@@ -6,6 +6,12 @@ A step (one optimizer update) = `gradient_accumulation_steps` micro-batches:
   data parallel) -> unscale + overflow check (fp16) -> clip -> optimizer step skipped on a
   device-side flag -> LR schedule advanced on the device -> zero grads.
 Nothing in a step reads a device value on the host; logging steps do (marked `# sync:`).
+
+This file keeps the loop and every method an HF subclass may override (compute_loss,
+training_step, log, evaluate, prediction_step, get_*_dataloader, create_optimizer, ...);
+the loop calls them through `self`. Their bodies live beside it, handed what they use:
+loss_paths.py, optimizer_step.py, logging_step.py, evaluation.py, loaders.py,
+checkpointing.py, script_helpers.py.
 """
 from __future__ import annotations
 
