@@ -400,8 +400,9 @@ class Trainer:
         self.checkpointer = self._build_checkpointer()
         if resume_from_checkpoint:
             resume_run(self.checkpointer, resume_from_checkpoint, args=args, run=self.run, state=st,
-                   steps_per_epoch=lambda: math.ceil(len(loader) / args.gradient_accumulation_steps),
-                   stream=self._stream, dist=self.dist, built_optimizer=getattr(self, "_built_optimizer", False))
+                       steps_per_epoch=lambda: math.ceil(len(loader) / args.gradient_accumulation_steps),
+                       stream=self._stream, dist=self.dist,
+                       built_optimizer=getattr(self, "_built_optimizer", False))
         self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint),
                                      history=st.log_history if resume_from_checkpoint else None)
         self.run.install_sigterm_handler()
