@@ -391,6 +391,7 @@ class Trainer:
         st.compute_steps(args, max_steps)
         st.train_batch_size = args.per_device_train_batch_size
         self._clipper = GradClipper([p for p in self.model.parameters() if p.requires_grad])
+        self._losses.args = args  # auto_find_batch_size gives each attempt its own copy of the arguments
         # one count of skipped steps: the LR schedule's when it is ours (it holds the LR on them)
         schedule_counts = isinstance(self.lr_scheduler, LRScheduler) and self.lr_scheduler.device_mode
         self.run = RunState(self.device, self.dist.world_size, args.per_device_train_batch_size,
