@@ -55,8 +55,8 @@ def _gloo_groups() -> list:
 
 
 def drain_gloo_workers() -> None:
-    """Return only once no gloo worker thread of this process still holds a finished
-    collective. A collective on every rank of every gloo group: call it on all ranks.
+    """Return only once gloo's worker threads have freed every finished collective of this
+    process. Collectives on every gloo group: call it on all ranks.
 
     Why: a gloo worker thread frees each finished collective's tensors itself, after the
     caller's wait() has already returned, and freeing a tensor that Python has seen takes the
@@ -64,14 +64,21 @@ def drain_gloo_workers() -> None:
     by then, Python 3.11 ends the thread inside that C++ destructor and the process aborts:
     "terminate called without an active exception" (SIGABRT) after a finished run. With
     FSDP/DTensor the groups outlive destroy_process_group (DeviceMeshes keep them), so the
-    threads are still there at exit. A queued barrier closes the window: queueing it takes
-    the group's work lock, which a worker holds while it frees a collective, and the call
-    releases the GIL while it waits, so a worker stuck on the GIL finishes first; the barrier
-    itself runs only after all earlier work of the group is done, and its own tensor never
-    had a Python object. (monitored_barrier does not go through the queue.)"""
+    threads are still there at exit.
+
+    Queueing a collective takes the group's work lock, which a worker holds while it frees a
+    collective, and the call releases the GIL while it waits: a worker stuck on the GIL
+    finishes first. Round 1: a barrier per group, which runs only after all earlier work of
+    the group has finished. Round 2: another one, whose queueing waits for a worker still
+    freeing work that finished during round 1. The barriers' own tensors never had a Python
+    object. (monitored_barrier goes around the queue, so it guarantees none of this.)
+    Left open: a worker descheduled between finishing a collective and taking the lock for
+    the whole of both rounds."""
     import torch.distributed as dist
-    for group in _gloo_groups():
-        dist.barrier(group=group)
+    groups = _gloo_groups()
+    for _ in range(2):
+        for group in groups:
+            dist.barrier(group=group)
 
 
 def _install_teardown(destroy) -> None:
