@@ -62,3 +62,32 @@ class Classifier(torch.nn.Module):
         logits = self.linear(x)
         loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
         return {"loss": loss, "logits": logits}
+
+
+def sign_examples(n: int = 16) -> list:
+    """`n` examples for Classifier: 4 normal features, label 1 where the first is positive."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    return [{"x": x[i], "labels": (x[i, 0] > 0).long()} for i in range(n)]
+
+
+class LinearRegressor(torch.nn.Module):
+    """Linear(4, 1) regression, HF-style: {"loss" (None without labels), "logits"}; runs
+    unchanged under both trainers. Its weights come from seed 0 (`SEED`)."""
+    SEED = 0
+
+    def __init__(self):
+        super().__init__()
+        if self.SEED is not None:
+            torch.manual_seed(self.SEED)
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, x, labels=None):
+        pred = self.linear(x).squeeze(-1)
+        loss = None if labels is None else ((pred - labels) ** 2).mean()
+        return {"loss": loss, "logits": pred}
+
+
+class UnseededRegressor(LinearRegressor):
+    """LinearRegressor whose weights come from the caller's RNG state (a Trainer's seed)."""
+    SEED = None

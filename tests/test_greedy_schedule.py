@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 import fasttrain  # noqa: E402
 from fasttrain.optim.greedy import GreedyLR  # noqa: E402
 from fasttrain.optim.schedules import SCHEDULES_ACCEPTED  # noqa: E402
-from tests._tiny import Classifier  # noqa: E402
+from tests._tiny import Classifier, sign_examples  # noqa: E402
 
 
 def _opt(lr, tensor, groups=2):
@@ -82,12 +82,6 @@ def test_every_transformers_scheduler_type_is_accepted():
     assert {s.value for s in transformers.SchedulerType} <= set(SCHEDULES_ACCEPTED) == set(SCHEDULER_TYPES)
 
 
-def _data(n=16):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 4, generator=g)
-    return [{"x": x[i], "labels": (x[i, 0] > 0).long()} for i in range(n)]
-
-
 def test_greedy_in_the_trainer_logs_the_lrs_hf_logs(tmp_path):
     logged = {}
     for lib in (transformers, fasttrain):
@@ -97,7 +91,7 @@ def test_greedy_in_the_trainer_logs_the_lrs_hf_logs(tmp_path):
             per_device_train_batch_size=4, max_steps=16, logging_steps=1, eval_strategy="steps", eval_steps=2,
             learning_rate=0.1, lr_scheduler_type="greedy", metric_for_best_model="score",
             greater_is_better=False, lr_scheduler_kwargs={"patience": 1, "factor": 0.5, "min_lr": 0.01})
-        trainer = lib.Trainer(Classifier(), args, train_dataset=_data(), eval_dataset=_data(4),
+        trainer = lib.Trainer(Classifier(), args, train_dataset=sign_examples(), eval_dataset=sign_examples(4),
                               compute_metrics=lambda pred: {"score": next(metric)})
         trainer.train()
         logged[lib.__name__] = [r["learning_rate"] for r in trainer.state.log_history if "loss" in r]

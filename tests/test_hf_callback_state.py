@@ -13,23 +13,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fasttrain  # noqa: E402
+from tests._tiny import LinearRegressor as Regressor  # noqa: E402
 import fasttrain.callbacks  # noqa: E402
 import transformers.trainer_callback  # noqa: E402
 
 LIBS = {"hf": (transformers, transformers.trainer_callback), "ft": (fasttrain, fasttrain.callbacks)}
-
-
-class Regressor(torch.nn.Module):
-    """Runs unchanged under both trainers."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(4, 1)
-
-    def forward(self, x, labels=None):
-        pred = self.linear(x).squeeze(-1)
-        return {"loss": None if labels is None else ((pred - labels) ** 2).mean(), "logits": pred}
 
 
 def regression_data(n, seed=0):

@@ -9,22 +9,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fasttrain  # noqa: E402
+from tests._tiny import LinearRegressor as Regressor  # noqa: E402
 from fasttrain.callbacks import (DefaultFlowCallback, PrinterCallback, ProgressCallback,  # noqa: E402
                                  TrainerControl, TrainerState)
-
-
-class Regressor(torch.nn.Module):
-    """Works unchanged under both trainers: a dict with the mean loss and the predictions."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(4, 1)
-
-    def forward(self, x, labels=None):
-        pred = self.linear(x).squeeze(-1)
-        loss = None if labels is None else ((pred - labels) ** 2).mean()
-        return {"loss": loss, "logits": pred}
 
 
 def regression_data(n, seed=0):

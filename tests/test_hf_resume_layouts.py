@@ -12,17 +12,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 import fasttrain  # noqa: E402
-
-
-class Regressor(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 1)
-
-    def forward(self, x, labels=None):
-        pred = self.linear(x).squeeze(-1)
-        loss = None if labels is None else ((pred - labels) ** 2).mean()
-        return {"loss": loss, "logits": pred}
+from tests._tiny import UnseededRegressor as Regressor  # noqa: E402
 
 
 def data(n=16):

@@ -7,25 +7,9 @@ transformers = pytest.importorskip("transformers")
 
 import fasttrain  # noqa: E402
 from fasttrain.profiler.memory_metrics import MemoryMetrics  # noqa: E402
+from tests._tiny import Classifier, sign_examples  # noqa: E402
 
 MIB = 2 ** 20
-
-
-class Classifier(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(4, 2)
-
-    def forward(self, x, labels=None):
-        logits = self.linear(x)
-        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-
-def _data(n=16):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 4, generator=g)
-    return [{"x": x[i], "labels": (x[i, 0] > 0).long()} for i in range(n)]
 
 
 def _mem_keys(metrics):
@@ -38,11 +22,11 @@ def test_the_keys_hf_reports_for_train_evaluate_and_predict(tmp_path):
         args = lib.TrainingArguments(output_dir=str(tmp_path / lib.__name__), skip_memory_metrics=False,
                                      max_steps=2, per_device_train_batch_size=4, report_to="none",
                                      disable_tqdm=True, save_strategy="no", eval_strategy="steps", eval_steps=1)
-        trainer = lib.Trainer(Classifier(), args, train_dataset=_data(), eval_dataset=_data(8))
+        trainer = lib.Trainer(Classifier(), args, train_dataset=sign_examples(), eval_dataset=sign_examples(8))
         train = trainer.train().metrics
         logged = trainer.state.log_history[-1]
         evaluated = trainer.evaluate()
-        predicted = trainer.predict(_data(8)).metrics
+        predicted = trainer.predict(sign_examples(8)).metrics
         keys[lib.__name__] = [_mem_keys(m) for m in (train, logged, evaluated, predicted)]
     assert keys["fasttrain"] == keys["transformers"]
     train, logged, evaluated, predicted = keys["fasttrain"]
@@ -55,7 +39,7 @@ def test_the_keys_hf_reports_for_train_evaluate_and_predict(tmp_path):
 def test_default_reports_none(tmp_path):
     args = fasttrain.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
                                        report_to="none", disable_tqdm=True, save_strategy="no")
-    assert not _mem_keys(fasttrain.Trainer(Classifier(), args, train_dataset=_data()).train().metrics)
+    assert not _mem_keys(fasttrain.Trainer(Classifier(), args, train_dataset=sign_examples()).train().metrics)
 
 
 def test_figures_see_a_kept_and_a_freed_allocation():
@@ -86,7 +70,7 @@ def test_cuda_adds_hfs_gpu_keys_and_sees_a_device_allocation(tmp_path):
         args = lib.TrainingArguments(output_dir=str(tmp_path / lib.__name__), skip_memory_metrics=False,
                                      max_steps=2, per_device_train_batch_size=4, report_to="none",
                                      disable_tqdm=True, save_strategy="no")
-        trainer = lib.Trainer(Classifier(), args, train_dataset=_data(), eval_dataset=_data(8))
+        trainer = lib.Trainer(Classifier(), args, train_dataset=sign_examples(), eval_dataset=sign_examples(8))
         keys[lib.__name__] = (_mem_keys(trainer.train().metrics), _mem_keys(trainer.evaluate()))
     assert keys["fasttrain"] == keys["transformers"]
     assert {"train_mem_gpu_alloc_delta", "train_mem_gpu_peaked_delta", "before_init_mem_gpu"} <= keys["fasttrain"][0]

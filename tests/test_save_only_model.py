@@ -11,32 +11,16 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 
 import fasttrain  # noqa: E402
+from tests._tiny import Classifier, sign_examples  # noqa: E402
 
 NOT_IN_MODEL_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "rng_state_0.pt")
-
-
-class Classifier(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(4, 2)
-
-    def forward(self, x, labels=None):
-        logits = self.linear(x)
-        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-
-def _data(n=16):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 4, generator=g)
-    return [{"x": x[i], "labels": (x[i, 0] > 0).long()} for i in range(n)]
 
 
 def _train(lib, out, resume=None, max_steps=4, **kw):
     settings = dict(output_dir=str(out), save_only_model=True, save_steps=2, max_steps=max_steps,
                     per_device_train_batch_size=4, learning_rate=0.1, report_to="none", disable_tqdm=True)
     args = lib.TrainingArguments(**{**settings, **kw})
-    trainer = lib.Trainer(Classifier(), args, train_dataset=_data(), eval_dataset=_data(8))
+    trainer = lib.Trainer(Classifier(), args, train_dataset=sign_examples(), eval_dataset=sign_examples(8))
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -52,7 +36,7 @@ def test_checkpoints_hold_what_hfs_hold(tmp_path):
     full = tmp_path / "full"
     fasttrain.Trainer(Classifier(), fasttrain.TrainingArguments(
         output_dir=str(full), save_steps=2, max_steps=2, per_device_train_batch_size=4, report_to="none",
-        disable_tqdm=True), train_dataset=_data()).train()
+        disable_tqdm=True), train_dataset=sign_examples()).train()
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= set(os.listdir(full / "checkpoint-2"))
 
 
@@ -75,7 +59,7 @@ def test_load_best_model_at_end_loads_the_best_model_only_checkpoint(tmp_path):
         output_dir=str(tmp_path), save_only_model=True, save_steps=2, eval_strategy="steps", eval_steps=2,
         max_steps=6, per_device_train_batch_size=4, learning_rate=0.1, report_to="none", disable_tqdm=True,
         load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=False)
-    trainer = Scored(Classifier(), args, train_dataset=_data(), eval_dataset=_data(8),
+    trainer = Scored(Classifier(), args, train_dataset=sign_examples(), eval_dataset=sign_examples(8),
                      compute_metrics=lambda pred: {"score": next(scores)})
     trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
