@@ -168,3 +168,43 @@ def test_handler_events_take_hfs_positional_arguments():
                         ("predict", {"test_loss": 3.0})], which
     with pytest.raises(TypeError, match="on_step_end takes"):
         fasttrain.callbacks.CallbackHandler([], None, None, None, None).on_step_end(None, None, None, 1)
+
+
+EVENTS = ("on_init_end", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end",
+          "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_prediction_step",
+          "on_evaluate", "on_predict", "on_save", "on_epoch_end", "on_train_end")
+
+
+def every_event(module):
+    """A callback of either library that records each of HF's events with the step it saw."""
+    def record(name):
+        return lambda self, args, state, control, **kwargs: self.events.append((name[3:], state.global_step))
+
+    recorder = type("EveryEvent", (module.TrainerCallback,), {name: record(name) for name in EVENTS})()
+    recorder.events = []
+    return recorder
+
+
+@pytest.mark.parametrize("case", [
+    dict(gradient_accumulation_steps=2, max_steps=3, logging_steps=2, eval_strategy="steps", eval_steps=2,
+         save_steps=2),  # accumulation, a partial last window, evaluation and saving mid-run
+    dict(gradient_accumulation_steps=3, per_device_train_batch_size=2, num_train_epochs=1, logging_steps=1,
+         eval_strategy="epoch", save_strategy="epoch"),  # 13 rows: the epoch ends mid-window
+])
+def test_every_event_in_hfs_order_with_accumulation(tmp_path, case):
+    """All of HF's events (substeps, optimizer steps, prediction steps included) in the same
+    order at the same steps, through train(), then predict() and evaluate() outside it."""
+    events = {}
+    for which, (lib, module) in LIBS.items():
+        recorder = every_event(module)
+        kwargs = dict(output_dir=str(tmp_path / which), per_device_train_batch_size=4, report_to="none",
+                      disable_tqdm=True, seed=0)
+        kwargs.update(case)
+        run = lib.Trainer(Regressor(), lib.TrainingArguments(**kwargs), train_dataset=regression_data(13),
+                          eval_dataset=regression_data(6, seed=1), callbacks=[recorder])
+        run.train()
+        run.predict(regression_data(5, seed=2))
+        run.evaluate()
+        events[which] = recorder.events
+    assert ("substep_end", 0) in events["hf"] and ("prediction_step", events["hf"][-1][1]) in events["hf"]
+    assert events["ft"] == events["hf"]
