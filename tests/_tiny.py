@@ -91,3 +91,15 @@ class LinearRegressor(torch.nn.Module):
 class UnseededRegressor(LinearRegressor):
     """LinearRegressor whose weights come from the caller's RNG state (a Trainer's seed)."""
     SEED = None
+
+
+def assert_same_logged_losses(resumed, full, rel: float = 1e-6) -> None:
+    """A resumed Trainer logged the training losses of the uninterrupted one, step for step."""
+    import pytest
+
+    def losses(t):
+        return [(r["step"], r["loss"]) for r in t.state.log_history if "loss" in r]
+    got, want = losses(resumed), losses(full)
+    assert [step for step, _ in got] == [step for step, _ in want]
+    # pytest >= 9.2's approx refuses nested (step, loss) pairs: compare the losses alone
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=rel)

@@ -10,6 +10,7 @@ datasets = pytest.importorskip("datasets")
 
 import fasttrain  # noqa: E402
 from tests.test_hf_scripts import corpus, tiny_gpt2, tokenizer  # noqa: E402,F401 (fixture)
+from tests._tiny import assert_same_logged_losses  # noqa: E402
 
 
 def lm_data(tok, n=48, seed=7):
@@ -85,12 +86,7 @@ def test_peft_checkpoint_holds_only_the_adapter_and_resumes(tokenizer, tmp_path)
     resumed = fasttrain.Trainer(lora(), _args(fasttrain, tmp_path / "part"), train_dataset=data)
     resumed.train(resume_from_checkpoint=True)
 
-    def losses(t):
-        return [(r["step"], r["loss"]) for r in t.state.log_history if "loss" in r]
-    got, want = losses(resumed), losses(full)
-    assert [step for step, _ in got] == [step for step, _ in want]
-    # pytest >= 9.2's approx refuses nested (step, loss) pairs: compare the losses alone
-    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-6)
+    assert_same_logged_losses(resumed, full)
 
 
 def test_fasttrain_resumes_a_run_hf_started(tokenizer, tmp_path):

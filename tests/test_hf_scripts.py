@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 import fasttrain  # noqa: E402
+from tests._tiny import assert_same_logged_losses  # noqa: E402
 
 WORDS = ("the cat dog sat ran on a mat big small red blue good bad film movie was very "
          "not really quite plot actor scene").split()
@@ -251,9 +252,4 @@ def test_resume_script_with_get_last_checkpoint(tokenizer, tmp_path):
     assert last.endswith("checkpoint-4")
     resumed.train(resume_from_checkpoint=last)
 
-    def losses(t):
-        return [(r["step"], r["loss"]) for r in t.state.log_history if "loss" in r]
-    got, want = losses(resumed), losses(full)
-    assert [step for step, _ in got] == [step for step, _ in want]
-    # pytest >= 9.2's approx refuses nested (step, loss) pairs: compare the losses alone
-    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-6)
+    assert_same_logged_losses(resumed, full)
