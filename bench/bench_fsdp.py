@@ -121,7 +121,8 @@ def rank_main(rank: int, world: int, port: int, variant: str, a, out: str):
     params = sum(p.numel() for p in model.parameters())
     with open(os.path.join(out, f"{variant}_{world}_{rank}.json"), "w") as f:
         json.dump({"times": times, "peak_above_start": sampler.peak - base, "params": params}, f)
-    dist.barrier()
+    from fasttrain.distributed.context import drain_gloo_workers
+    drain_gloo_workers()  # the FSDP mesh keeps the group past destroy: see its docstring
     dist.destroy_process_group()
 
 
