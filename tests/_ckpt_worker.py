@@ -31,13 +31,14 @@ class PauseAt(TrainerCallback):
                 time.sleep(0.05)
 
 
-def build_trainer(output_dir: str, max_steps: int, extra=None) -> Trainer:
+def build_trainer(output_dir: str, max_steps: int, extra=None, eval_dataset=None) -> Trainer:
     args = TrainingArguments(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, learning_rate=3e-3, lr_scheduler_type="cosine",
-        warmup_steps=2, logging_steps=1, save_strategy="steps", save_steps=3,
-        disable_tqdm=True, report_to="jsonl", seed=7, max_grad_norm=1.0, **(extra or {}))
-    return Trainer(tiny_gpt(seed=3, dropout=0.2), args, train_dataset=token_examples(24, seed=5))
+        disable_tqdm=True, report_to="jsonl", seed=7, max_grad_norm=1.0,
+        **{"warmup_steps": 2, "logging_steps": 1, "save_strategy": "steps", "save_steps": 3, **(extra or {})})
+    return Trainer(tiny_gpt(seed=3, dropout=0.2), args, train_dataset=token_examples(24, seed=5),
+                   eval_dataset=eval_dataset)
 
 
 def main():

@@ -278,3 +278,36 @@ def test_consecutive_nonfinite_steps_stop_with_clear_error(tmp_path):
         trainer.train()
     assert trainer.state.global_step == 4
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+class _TermSelfAt(TrainerCallback):
+    """Deliver a real SIGTERM to this process at the end of one step; count the saves."""
+    def __init__(self, step):
+        self.step, self.saves = step, []
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_save(self, args, state, control, **kw):
+        self.saves.append(state.global_step)
+
+
+@pytest.mark.parametrize("strategy", ["steps", "best"])
+def test_sigterm_saves_the_step_once_whatever_the_save_strategy(tmp_path, strategy, caplog):
+    # save_steps=4 and a constant metric (step 1 stays the best): neither strategy would save
+    # step 3 on its own; the preemption must, once (the epoch-end pass after the stop must not
+    # write it again: a second save doubles the stall inside the scheduler's grace period)
+    term = _TermSelfAt(3)
+    trainer = build_trainer(str(tmp_path / "run"), 6, dict(
+        eval_strategy="steps", eval_steps=1, save_strategy=strategy, save_steps=4,
+        metric_for_best_model="const", greater_is_better=True), eval_dataset=token_examples(4, seed=9))
+    trainer.compute_metrics = lambda prediction: {"const": 1.0}
+    trainer.add_callback(term)
+    with caplog.at_level("WARNING", logger="fasttrain"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    assert trainer.state.best_global_step == 1
+    assert term.saves == ([1, 3] if strategy == "best" else [3])
+    assert sum("received SIGTERM" in r.getMessage() for r in caplog.records) == 1
+    ckpt.verify(str(tmp_path / "run" / "checkpoint-3"))

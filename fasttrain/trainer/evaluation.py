@@ -248,5 +248,5 @@ def update_best(metrics: dict, args, state) -> bool:
     best = state.best_metric
     better = best is None or (value > best if args.greater_is_better else value < best)
     if better:
-        state.best_metric = value
+        state.best_metric, state.best_global_step = value, state.global_step  # as HF 5 records both
     return better

@@ -107,6 +107,7 @@ class RunState:
     grad_norm: Optional[torch.Tensor] = None
     lr_captured: Optional[list] = None  # LRs the last step used, from a scheduler not fasttrain's
     stop_signal: Optional[str] = None
+    saved_step: Optional[int] = None    # the step of this run's last checkpoint (none twice per step)
     # host sums over the logged windows of this process's run, for the final train_loss
     # (not checkpointed: as HF, train_loss covers the steps this run trained)
     logged_loss_total: float = 0.0

@@ -516,13 +516,15 @@ class Trainer:
             new_best = update_best(metrics, args, st)
             step_on_metrics(self.lr_scheduler, metrics, args.metric_for_best_model)
             if args.save_strategy == "best":
-                control.should_save = new_best
-        if control.should_save and (args.save_strategy != "no" or preempted):
+                control.should_save = new_best or preempted  # a preemption saves regardless
+        # the epoch-end pass after a stop mid-epoch must not write the step's checkpoint again
+        saved = self.run.saved_step == step and not new_best
+        if control.should_save and (args.save_strategy != "no" or preempted) and not saved:
             # a preemption save must be on disk before the process exits
             self._save_checkpoint(metrics, blocking=preempted, best=new_best)
             self._event("on_save")
         self.checkpointer.poll()  # a failed background save surfaces here, at the next step
-        if preempted:
+        if preempted and not saved:
             logger.warning("received %s: saved checkpoint-%d and stopped cleanly",
                            self.run.stop_signal or "SIGTERM (on another rank)", step)
         if paused:
@@ -574,6 +576,7 @@ class Trainer:
             self.scaler.check_divergence()  # a diverged fp16 run stops before it saves
         if self._stream is not None:  # every rank's stream position (a collective)
             record_stream_position(self.run, self._stream, self.dist, self.args.dataloader_num_workers)
+        self.run.saved_step = self.state.global_step
         return self.checkpointer.save(self.state.global_step, best=best, blocking=blocking)
 
     def save_model(self, output_dir=None) -> None:
