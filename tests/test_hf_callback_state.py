@@ -208,3 +208,33 @@ def test_every_event_in_hfs_order_with_accumulation(tmp_path, case):
         events[which] = recorder.events
     assert ("substep_end", 0) in events["hf"] and ("prediction_step", events["hf"][-1][1]) in events["hf"]
     assert events["ft"] == events["hf"]
+
+
+def test_handler_dispatch_follows_every_change_to_the_callbacks():
+    """HF's handler looks every event up on every callback at every call: an edit of the list
+    in place, a callback added later, or a method set on an instance is called, in order.
+    Guards any per-train() dispatch cache (one was measured slower than the lookups it
+    replaced: docs/perf.md, 'Callback dispatch')."""
+    calls = []
+
+    class Quiet(fasttrain.TrainerCallback):
+        pass
+
+    class Loud(fasttrain.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            calls.append("loud")
+
+    quiet = Quiet()
+    handler = fasttrain.callbacks.CallbackHandler([fasttrain.DefaultFlowCallback(), quiet])
+    state, control = fasttrain.TrainerState(), fasttrain.callbacks.TrainerControl()
+    handler.call_event("on_step_begin", None, state, control)
+    assert calls == []
+    handler.callbacks.append(Loud())  # in place, not through add_callback
+    handler.call_event("on_step_begin", None, state, control)
+    assert calls == ["loud"]
+    quiet.on_step_begin = lambda args, state, control, **kw: calls.append("instance")
+    handler.call_event("on_step_begin", None, state, control)
+    assert calls == ["loud", "instance", "loud"]
+    handler.callbacks[2] = Quiet()  # replaced in place: same length
+    handler.call_event("on_step_begin", None, state, control)
+    assert calls == ["loud", "instance", "loud", "instance"]
