@@ -203,3 +203,10 @@ def test_two_gloo_ranks_gather_objects_and_batches_in_dataset_order(tmp_path):
     for rank in (0, 1):
         hf = DistributedLengthGroupedSampler(2 * 2, num_replicas=2, rank=rank, seed=4, lengths=lengths)
         assert result[rank]["grouped_order"] == list(hf)
+
+
+def test_tensors_among_object_predictions_come_back_as_arrays_bf16_included():
+    from fasttrain.trainer.eval_collect import to_piece
+    piece = to_piece([torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "text", 3])
+    assert isinstance(piece[0], np.ndarray) and piece[0].dtype == np.float32
+    assert piece[0].tolist() == [1.5, -2.0] and piece[1:] == ["text", 3]

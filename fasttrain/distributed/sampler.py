@@ -111,7 +111,7 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, generator: tor
     n = len(lengths)
     mult = max(1, min(n // (batch_size * 4), 50))
     size = mult * batch_size
-    shuffled = torch.randperm(n, generator=generator).tolist()
+    shuffled = torch.randperm(n, generator=generator).tolist()  # sync: none, a CPU generator's host tensor, once per epoch
     groups = [sorted(shuffled[i:i + size], key=lambda j: lengths[j], reverse=True) for i in range(0, n, size)]
     longest = max(range(len(groups)), key=lambda g: (lengths[groups[g][0]], -g))  # the first of equals
     groups[0][0], groups[longest][0] = groups[longest][0], groups[0][0]

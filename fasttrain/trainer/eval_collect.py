@@ -46,7 +46,8 @@ def to_piece(value):
     if isinstance(value, tuple):
         return tuple(to_piece(v) for v in value)
     if isinstance(value, list):
-        return [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in value]
+        # a tensor among the objects goes through the tensor path (bf16 upcast, then one copy)
+        return [to_piece(v) if isinstance(v, torch.Tensor) else v for v in value]
     if isinstance(value, np.ndarray):
         return value
     if not isinstance(value, torch.Tensor):
@@ -84,7 +85,7 @@ def interleave(ranks: list, world: int):
     positions = np.concatenate([np.arange(r, n, world)[:piece_len(p)] for r, p in ranks])
     if isinstance(first, list):
         out = [None] * n
-        for pos, x in zip(positions.tolist(), [x for _, p in ranks for x in p]):
+        for pos, x in zip(positions, [x for _, p in ranks for x in p]):  # numpy positions: host only
             out[pos] = x
         return out
     merged = pad_and_concat([p for _, p in ranks])
