@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import gc
 import logging
-import resource
-import sys
 from typing import Optional
 
 import torch
+
+from fasttrain.profiler.sampler import peak_rss_bytes, rss_bytes
 
 logger = logging.getLogger("fasttrain")
 
@@ -51,18 +51,13 @@ def _reset_cpu_peak() -> bool:
 
 
 def _cpu_now() -> int:
-    rss = _status_kib("VmRSS")
-    return rss if rss is not None else _lifetime_peak()
+    rss = rss_bytes()
+    return rss if rss is not None else peak_rss_bytes()
 
 
 def _cpu_peak() -> int:
     hwm = _status_kib("VmHWM")
-    return hwm if hwm is not None else _lifetime_peak()
-
-
-def _lifetime_peak() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return hwm if hwm is not None else peak_rss_bytes()
 
 
 class MemoryMetrics:
