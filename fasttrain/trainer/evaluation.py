@@ -193,7 +193,7 @@ def predict_batch(model, inputs: dict, prediction_loss_only: bool, *, losses, au
         # selection and early stopping see the loss it trains with; HF averages that per-batch
         # loss over examples, so does this: weight = the batch's example count
         loss = loss.detach().float().mean()
-        count = torch.tensor(float(labels.shape[0]), device=loss.device)
+        count = loss.new_full((), float(labels.shape[0]))  # filled on the device: no host-to-device copy
         logits = None if prediction_loss_only else extract_logits(outputs, loss_first=True, ignore_keys=ignored_keys)
         return loss * count, count, logits, prediction_labels(inputs, labels, label_names)
     with torch.no_grad(), autocast():
