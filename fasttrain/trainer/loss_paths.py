@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from typing import Optional
 
 import torch
@@ -30,7 +31,8 @@ class LossPaths:
         self.args = args
         self.label_shift = label_shift  # the Trainer updates it when it sets a new model
         self._step_counts: dict = {}  # id(labels) -> valid tokens, for the step being run
-        self._model_reasons: dict = {}  # id(model) -> why the fused loss cannot run ("" / None)
+        # id(model) -> (weak model, weak unwrapped model, why the fused loss cannot run: "" / None)
+        self._model_reasons: dict = {}
         self._reasons_logged: set = set()
         self.last_labels: Optional[list] = None  # the last step's label tensors (references)
 
@@ -121,13 +123,17 @@ class LossPaths:
         the reason is logged once."""
         if not self.args.fused_loss:
             return None
-        inner = getattr(model, "module", model)  # DDP/BucketedDDP wrap; FSDP shards in place
-        cache = self._model_reasons
-        if id(inner) not in cache:  # the model's part does not change from step to step
-            cache[id(inner)] = _fused_model_reason(inner)
-        if cache[id(inner)] is not None:
-            if cache[id(inner)]:  # "" for the built-in GPT: nothing to log
-                self._skipped(cache[id(inner)])
+        # the decision per model object, made once: the model's part does not change from
+        # step to step (and a missing attribute costs an nn.Module a raised AttributeError)
+        decided = self._model_reasons.get(id(model))
+        if decided is None or decided[0]() is not model:  # weak: a freed model's id may come back
+            inner = getattr(model, "module", model)  # DDP/BucketedDDP wrap; FSDP shards in place
+            decided = self._model_reasons[id(model)] = (weakref.ref(model), weakref.ref(inner),
+                                                        _fused_model_reason(inner))
+        inner, reason = decided[1](), decided[2]
+        if reason is not None:
+            if reason:  # "" for the built-in GPT: nothing to log
+                self._skipped(reason)
             return None
         from fasttrain.ops import loss as fused
         reason = fused.batch_reason(inputs)

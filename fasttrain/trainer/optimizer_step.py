@@ -19,7 +19,8 @@ from fasttrain.optim.skip import flag_interface, step_skipping, takes_grad_scale
 def _nonfinite(value: torch.Tensor) -> torch.Tensor:
     """0-d fp32 flag on the device, 1.0 when `value` is inf or NaN (x*0 is NaN exactly then),
     in two ops and no host read."""
-    return torch.nan_to_num(value.float() * 0, nan=1.0)
+    value = value if value.dtype == torch.float32 else value.float()
+    return torch.nan_to_num(value * 0, nan=1.0)
 
 
 def _either(flag: Optional[torch.Tensor], other: torch.Tensor) -> torch.Tensor:

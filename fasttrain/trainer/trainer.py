@@ -198,8 +198,9 @@ class Trainer:
     def _collate(self, features):
         check_examples(features, "the dataset")  # one isinstance per example
         batch = collate_or_explain(self.data_collator, features)
-        if self.args.remove_unused_columns and self._forward_args is not None:
-            batch = {k: v for k, v in batch.items() if k in self._forward_args}
+        keep = self._forward_args
+        if self.args.remove_unused_columns and keep is not None and not batch.keys() <= keep:
+            batch = {k: v for k, v in batch.items() if k in keep}
         return batch
 
     # ------------------------------------------------------------------ the step
@@ -220,9 +221,9 @@ class Trainer:
         model = self.model_wrapped
         losses = self._losses
         batches = [to_device(b, self.device) for b in batches]  # labels are counted on the device
-        has_labels = all(losses.labels(b) is not None for b in batches)
-        num_items = losses.step_token_count(batches, self.dist) if has_labels else None
         losses.last_labels = [losses.labels(b) for b in batches]  # references: read on logging steps
+        has_labels = all(lab is not None for lab in losses.last_labels)
+        num_items = losses.step_token_count(batches, self.dist) if has_labels else None
         world = self.dist.world_size
         # a loss that is a per-micro-batch mean (no labels, or an override HF would divide by the
         # accumulation steps) is averaged over the step's micro-batches
@@ -503,6 +504,10 @@ class Trainer:
         step = st.global_step
         # every rank computes this cadence alike (a callback's should_log may differ per rank)
         agree_now = epoch_end or step >= st.max_steps or step % st.logging_steps == 0
+        if not (control.should_log or control.should_evaluate or control.should_save or agree_now
+                or self.run.stop_signal is not None):
+            self.checkpointer.poll()  # most steps: nothing to log, save or agree on
+            return
         preempted = self._preemption_agreed(agree_now)
         if preempted:
             control.should_save = control.should_training_stop = True

@@ -156,8 +156,10 @@ def denumpify(metrics: dict) -> dict:
 
 
 def samples_in(batch: dict) -> int:
-    first = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-    return int(first.shape[0]) if first is not None else 0
+    for v in batch.values():  # a loop, not a generator: called every step
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return 0
 
 
 def tokens_in(batch: dict) -> int:
