@@ -27,6 +27,7 @@ def clock(monkeypatch):
     c = Clock()
     monkeypatch.setattr(profiler_mod, "perf_counter", c)
     monkeypatch.setattr(timing_mod, "perf_counter", c)
+    monkeypatch.setattr(timing_mod.HostTimer, "mark", staticmethod(c))  # the clock itself, bound at import
     return c
 
 
@@ -79,6 +80,25 @@ def test_window_arithmetic_excludes_warmup_and_excluded_steps(tmp_path, clock):
     assert s["throughput"]["tokens_per_second_per_device"] == pytest.approx(3500 / 3.7)
     assert s["mfu"]["value"] == pytest.approx(2e6 * (3500 / 3.7) / 1e10)
     assert s["mfu"]["formula"] == "user-supplied: 2e+06 FLOPs/token"
+    prof.close()
+
+
+def test_summary_counts_logged_windows_and_the_open_one_without_consuming_it(tmp_path, clock):
+    # per step only the window is updated; the run takes each window when it is logged, and
+    # summary() adds the window still open without flushing it
+    prof = make(tmp_path, warmup_steps=0)
+    run_step(prof, clock, 0.0, 0.2, 0.2, 0.1, tokens=100)  # 0.5 s
+    prof.log_metrics()
+    run_step(prof, clock, 0.0, 0.4, 0.4, 0.2, tokens=300)  # 1.0 s, not logged yet
+    run_step(prof, clock, 0.0, 0.6, 0.6, 0.3, tokens=500)  # 1.5 s
+    s = prof.summary()
+    assert s["steps"]["measured"] == 3
+    assert s["throughput"]["tokens_per_second_per_device"] == pytest.approx(900 / 3.0)
+    assert s["step_time_s"]["p50"] == pytest.approx(1.0) and s["step_time_s"]["mean"] == pytest.approx(1.0)
+    assert s["phases_s"]["optimizer"] == pytest.approx(0.2)
+    m = prof.log_metrics()  # the open window is still whole for the next logging step
+    assert m["tokens_per_second_per_device"] == pytest.approx(800 / 2.5)
+    assert prof.summary()["steps"]["measured"] == 3  # and is not counted twice once logged
     prof.close()
 
 

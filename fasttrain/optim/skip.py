@@ -20,24 +20,28 @@ from typing import Optional
 import torch
 
 
+_NO_FLAGS = frozenset()
+
+
 @functools.lru_cache(maxsize=64)
-def _params_of(fn) -> frozenset:
+def _interface_of(step_fn) -> frozenset:
+    """The flag interface of a step function (decided once per function: asked every step)."""
     try:
-        return frozenset(inspect.signature(fn).parameters)
+        params = frozenset(inspect.signature(step_fn).parameters)
     except (TypeError, ValueError):
-        return frozenset()
+        params = frozenset()
+    if "found_inf" in params:
+        return frozenset({"kwargs"} | ({"grad_scale"} & params))
+    return frozenset({"attrs", "grad_scale"})
 
 
 def flag_interface(optimizer) -> frozenset:
     """How `optimizer.step` takes the flags: {'kwargs'} plus 'grad_scale' when it accepts
     one (FusedAdamW), {'attrs', 'grad_scale'} (torch's fused optimizers), or {} (none)."""
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return frozenset()
+        return _NO_FLAGS
     step = optimizer.step
-    params = _params_of(getattr(step, "__func__", step))
-    if "found_inf" in params:
-        return frozenset({"kwargs"} | ({"grad_scale"} & params))
-    return frozenset({"attrs", "grad_scale"})
+    return _interface_of(getattr(step, "__func__", step))
 
 
 def takes_grad_scale(optimizer) -> bool:

@@ -49,19 +49,22 @@ def _check_precision_flags(bf16: bool, fp16: bool) -> None:
                          "scaling needed, preferred on Ampere/Hopper) or fp16 (with loss scaling)")
 
 
+_FP32 = contextlib.nullcontext()  # stateless and reentrant
+
+
 def autocast_context(device_type, bf16: bool, fp16: bool) -> contextlib.AbstractContextManager:
     """Autocast for the forward pass: bf16 or fp16 compute, or a no-op for fp32.
 
     device_type: "cuda" or "cpu" (a torch.device is accepted). Compute the loss outside
     this context, in fp32 (docs/precision.md).
     """
+    if not (bf16 or fp16):
+        return _FP32  # the per-micro-batch call in fp32: nothing to check or build
     _check_precision_flags(bf16, fp16)
     device_type = getattr(device_type, "type", device_type)
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"autocast_context: device_type={device_type!r} is not supported; "
                          "use 'cuda' or 'cpu'")
-    if not (bf16 or fp16):
-        return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if bf16 else torch.float16)
 
 

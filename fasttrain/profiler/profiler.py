@@ -107,17 +107,34 @@ def profiler_from_args(args, model: torch.nn.Module, device: torch.device, num_d
 
 class _Phase:
     """Context manager for one phase name, made once per name and reused (the Trainer enters
-    four phases a step); the open phase's start lives in the profiler, so nesting works."""
-    __slots__ = ("_prof", "_name")
+    four phases a step, so this is the whole per-phase cost: a clock read on entry, one on
+    exit and an append). Phases of different names nest; one name does not nest in itself."""
+    __slots__ = ("_prof", "_name", "_host", "_start")
 
     def __init__(self, prof: "Profiler", name: str):
-        self._prof, self._name = prof, name
+        self._prof, self._name, self._host = prof, name, name in HOST_PHASES
+        self._start = None
 
     def __enter__(self):
-        self._prof._phase_begin(self._name)
+        prof = self._prof
+        if prof._current is None:
+            if not prof.config.enabled:
+                return
+            raise RuntimeError(f"Profiler.phase({self._name!r}) outside a step: call step_begin() first")
+        if self._host:
+            self._start = perf_counter()
+        elif prof.config.phase_timing:
+            self._start = prof._timer.mark()
 
     def __exit__(self, *exc):
-        self._prof._phase_end(self._name)
+        start, self._start = self._start, None
+        if start is None:
+            return
+        current = self._prof._current
+        if self._host:
+            current[3] += perf_counter() - start
+        else:
+            current[2].append((self._name, start, self._prof._timer.mark()))
 
 
 class Profiler:
@@ -149,7 +166,6 @@ class Profiler:
         self._timer = CudaTimer() if self.device.type == "cuda" else HostTimer()
         self._pending: deque = deque()
         self._current = None
-        self._open: dict[str, tuple] = {}
         self._phases: dict[str, _Phase] = {}
         self._window, self._run = Stats(), Stats(self.config.max_recorded_steps)
         self._excluded = 0
@@ -194,25 +210,6 @@ class Profiler:
             ctx = self._phases[name] = _Phase(self, name)
         return ctx
 
-    def _phase_begin(self, name: str) -> None:
-        if self._current is None:
-            if not self.config.enabled:
-                return
-            raise RuntimeError(f"Profiler.phase({name!r}) outside a step: call step_begin() first")
-        if name in HOST_PHASES:
-            self._open[name] = (perf_counter(),)
-        elif self.config.phase_timing:
-            self._open[name] = (self._timer.mark(),)
-
-    def _phase_end(self, name: str) -> None:
-        start = self._open.pop(name, None)
-        if start is None:
-            return
-        if name in HOST_PHASES:
-            self._current[3] += perf_counter() - start[0]
-        else:
-            self._current[2].append((name, start[0], self._timer.mark()))
-
     def step_end(self, tokens: int, samples: int, exclude: bool = False) -> None:
         """Close the step. `tokens`/`samples` are this rank's host ints (from batch shapes)."""
         if not self.config.enabled:
@@ -239,16 +236,17 @@ class Profiler:
 
     def _resolve(self, record) -> None:
         begin, end, host_s, data_s, phases, tokens, samples, measured = record
+        cuda = isinstance(self._timer, CudaTimer)
         if measured:
             per_phase: dict[str, float] = {}
-            for name, a, b in phases:
-                per_phase[name] = per_phase.get(name, 0.0) + self._timer.elapsed_s(a, b)
+            for name, a, b in phases:  # host marks are floats: subtracted here, no call each
+                per_phase[name] = per_phase.get(name, 0.0) + (self._timer.elapsed_s(a, b) if cuda else b - a)
             if data_s:
                 per_phase["data"] = data_s
-            step_s = self._timer.elapsed_s(begin, end)
-            for stats in (self._window, self._run):
-                stats.add(step_s, host_s, data_s, tokens, samples, per_phase)
-        if isinstance(self._timer, CudaTimer):
+            step_s = self._timer.elapsed_s(begin, end) if cuda else end - begin
+            # into the window only: the run's totals take each window whole when it is logged
+            self._window.add(step_s, host_s, data_s, tokens, samples, per_phase)
+        if cuda:
             self._timer.release([begin, end] + [m for _, a, b in phases for m in (a, b)])
 
     def _drain(self) -> None:
@@ -295,6 +293,7 @@ class Profiler:
             return {}
         self._drain()
         window, self._window = self._window, Stats()
+        self._run.merge(window)
         out = self._throughput(window)
         if window.n:
             out["step_time_p50"] = window.percentile(0.5)
@@ -309,7 +308,9 @@ class Profiler:
     # ---------------------------------------------------------------- end of run
     def summary(self) -> dict:
         self._drain()  # sync: end of run
-        run = self._run
+        run = Stats(self.config.max_recorded_steps)  # the logged windows and the open one
+        run.merge(self._run)
+        run.merge(self._window)
         peak = self.peak_flops()
         thr = self._throughput(run)
         fpt = self.flops_per_token

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 logger = logging.getLogger("fasttrain")
+_NO_PHASE = contextlib.nullcontext()  # stateless and reentrant: one for every disabled phase
 
 
 def _seq_len_of(dataset) -> Optional[int]:
@@ -45,7 +46,7 @@ class Instruments:
             self.profiler.step_begin()
 
     def phase(self, name: str):
-        return self.profiler.phase(name) if self.enabled else contextlib.nullcontext()
+        return self.profiler.phase(name) if self.enabled else _NO_PHASE
 
     def step_end(self, global_step: int, tokens: int, samples: int) -> None:
         if self.enabled:

@@ -132,7 +132,7 @@ class LossPaths:
                                                         _fused_model_reason(inner))
         inner, reason = decided[1](), decided[2]
         if reason is not None:
-            if reason:  # "" for the built-in GPT: nothing to log
+            if reason and reason not in self._reasons_logged:  # "" for the built-in GPT: nothing to log
                 self._skipped(reason)
             return None
         from fasttrain.ops import loss as fused

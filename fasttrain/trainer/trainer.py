@@ -479,14 +479,20 @@ class Trainer:
                     check_first_batch(batches[0], vocab_size_of(self.model), "train_dataset")
                 run.advance(len(batches))
                 step_loss = self.training_step(batches)
-                tokens = sum(tokens_in(b) for b in batches)
-                inst.step_end(st.global_step + 1, tokens, sum(samples_in(b) for b in batches))
+                tokens = samples = flos = 0  # host ints from the batches' shapes
+                for b in batches:
+                    tokens, samples = tokens + tokens_in(b), samples + samples_in(b)
+                    flos += self.floating_point_ops(b)
+                inst.step_end(st.global_step + 1, tokens, samples)
                 st.global_step += 1
                 st.epoch = run.epoch + run.micro_batches_done / micro_per_epoch
-                st.num_input_tokens_seen += hf_options.tokens_seen(batches, args) * self.dist.world_size
-                st.total_flos += sum(self.floating_point_ops(b) for b in batches) * self.dist.world_size
+                seen = hf_options.tokens_seen(batches, args) if args.include_num_input_tokens_seen == "non_padding" \
+                    else tokens  # every input_ids position, as tokens_seen counts it
+                st.num_input_tokens_seen += seen * self.dist.world_size
+                st.total_flos += flos * self.dist.world_size
                 run.window.add(step_loss, run.grad_norm, tokens)
-                hf_options.maybe_empty_cache(args, st.global_step, self.device)
+                if args.torch_empty_cache_steps:
+                    hf_options.maybe_empty_cache(args, st.global_step, self.device)
                 self._event("on_step_end")  # DefaultFlowCallback sets the flags, others may change them
                 self._maybe_log_save_evaluate(epoch_end=False)
                 if self.control.should_training_stop or self.control.should_epoch_stop:
