@@ -54,7 +54,7 @@ def _gloo_groups() -> list:
     return groups
 
 
-def drain_gloo_workers() -> None:
+def drain_gloo_workers(settle_s: float = 0.2) -> None:
     """Return only once gloo's worker threads have freed every finished collective of this
     process. Collectives on every gloo group: call it on all ranks.
 
@@ -72,13 +72,21 @@ def drain_gloo_workers() -> None:
     the group has finished. Round 2: another one, whose queueing waits for a worker still
     freeing work that finished during round 1. The barriers' own tensors never had a Python
     object. (monitored_barrier goes around the queue, so it guarantees none of this.)
-    Left open: a worker descheduled between finishing a collective and taking the lock for
-    the whole of both rounds."""
+    Left open by the rounds alone: a worker descheduled between finishing a collective and
+    taking the lock for the whole of both rounds (seen once in ~60 suite runs' worth of exits,
+    on a 2-core machine whose other processes had a higher priority). So the call then sleeps
+    `settle_s` with the GIL released: a worker that is merely runnable gets the CPU and the
+    GIL, and frees its work, before the interpreter finalizes. A cost of `settle_s` once per
+    process, at exit."""
+    import time
+
     import torch.distributed as dist
     groups = _gloo_groups()
     for _ in range(2):
         for group in groups:
             dist.barrier(group=group)
+    if groups:
+        time.sleep(settle_s)
 
 
 def _install_teardown(destroy) -> None:
