@@ -105,6 +105,10 @@ inline void check_norm_type(const char* op, double norm_type) {
               "clipping), got ", norm_type);
 }
 
+inline void check_max_norm(const char* op, double max_norm) {
+  TORCH_CHECK(max_norm > 0.0, op, ": max_norm must be > 0 (clip to this total norm), got ", max_norm);
+}
+
 inline void check_tensor_list(const char* op, at::TensorList grads, const char* name) {
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];

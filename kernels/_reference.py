@@ -80,3 +80,14 @@ def grad_norm_reference(tensors, norm_type=2.0):
         return torch.zeros((), dtype=torch.float32)
     flat = torch.cat([t.detach().double().flatten() for t in tensors])
     return torch.linalg.vector_norm(flat, float(norm_type)).float()
+
+
+def grad_norm_clip_reference(tensors, max_norm, norm_type=2.0):
+    """(norm, divisor, found_inf) of fasttrain::grad_norm_clip, from grad_norm_reference:
+    divisor = max((norm + 1e-6) / max_norm, 1) (NaN/inf when the norm is), found_inf = 1.0
+    for a NaN/inf norm else 0.0; each a 0-d fp32 tensor."""
+    norm = grad_norm_reference(tensors, norm_type)
+    value = float(norm)
+    finite = value == value and abs(value) != float("inf")
+    divisor = max((value + 1e-6) / max_norm, 1.0) if finite else value
+    return norm, torch.tensor(divisor, dtype=torch.float32), torch.tensor(0.0 if finite else 1.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain.kernels._reference import adamw_reference_
+from fasttrain.kernels._reference import adamw_reference_, grad_norm_clip_reference
 from fasttrain.ops import dispatch, native as _ops
 from tests._devices import DEVICE
 
@@ -265,6 +265,53 @@ def test_grad_norm_propagates_non_finite_and_is_thread_count_independent():
     assert dispatch.grad_norm([]).item() == 0.0
 
 
+@pytest.mark.kernel_cases("fasttrain::grad_norm_clip")
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+@pytest.mark.parametrize("max_norm", [1.0, 1e6, 0.37])  # clipping, no clipping (divisor 1), odd
+def test_grad_norm_clip_matches_reference_over_mixed_dtypes(norm_type, max_norm):
+    tensors = grad_list([torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16])
+    norm, divisor, found_inf = ops.grad_norm_clip(tensors, norm_type, max_norm)
+    ref = grad_norm_clip_reference([t.cpu() for t in tensors], max_norm, norm_type)
+    for got in (norm, divisor, found_inf):
+        assert got.shape == () and got.dtype == torch.float32 and got.device == tensors[0].device
+    assert torch.equal(norm, ops.grad_norm(tensors, norm_type)), "the norm differs from grad_norm's"
+    torch.testing.assert_close(norm.cpu(), ref[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(divisor.cpu(), ref[1], rtol=1e-5, atol=0)
+    assert found_inf.item() == 0.0
+    if max_norm == 1e6:
+        assert divisor.item() == 1.0  # under the threshold: nothing is clipped
+
+
+@pytest.mark.kernel_cases("fasttrain::grad_norm_clip")
+@pytest.mark.parametrize("poison", [float("inf"), float("-inf"), float("nan")])
+def test_grad_norm_clip_flags_a_non_finite_gradient_anywhere(poison):
+    tensors = grad_list([torch.float32] * len(SHAPES))
+    tensors[2][70000] = poison  # the tail of the third chunk of a multi-chunk tensor
+    norm, divisor, found_inf = ops.grad_norm_clip(tensors, 2.0, 1.0)
+    assert found_inf.item() == 1.0
+    assert not torch.isfinite(norm) and not torch.isfinite(divisor)  # the update is skipped anyway
+    tensors[2][70000] = 0.0
+    assert ops.grad_norm_clip(tensors, 2.0, 1.0)[2].item() == 0.0
+
+
+def test_grad_norm_clip_fallback_gives_the_op_s_values():
+    """Without the library (a plain pip install) the same three values come from torch ops."""
+    tensors = grad_list([torch.float32, torch.bfloat16, torch.float32])
+    ours = ops.grad_norm_clip(tensors, 2.0, 0.5)
+    original = dispatch.implementation
+    try:
+        dispatch.implementation = lambda op, device_type: "torch"
+        fallback = dispatch.grad_norm_clip(tensors, 0.5)
+        tensors[0][0] = float("nan")
+        assert dispatch.grad_norm_clip(tensors, 0.5)[2].item() == 1.0
+    finally:
+        dispatch.implementation = original
+    for a, b in zip(ours, fallback):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="max_norm=0 must be > 0"):
+        dispatch.grad_norm_clip(tensors, 0)
+
+
 # ----------------------------------------------------------------------------- contracts
 def adamw_args(shapes=((5, 3), (7,)), master=False):
     s = make_state(shapes, torch.bfloat16 if master else torch.float32, master)
@@ -285,6 +332,7 @@ def test_opcheck_unscale_and_grad_norm():
                                                            torch.tensor(0.25), torch.zeros(1)))
     for norm_type in (2.0, float("inf")):
         torch.library.opcheck(ops.grad_norm.default, (grads, norm_type))
+        torch.library.opcheck(ops.grad_norm_clip.default, (grads, norm_type, 1.0))
 
 
 def test_ops_trace_under_torch_compile_fullgraph():
@@ -340,6 +388,8 @@ def test_grad_ops_bad_inputs_are_named():
         ops.grad_norm([torch.ones(3)], 0.0)
     with pytest.raises(RuntimeError, match=r"tensors\[1\] has dtype Long"):
         ops.grad_norm([torch.ones(3), torch.ones(3, dtype=torch.long)], 2.0)
+    with pytest.raises(RuntimeError, match=r"max_norm must be > 0"):
+        ops.grad_norm_clip([torch.ones(3)], 2.0, -1.0)
     with pytest.raises(RuntimeError, match=r"grads\[0\] is not contiguous"):
         ops.unscale_and_check_([torch.ones(4, 3).t()], torch.tensor(1.0), torch.zeros(1))
     with pytest.raises(RuntimeError, match=r"found_inf must be a one-element float32"):

@@ -9,6 +9,7 @@ labels in the batch, profiler on, skip-on-overflow, exact token accounting, logg
 """
 import tempfile
 
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -50,3 +51,15 @@ def test_trainer_step_dispatches_at_most_110_percent_of_a_hand_written_loop():
     assert n_loop >= 25  # the loop really ran (31 on torch 2.13)
     extra = {k: v - loop.get(k, 0) for k, v in ours.items() if v != loop.get(k, 0)}
     assert n_ours <= BUDGET * n_loop, (n_ours, n_loop, extra)
+
+
+def test_default_step_takes_norm_divisor_and_skip_flag_from_one_op():
+    """The clipping tail is one op (fasttrain::grad_norm_clip) where the library is built, as
+    CI builds it: not the norm, two ops for the divisor and two for the non-finite flag."""
+    from fasttrain.ops import native
+    if not native.has_kernel_on("grad_norm_clip", "cpu"):
+        pytest.skip("the ops library is not built here (bash scripts/build_ops.sh); CI builds it")
+    ours = per_step(_trainer_ops, SHORT, LONG)
+    assert ours.get("fasttrain.grad_norm_clip.default") == 1, ours
+    folded = [k for k in ours if k.startswith(("aten.nan_to_num", "aten.clamp", "fasttrain.grad_norm."))]
+    assert not folded, ours

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 namespace fasttrain::cpu {
 namespace {
@@ -55,8 +56,7 @@ float chunk_partial(const at::Tensor& t, const Chunk& c, float p) {
   return acc;
 }
 
-at::Tensor grad_norm_cpu(at::TensorList tensors, double norm_type) {
-  constexpr const char* op = "fasttrain::grad_norm";
+float norm_of(const char* op, at::TensorList tensors, double norm_type) {
   check_norm_type(op, norm_type);
   check_tensor_list(op, tensors, "tensors");
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -74,13 +74,35 @@ at::Tensor grad_norm_cpu(at::TensorList tensors, double norm_type) {
     if (std::isnan(total)) break;
   }
   const double norm = std::isinf(p) ? total : (p == 2.0f ? std::sqrt(total) : std::pow(total, 1.0 / p));
+  return static_cast<float>(norm);
+}
+
+at::Tensor scalar(float value) {
   at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kFloat));
-  *out.data_ptr<float>() = static_cast<float>(norm);
+  *out.data_ptr<float>() = value;
   return out;
+}
+
+at::Tensor grad_norm_cpu(at::TensorList tensors, double norm_type) {
+  return scalar(norm_of("fasttrain::grad_norm", tensors, norm_type));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_norm_clip_cpu(at::TensorList tensors, double norm_type,
+                                                                  double max_norm) {
+  constexpr const char* op = "fasttrain::grad_norm_clip";
+  check_max_norm(op, max_norm);
+  const float norm = norm_of(op, tensors, norm_type);
+  // the divisor in fp32 as torch computes (norm + 1e-6) / max_norm; NaN/inf pass through
+  const float divisor = std::fmax((norm + 1e-6f) / static_cast<float>(max_norm), 1.0f);
+  const bool finite = std::isfinite(norm);
+  return {scalar(norm), scalar(finite ? divisor : norm), scalar(finite ? 0.0f : 1.0f)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fasttrain, CPU, m) { m.impl("grad_norm", &grad_norm_cpu); }
+TORCH_LIBRARY_IMPL(fasttrain, CPU, m) {
+  m.impl("grad_norm", &grad_norm_cpu);
+  m.impl("grad_norm_clip", &grad_norm_clip_cpu);
+}
 
 }  // namespace fasttrain::cpu

@@ -65,8 +65,11 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
+// clip: when `divisor` is set, also writes max((norm + 1e-6) / max_norm, 1) there (NaN/inf
+// pass through) and 1.0/0.0 to `found_inf` for a non-finite/finite norm.
 __global__ void __launch_bounds__(kThreads)
-    norm_finish_kernel(const float* partials, int64_t n, NormKind kind, float p, float* out) {
+    norm_finish_kernel(const float* partials, int64_t n, NormKind kind, float p, float* out,
+                       float max_norm, float* divisor, float* found_inf) {
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const double x = partials[i];
@@ -75,7 +78,13 @@ __global__ void __launch_bounds__(kThreads)
   acc = block_reduce(acc, kind);
   if (threadIdx.x == 0) {
     const double norm = kind == NormKind::kInf ? acc : kind == NormKind::kTwo ? sqrt(acc) : pow(acc, 1.0 / p);
-    *out = static_cast<float>(norm);
+    const float value = static_cast<float>(norm);
+    *out = value;
+    if (divisor != nullptr) {
+      const bool finite = isfinite(value);
+      *divisor = finite ? fmaxf((value + 1e-6f) / max_norm, 1.0f) : value;
+      *found_inf = finite ? 0.0f : 1.0f;
+    }
   }
 }
 
@@ -103,9 +112,17 @@ const char* launch_grad_norm_partials(const GradTensor* tensors, int n, DType dt
 
 const char* launch_grad_norm_finish(const float* partials, int64_t n_partials, NormKind kind,
                                     float p, float* out, void* stream) {
-  norm_finish_kernel<<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(partials, n_partials,
-                                                                            kind, p, out);
+  norm_finish_kernel<<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      partials, n_partials, kind, p, out, 0.0f, nullptr, nullptr);
   return launch_error("fasttrain: grad_norm finish launch failed");
+}
+
+const char* launch_grad_norm_clip_finish(const float* partials, int64_t n_partials, NormKind kind,
+                                         float p, float max_norm, float* norm, float* divisor,
+                                         float* found_inf, void* stream) {
+  norm_finish_kernel<<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      partials, n_partials, kind, p, norm, max_norm, divisor, found_inf);
+  return launch_error("fasttrain: grad_norm_clip finish launch failed");
 }
 
 }  // namespace fasttrain::cuda

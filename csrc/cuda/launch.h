@@ -30,4 +30,9 @@ const char* launch_grad_norm_partials(const GradTensor* tensors, int n, DType dt
 const char* launch_grad_norm_finish(const float* partials, int64_t n_partials, NormKind kind,
                                     float p, float* out, void* stream);
 
+// The same finish, also writing the clip divisor and the non-finite flag (fasttrain::grad_norm_clip).
+const char* launch_grad_norm_clip_finish(const float* partials, int64_t n_partials, NormKind kind,
+                                         float p, float max_norm, float* norm, float* divisor,
+                                         float* found_inf, void* stream);
+
 }  // namespace fasttrain::cuda

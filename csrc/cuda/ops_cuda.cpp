@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <map>
+#include <tuple>
 #include <vector>
 
 namespace fasttrain::cuda {
@@ -33,13 +34,19 @@ std::map<at::ScalarType, std::vector<GradTensor>> group_by_dtype(at::TensorList 
   return groups;
 }
 
-at::Tensor grad_norm_cuda(at::TensorList tensors, double norm_type) {
-  constexpr const char* op = "fasttrain::grad_norm";
+// The first launch(es) of both norm ops: one fp32 partial per chunk, on the tensors' device.
+struct Partials {
+  at::Tensor values;
+  int64_t count;
+  NormKind kind;
+  at::Device device;
+};
+
+Partials norm_partials(const char* op, at::TensorList tensors, double norm_type) {
   check_norm_type(op, norm_type);
   check_tensor_list(op, tensors, "tensors");
   TORCH_CHECK(!tensors.empty(), op, ": got no tensors; the norm of nothing is 0");
   const at::Device device = tensors[0].device();
-  const c10::cuda::CUDAGuard guard(device);
   const NormKind kind = std::isinf(norm_type) ? NormKind::kInf
                         : norm_type == 2.0    ? NormKind::kTwo
                                               : NormKind::kP;
@@ -56,17 +63,40 @@ at::Tensor grad_norm_cuda(at::TensorList tensors, double norm_type) {
                                            partials.data_ptr<float>() + offset, current_stream(device)));
     offset += grad_norm_num_partials(group.data(), group.size());
   }
-  at::Tensor out = at::empty({}, options);
-  check_launch(launch_grad_norm_finish(partials.data_ptr<float>(), std::max<int64_t>(total, 1), kind,
+  return {partials, std::max<int64_t>(total, 1), kind, device};
+}
+
+at::Tensor grad_norm_cuda(at::TensorList tensors, double norm_type) {
+  const c10::cuda::CUDAGuard guard(tensors.empty() ? at::Device(at::kCUDA) : tensors[0].device());
+  const Partials parts = norm_partials("fasttrain::grad_norm", tensors, norm_type);
+  at::Tensor out = at::empty({}, parts.values.options());
+  check_launch(launch_grad_norm_finish(parts.values.data_ptr<float>(), parts.count, parts.kind,
                                        static_cast<float>(norm_type), out.data_ptr<float>(),
-                                       current_stream(device)));
+                                       current_stream(parts.device)));
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_norm_clip_cuda(at::TensorList tensors, double norm_type,
+                                                                   double max_norm) {
+  constexpr const char* op = "fasttrain::grad_norm_clip";
+  check_max_norm(op, max_norm);
+  const c10::cuda::CUDAGuard guard(tensors.empty() ? at::Device(at::kCUDA) : tensors[0].device());
+  const Partials parts = norm_partials(op, tensors, norm_type);
+  at::Tensor norm = at::empty({}, parts.values.options());
+  at::Tensor divisor = at::empty({}, parts.values.options());
+  at::Tensor found_inf = at::empty({}, parts.values.options());
+  check_launch(launch_grad_norm_clip_finish(parts.values.data_ptr<float>(), parts.count, parts.kind,
+                                            static_cast<float>(norm_type), static_cast<float>(max_norm),
+                                            norm.data_ptr<float>(), divisor.data_ptr<float>(),
+                                            found_inf.data_ptr<float>(), current_stream(parts.device)));
+  return {norm, divisor, found_inf};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fasttrain, CUDA, m) {
   m.impl("grad_norm", &grad_norm_cuda);
+  m.impl("grad_norm_clip", &grad_norm_clip_cuda);
 }
 
 }  // namespace fasttrain::cuda

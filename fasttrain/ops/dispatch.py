@@ -5,6 +5,7 @@
 | `adamw_` | Triton `kernels/adamw.py` | C++ `csrc/cpu/adamw.cpp` | `torch._fused_adamw_` |
 | `unscale_and_check_` | Triton `kernels/unscale.py` | C++ `csrc/cpu/unscale_and_check.cpp` | `torch._amp_foreach_non_finite_check_and_unscale_` |
 | `grad_norm` (`clip_grad_norm_`) | CUDA C++ `csrc/cuda/grad_norm.cu` | C++ `csrc/cpu/grad_norm.cpp` | `torch._foreach_norm` |
+| `grad_norm_clip` (the Trainer's clipping) | CUDA C++ `csrc/cuda/grad_norm.cu` | C++ `csrc/cpu/grad_norm.cpp` | `grad_norm` + four torch ops |
 
 The last column is torch's own op, used where the compiled library is not built (a plain
 `pip install` builds no C++); a CUDA torch without the library's CUDA kernels also takes
@@ -157,6 +158,45 @@ def grad_norm(tensors: Tensors, norm_type: float = 2.0) -> torch.Tensor:
     norms = [n for group in by_dtype.values()
              for n in torch._foreach_norm(group, norm_type, dtype=torch.float32)]
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+def grad_norm_clip(tensors: Tensors, max_norm: float, norm_type: float = 2.0, *,
+                   checked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clipping tail of a step as three 0-d fp32 tensors on the tensors' device: the
+    global norm (as `grad_norm`), the divisor max((norm + 1e-6) / max_norm, 1) a fused
+    optimizer divides the gradients by (clip_grad_norm_'s factor, inverted; NaN/inf when the
+    norm is), and the skip flag found_inf (1.0 when the norm is NaN or inf, else 0.0).
+
+    One op where the library has it (instead of five: the norm, two for the divisor, two for
+    the flag); the Trainer calls it every step, so `checked=True` (the caller has made sure,
+    once, that the tensors are non-empty and on one device) skips those checks. Gradients
+    do not require grad: no autograd here."""
+    if not max_norm > 0:
+        raise ValueError(f"grad_norm_clip: max_norm={max_norm} must be > 0")
+    if not checked:
+        tensors = [t for t in tensors if t.numel() > 0]
+        if tensors and any(t.device != tensors[0].device for t in tensors):
+            raise ValueError("grad_norm_clip: the tensors are on several devices "
+                             f"({sorted({str(t.device) for t in tensors})}); call it per device")
+    if tensors and implementation("grad_norm_clip", tensors[0].device.type) == "c++" \
+            and all(t.is_contiguous() for t in tensors):
+        return torch.ops.fasttrain.grad_norm_clip.default(tensors, float(norm_type), float(max_norm))
+    norm = grad_norm(tensors, norm_type)
+    # (norm + 1e-6) / max_norm in one op with a constant made once per device and max_norm
+    divisor = torch.add(_clip_offset(norm.device, max_norm), norm, alpha=1.0 / max_norm).clamp_(min=1.0)
+    found_inf = torch.nan_to_num(norm * 0, nan=1.0)  # x * 0 is NaN exactly when x is NaN or inf
+    return norm, divisor, found_inf
+
+
+_clip_offsets: dict[tuple, torch.Tensor] = {}
+
+
+def _clip_offset(device: torch.device, max_norm: float) -> torch.Tensor:
+    key = (device, float(max_norm))
+    offset = _clip_offsets.get(key)
+    if offset is None:
+        offset = _clip_offsets[key] = torch.full((), 1e-6 / max_norm, device=device)
+    return offset
 
 
 @torch.no_grad()

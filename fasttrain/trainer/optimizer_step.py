@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm
+from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm_clip
 from fasttrain.optim.schedules import step_scheduler
 from fasttrain.optim.skip import flag_interface, step_skipping, takes_grad_scale
 
@@ -31,26 +31,32 @@ class GradClipper:
     def __init__(self, trainable: list):
         self.trainable = trainable
         self.sharded = any(hasattr(p, "full_tensor") for p in trainable)  # FSDP: DTensors
-        self._offset: Optional[torch.Tensor] = None
+        # decided once: the per-step call then skips grad_norm_clip's checks
+        self._one_device = len({p.device for p in trainable}) <= 1
 
-    def clip(self, max_norm: float, optimizer, scaler) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(total gradient norm, divisor for the optimizer or None). An optimizer that divides
-        the gradients by a device scalar inside its update (torch's fused AdamW, FusedAdamW)
-        gets the clipping factor that way: no pass over the gradients, and the same update as
-        clip_grad_norm_ (max_norm / (norm + 1e-6), at most 1) up to rounding. Callbacks then
-        see the gradients unclipped."""
+    def clip(self, max_norm: float, optimizer, scaler):
+        """(total gradient norm, divisor for the optimizer or None, non-finite flag or None).
+        An optimizer that divides the gradients by a device scalar inside its update (torch's
+        fused AdamW, FusedAdamW) gets the clipping factor that way: no pass over the
+        gradients, and the same update as clip_grad_norm_ (max_norm / (norm + 1e-6), at most
+        1) up to rounding; norm, divisor and flag come from one op (`grad_norm_clip`).
+        Callbacks then see the gradients unclipped."""
         if scaler is not None or not takes_grad_scale(optimizer) or self.sharded:
             norm = clip_grad_norm_(self.trainable, max_norm)
             if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor, no comm
                 norm = norm.full_tensor()
-            return norm, None
-        grads = [p.grad for p in self.trainable if p.grad is not None]
-        norm = grad_norm(grads)
-        if self._offset is None or self._offset.device != norm.device:
-            self._offset = torch.full((), 1e-6 / max_norm, device=norm.device)
-        # (norm + 1e-6) / max_norm, at least 1: one op with a constant built once
-        divisor = torch.add(self._offset, norm, alpha=1.0 / max_norm).clamp_(min=1.0)
-        return norm, divisor
+            return norm, None, None
+        grads = [g for p in self.trainable if (g := p.grad) is not None and g.numel()]
+        if not grads:
+            return _no_gradients(self.trainable)
+        return grad_norm_clip(grads, max_norm, checked=self._one_device)
+
+
+def _no_gradients(trainable: list):
+    """No parameter got a gradient this step: a zero norm, nothing to clip, nothing to skip."""
+    device = trainable[0].device if trainable else None
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    return zero, torch.ones((), dtype=torch.float32, device=device), zero
 
 
 def optimizer_step(step_loss: torch.Tensor, *, args, optimizer, scaler, lr_scheduler, run,
@@ -63,8 +69,9 @@ def optimizer_step(step_loss: torch.Tensor, *, args, optimizer, scaler, lr_sched
         scaler.unscale_(optimizer)
         found_inf = scaler.found_inf_flag()
     if args.max_grad_norm:
-        run.grad_norm, grad_scale = clipper.clip(args.max_grad_norm, optimizer, scaler)
-        found_inf = _either(found_inf, _nonfinite(run.grad_norm))  # NaN loss -> NaN norm
+        run.grad_norm, grad_scale, norm_bad = clipper.clip(args.max_grad_norm, optimizer, scaler)
+        # NaN loss -> NaN norm; the clip op flags it, clip_grad_norm_'s norm is checked here
+        found_inf = _either(found_inf, norm_bad if norm_bad is not None else _nonfinite(run.grad_norm))
     loss_bad = None
     if not args.max_grad_norm or args.nonfinite_loss_policy == "stop":
         loss_bad = _nonfinite(step_loss)
