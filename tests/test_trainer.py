@@ -253,3 +253,37 @@ def test_state_and_control_types_are_exported():
     st, ctl = TrainerState(), TrainerControl()
     assert st.global_step == 0 and st.log_history == [] and not ctl.should_training_stop
     assert TrainerState.from_json_string(st.to_json_string()) == st
+
+
+def test_plan_epochs_counts_steps_and_epochs_as_hf():
+    import math
+    import sys
+    from types import SimpleNamespace
+    from fasttrain.trainer.loaders import plan_epochs
+
+    def args(max_steps=-1, epochs=3.0, ga=1):
+        return SimpleNamespace(max_steps=max_steps, num_train_epochs=epochs, gradient_accumulation_steps=ga)
+    assert plan_epochs(args(), 10) == (10, 30, 3)
+    assert plan_epochs(args(epochs=2.5, ga=4), 10) == (10, 8, 3)  # ceil(10/4)=3 steps an epoch, 2.5 epochs
+    assert plan_epochs(args(max_steps=7, ga=4), 10) == (10, 7, 3)  # max_steps wins, epochs it takes
+    assert plan_epochs(args(max_steps=5), None) == (math.inf, 5, sys.maxsize)  # a stream: passes repeat
+    with pytest.raises(ValueError, match="yields no batches.*lower the batch size"):
+        plan_epochs(args(), 0)
+
+
+def test_run_cleanup_runs_every_step_and_keeps_the_first_error(caplog):
+    from fasttrain.trainer.utils import run_cleanup
+    ran = []
+
+    def boom(name):
+        def step():
+            ran.append(name)
+            raise OSError(name)
+        return step
+    steps = (("a", boom("a")), ("skipped", None), ("b", lambda: ran.append("b")), ("c", boom("c")))
+    with pytest.raises(OSError, match="^a$"):  # after success: the first error, once all ran
+        run_cleanup(steps, failed=False)
+    assert ran == ["a", "b", "c"] and "while stopping training, c also failed: c" in caplog.text
+    ran.clear()
+    run_cleanup(steps, failed=True)  # after a failure: logged, the caller's error propagates
+    assert ran == ["a", "b", "c"] and "a also failed" in caplog.text

@@ -8,6 +8,9 @@ the collate function, read when a loader is built (a test or subclass may replac
 from __future__ import annotations
 
 import logging
+import math
+import sys
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -20,6 +23,23 @@ from fasttrain.trainer import hf_options
 from fasttrain.trainer.utils import dataset_len
 
 logger = logging.getLogger("fasttrain")
+
+
+def plan_epochs(args, batches_per_epoch: Optional[int]) -> tuple[float, int, int]:
+    """(micro-batches per epoch, optimizer steps, epochs) of a training run, as HF counts them:
+    max_steps when set (the epochs it takes), else num_train_epochs (fractions included).
+    `batches_per_epoch` is the loader's length, or None for a stream: passes then repeat
+    until max_steps, each as long as the stream."""
+    if batches_per_epoch is None:
+        return math.inf, args.max_steps, sys.maxsize
+    if batches_per_epoch == 0:
+        raise ValueError("the training dataloader yields no batches: the dataset has fewer "
+                         "examples than one batch with dataloader_drop_last=True; lower the batch size")
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_steps > 0:
+        return batches_per_epoch, args.max_steps, math.ceil(args.max_steps / steps_per_epoch)
+    return (batches_per_epoch, math.ceil(args.num_train_epochs * steps_per_epoch),
+            math.ceil(args.num_train_epochs))
 
 
 def train_sampler(n: int, dataset, args, dist, processing_class=None) -> ShardedSampler:

@@ -73,6 +73,15 @@ def warn_if_window_is_nonsense(window: dict, step: int, skipped: int, valid_last
             "that the collator and label_names produce labels", step)
 
 
+def train_end_record(runtime: float, steps_run: int, train_loss: float, total_flos: float, *,
+                     samples_per_step: int) -> dict:
+    """HF's end-of-training record (logged, so it reaches log_history and the console)."""
+    return {"train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(steps_run * samples_per_step / max(runtime, 1e-9), 3),
+            "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
+            "total_flos": total_flos, "train_loss": train_loss}
+
+
 def stamp(logs: dict, state, args) -> dict:
     """HF's fields added to `logs` in place (epoch, input tokens seen); returns the record
     kept in log_history: `logs` plus the step."""

@@ -19,7 +19,6 @@ import copy
 import functools
 import logging
 import math
-import sys
 import time
 from typing import Callable, Optional
 
@@ -46,7 +45,7 @@ from fasttrain.trainer.checkpointing import (build_checkpointer, record_stream_p
 from fasttrain.trainer.eval_collect import EvalOptions
 from fasttrain.trainer.evaluation import predict_batch, resolve_eval_dataset, run_evaluation, update_best
 from fasttrain.trainer.instruments import Instruments
-from fasttrain.trainer.logging_step import stamp, training_record, write_outside_train
+from fasttrain.trainer.logging_step import stamp, train_end_record, training_record, write_outside_train
 from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga
 from fasttrain.trainer.optimizer_step import GradClipper, optimizer_step
 from fasttrain.data.streaming import StreamShard, is_iterable
@@ -54,7 +53,7 @@ from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shar
 from fasttrain.trainer import script_helpers
 from fasttrain.trainer.run_state import RunState
 from fasttrain.trainer.utils import (PredictionOutput, TrainOutput, dataset_len, forward_arg_names,
-                                     ignored_output_keys, samples_in,
+                                     ignored_output_keys, run_cleanup, samples_in,
                                      take, to_device, tokens_in, uses_label_shift, vocab_size_of)
 from fasttrain.training_args import TrainingArguments
 
@@ -315,20 +314,8 @@ class Trainer:
             self.optimizer = self.lr_scheduler = None
         self._stream = None
         loader = self.get_train_dataloader()
-        micro_per_epoch = math.inf if self._stream is not None else len(loader)  # a stream: until it ends
-        if micro_per_epoch == 0:
-            raise ValueError("the training dataloader yields no batches: the dataset has fewer "
-                             "examples than one batch with dataloader_drop_last=True; lower the batch size")
-        if self._stream is not None:
-            max_steps, num_epochs = args.max_steps, sys.maxsize  # passes repeat until max_steps, as HF
-        elif args.max_steps > 0:
-            steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
-            max_steps = args.max_steps
-            num_epochs = math.ceil(max_steps / steps_per_epoch)
-        else:
-            steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
-            max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
-            num_epochs = math.ceil(args.num_train_epochs)
+        micro_per_epoch, max_steps, num_epochs = loaders.plan_epochs(
+            args, None if self._stream is not None else len(loader))
         # activation checkpointing -> compile (in Instruments) -> FSDP -> optimizer
         checkpoint_activations_from_args(self.model, args)
         # From here on threads, files and handlers exist: whatever fails, the finally below
@@ -363,13 +350,9 @@ class Trainer:
         if rest:
             self.run.add_logged_window(rest)
         train_loss = self.run.mean_logged_loss()
-        steps_run = st.global_step - start_step
-        samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dist.world_size
-        # HF's end-of-training record (logged, so it reaches log_history and the console)
-        metrics = {"train_runtime": round(runtime, 4),
-                   "train_samples_per_second": round(steps_run * samples_per_step / max(runtime, 1e-9), 3),
-                   "train_steps_per_second": round(steps_run / max(runtime, 1e-9), 3),
-                   "total_flos": st.total_flos, "train_loss": train_loss}
+        metrics = train_end_record(runtime, st.global_step - start_step, train_loss, st.total_flos,
+                                   samples_per_step=args.per_device_train_batch_size
+                                   * args.gradient_accumulation_steps * self.dist.world_size)
         self._memory.stop_and_update("train", metrics)
         self.log(dict(metrics))  # train()'s writers are closed: this one opens and closes its own
         metrics["epoch"] = st.epoch
@@ -421,30 +404,17 @@ class Trainer:
         """Release everything train() holds. After a failure, cleanup errors are logged and
         the original error propagates; after success the first cleanup error is raised."""
         self._in_train = False
-        first_error = None
         logger_, self._logger = self._logger, None  # evaluate() after train() opens and closes its own
-        saver = self.checkpointer
-        for what, step in (
-                ("removing the NEFTune hook", self._neftune.remove if self._neftune is not None else None),
-                ("waiting for the background checkpoint save",
-                 None if saver is None else saver.drain if failed else saver.wait),
-                ("restoring the SIGTERM handler", self.run.restore_sigterm_handler if self.run else None),
-                ("stopping the peer watchdog", lambda: self.dist.stop_watchdog(clean=not failed)),
-                ("closing the training log", logger_.close if logger_ is not None else None),
-                ("closing the progress bars", self._close_progress_bars if failed else None),
-                ("writing the profile", self._finish_instruments)):
-            if step is None:
-                continue
-            try:
-                step()
-            except BaseException as e:  # noqa: BLE001 - see the docstring
-                if failed or first_error is not None:
-                    logger.error("while stopping training, %s also failed: %s", what, e)
-                else:
-                    first_error = e
-        self._neftune = None
-        if first_error is not None:
-            raise first_error
+        saver, neftune, self._neftune = self.checkpointer, self._neftune, None
+        run_cleanup((
+            ("removing the NEFTune hook", neftune.remove if neftune is not None else None),
+            ("waiting for the background checkpoint save",
+             None if saver is None else saver.drain if failed else saver.wait),
+            ("restoring the SIGTERM handler", self.run.restore_sigterm_handler if self.run else None),
+            ("stopping the peer watchdog", lambda: self.dist.stop_watchdog(clean=not failed)),
+            ("closing the training log", logger_.close if logger_ is not None else None),
+            ("closing the progress bars", self._close_progress_bars if failed else None),
+            ("writing the profile", self._finish_instruments)), failed)
 
     def _close_progress_bars(self) -> None:
         for callback in self.callback_handler.callbacks:  # on success, on_train_end closes them

@@ -1,7 +1,8 @@
-"""Small helpers the Trainer composes: seeds, loss extraction, batches."""
+"""Small helpers the Trainer composes: seeds, loss extraction, batches, cleanup."""
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 from typing import Any, NamedTuple, Optional
 
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 
 from fasttrain.data.datasets import IGNORE_INDEX
+
+logger = logging.getLogger("fasttrain")
 
 
 class EvalPrediction:
@@ -186,3 +189,22 @@ def take(iterator, n: int) -> list:
         except StopIteration:
             break
     return out
+
+
+def run_cleanup(steps, failed: bool) -> None:
+    """Run every (what, call) step in order, a None call skipped. After a failure (`failed`)
+    a step that raises is logged and the original error propagates; after success the first
+    step that raised is re-raised once every step has run."""
+    first_error = None
+    for what, step in steps:
+        if step is None:
+            continue
+        try:
+            step()
+        except BaseException as e:  # noqa: BLE001 - see the docstring
+            if failed or first_error is not None:
+                logger.error("while stopping training, %s also failed: %s", what, e)
+            else:
+                first_error = e
+    if first_error is not None:
+        raise first_error
