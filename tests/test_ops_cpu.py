@@ -283,15 +283,29 @@ def test_grad_norm_clip_matches_reference_over_mixed_dtypes(norm_type, max_norm)
 
 
 @pytest.mark.kernel_cases("fasttrain::grad_norm_clip")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
 @pytest.mark.parametrize("poison", [float("inf"), float("-inf"), float("nan")])
-def test_grad_norm_clip_flags_a_non_finite_gradient_anywhere(poison):
-    tensors = grad_list([torch.float32] * len(SHAPES))
+def test_grad_norm_clip_flags_a_non_finite_gradient_anywhere(poison, norm_type, dtype):
+    tensors = grad_list([torch.float32, torch.float32, dtype, torch.float32, torch.float32])
     tensors[2][70000] = poison  # the tail of the third chunk of a multi-chunk tensor
-    norm, divisor, found_inf = ops.grad_norm_clip(tensors, 2.0, 1.0)
-    assert found_inf.item() == 1.0
+    norm, divisor, found_inf = ops.grad_norm_clip(tensors, norm_type, 1.0)
+    ref = grad_norm_clip_reference([t.cpu() for t in tensors], 1.0, norm_type)
+    assert found_inf.item() == ref[2].item() == 1.0
     assert not torch.isfinite(norm) and not torch.isfinite(divisor)  # the update is skipped anyway
+    # NaN anywhere makes both NaN; +-inf alone gives +inf for both
+    torch.testing.assert_close(norm.cpu(), ref[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(divisor.cpu(), ref[1], rtol=0, atol=0, equal_nan=True)
     tensors[2][70000] = 0.0
-    assert ops.grad_norm_clip(tensors, 2.0, 1.0)[2].item() == 0.0
+    assert ops.grad_norm_clip(tensors, norm_type, 1.0)[2].item() == 0.0
+
+
+def test_grad_norm_clip_meta_gives_three_fp32_scalars_on_the_device():
+    tensors = [torch.empty(70001, device="meta", dtype=torch.bfloat16), torch.empty(3, 5, device="meta")]
+    outs = ops.grad_norm_clip(tensors, 2.0, 1.0)
+    assert [(o.shape, o.dtype, o.device.type) for o in outs] == [((), torch.float32, "meta")] * 3
+    with pytest.raises(RuntimeError, match=r"grad_norm_clip: max_norm must be > 0.*got 0"):
+        ops.grad_norm_clip(tensors, 2.0, 0.0)
 
 
 def test_grad_norm_clip_fallback_gives_the_op_s_values():

@@ -62,6 +62,8 @@ def compiled(tmp_path_factory):
         results[name] = {"rc": proc.returncode, "output": text}
     ptx = out / "grad_norm.ptx"
     results["grad_norm.ptx"]["ptx"] = ptx.read_text() if ptx.exists() else ""
+    for name in KERNEL_FILES:
+        results[name]["object"] = out / f"{name}.o"
     return results
 
 
@@ -154,6 +156,22 @@ def test_norm_kernel_reads_with_vector_loads(compiled):
 
 
 @needs_nvcc
+def test_every_launcher_the_glue_declares_is_compiled(compiled):
+    """launch.h's launchers (grad_norm's and grad_norm_clip's finish among them) are defined
+    in the compiled objects, and the finish kernel stores norm, divisor and flag."""
+    declared = set(re.findall(r"const char\* (launch_\w+)\(", (CUDA_DIR / "launch.h").read_text()))
+    assert {"launch_grad_norm_finish", "launch_grad_norm_clip_finish"} <= declared
+    symbols = subprocess.run(["nm", "-C", *(str(compiled[n]["object"]) for n in KERNEL_FILES)],
+                             text=True, capture_output=True, check=True).stdout
+    defined = set(re.findall(r" T fasttrain::cuda::(launch_\w+)\(", symbols))
+    assert declared <= defined, declared - defined
+    ptx = compiled["grad_norm.ptx"]["ptx"]
+    finish = ptx[ptx.index("norm_finish_kernel"):]
+    finish = finish[:finish.find(".entry", 1) if ".entry" in finish[1:] else len(finish)]
+    assert len(re.findall(r"st\.global\.f32", finish)) >= 3, "the finish kernel writes fewer than 3 outputs"
+
+
+@needs_nvcc
 def test_launcher_covers_every_chunk_once_within_limits(compiled):
     result = compiled["harness"]
     assert result["rc"] == 0 and "LAUNCHER OK" in result["output"], result["output"]
@@ -222,6 +240,29 @@ def test_cuda_clipping_runs_the_op_and_matches_torch(cuda_ops):
     torch.testing.assert_close(norm, want, rtol=1e-5, atol=0)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.grad, b.grad, rtol=2e-5, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_cuda_grad_norm_clip_matches_reference_without_a_host_sync(cuda_ops):
+    from fasttrain.kernels._reference import grad_norm_clip_reference
+    from fasttrain.ops import dispatch
+
+    assert dispatch.implementation("grad_norm_clip", "cuda") == "c++"
+    grads = _gpu_grads(torch.bfloat16)[:-1] + _gpu_grads(torch.float32)[-1:]
+    for p, max_norm in ((2.0, 1.0), (float("inf"), 1e9)):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = dispatch.grad_norm_clip(grads, max_norm, p)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        want = grad_norm_clip_reference(grads, max_norm, p)
+        for a, b in zip(got, want):
+            assert a.device.type == "cuda" and a.shape == () and a.dtype == torch.float32
+            torch.testing.assert_close(a, b.cuda(), rtol=1e-5, atol=0)
+    for poison in (float("inf"), float("nan")):
+        grads[-1][12_345_678] = poison
+        norm, divisor, found_inf = cuda_ops.grad_norm_clip(grads, 2.0, 1.0)
+        assert found_inf.item() == 1.0 and not divisor.isfinite() and not norm.isfinite()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ PROBE = textwrap.dedent("""
     from fasttrain.ops import dispatch, native as _ops
     print("AVAILABLE", _ops.available())
     print("STEP_OK", dispatch.grad_norm([torch.ones(4)]).item() == 2.0)
+    clip = dispatch.grad_norm_clip([torch.ones(4), torch.tensor([float("nan")])], 0.5)
+    print("CLIP", dispatch.implementation("grad_norm_clip", "cpu"),
+          [round(t.item(), 6) for t in dispatch.grad_norm_clip([torch.ones(4)], 0.5)], clip[2].item())
 """)
 
 
@@ -46,6 +49,8 @@ def probes(tmp_path_factory):
 def test_loader_falls_back_and_says_why(probes, case, reason):
     out = probes[case]
     assert "AVAILABLE False" in out and "STEP_OK True" in out, out
+    # the Trainer's clipping tail from torch ops: norm 2, divisor (2 + 1e-6) / 0.5, flag for NaN
+    assert "CLIP torch [2.0, 4.000002, 0.0] 1.0" in out, out
     assert reason in out and "using the PyTorch fallback" in out, out
 
 
@@ -53,6 +58,7 @@ def test_loader_takes_the_library_from_fasttrain_ops_lib(probes):
     if "explicit" not in probes:
         pytest.fail("build/libfasttrain_ops.so is missing: run bash scripts/build_ops.sh")
     assert "AVAILABLE True" in probes["explicit"], probes["explicit"]
+    assert "CLIP c++ [2.0, 4.000002, 0.0] 1.0" in probes["explicit"], probes["explicit"]
     assert f"loaded {_ops.DEFAULT_LIBRARY_PATH}" in probes["explicit"]
 
 
