@@ -326,6 +326,26 @@ def test_grad_norm_clip_fallback_gives_the_op_s_values():
         dispatch.grad_norm_clip(tensors, 0)
 
 
+def test_grad_norm_clip_for_a_run_is_the_op_and_takes_torch_for_a_strided_grad():
+    """The Trainer's per-run function: the op itself each step; a non-contiguous gradient (the
+    op refuses it) gets the same three values from the torch ops instead of an error."""
+    tensors = grad_list([torch.float32, torch.bfloat16, torch.float32])
+    clip = dispatch.grad_norm_clip_for("cpu", 0.5)
+    for a, b in zip(clip(tensors), ops.grad_norm_clip(tensors, 2.0, 0.5)):
+        assert torch.equal(a, b)
+    strided = [tensors[0].t(), tensors[1], tensors[2]]
+    assert not strided[0].is_contiguous()
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        ops.grad_norm_clip(strided, 2.0, 0.5)
+    for a, b in zip(clip(strided), ops.grad_norm_clip(tensors, 2.0, 0.5)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match="tensors\\[1\\] has dtype Long"):  # other errors still raise
+        clip([tensors[0], torch.ones(3, dtype=torch.long)])
+    with pytest.raises(ValueError, match="max_norm=-1.0 must be > 0"):
+        dispatch.grad_norm_clip_for("cpu", -1.0)
+    assert [t.item() for t in dispatch.grad_norm_clip([], 1.0)] == [0.0, 1.0, 0.0]
+
+
 # ----------------------------------------------------------------------------- contracts
 def adamw_args(shapes=((5, 3), (7,)), master=False):
     s = make_state(shapes, torch.bfloat16 if master else torch.float32, master)

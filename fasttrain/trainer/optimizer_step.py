@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm_clip
+from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm_clip, grad_norm_clip_for
 from fasttrain.optim.schedules import step_scheduler
 from fasttrain.optim.skip import flag_interface, step_skipping, takes_grad_scale
 
@@ -31,8 +31,10 @@ class GradClipper:
     def __init__(self, trainable: list):
         self.trainable = trainable
         self.sharded = any(hasattr(p, "full_tensor") for p in trainable)  # FSDP: DTensors
-        # decided once: the per-step call then skips grad_norm_clip's checks
+        # decided once per run: the per-step call is then the clip op and a list of grads
+        self._nonempty = [p for p in trainable if p.numel()]
         self._one_device = len({p.device for p in trainable}) <= 1
+        self._clip = self._clip_max_norm = None
 
     def clip(self, max_norm: float, optimizer, scaler):
         """(total gradient norm, divisor for the optimizer or None, non-finite flag or None).
@@ -46,10 +48,15 @@ class GradClipper:
             if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor, no comm
                 norm = norm.full_tensor()
             return norm, None, None
-        grads = [g for p in self.trainable if (g := p.grad) is not None and g.numel()]
+        grads = [g for p in self._nonempty if (g := p.grad) is not None]
         if not grads:
             return _no_gradients(self.trainable)
-        return grad_norm_clip(grads, max_norm, checked=self._one_device)
+        if not self._one_device:  # model parallel across devices: grad_norm_clip says why not
+            return grad_norm_clip(grads, max_norm)
+        if self._clip_max_norm != max_norm:
+            self._clip = grad_norm_clip_for(grads[0].device.type, max_norm)
+            self._clip_max_norm = max_norm
+        return self._clip(grads)
 
 
 def _no_gradients(trainable: list):
