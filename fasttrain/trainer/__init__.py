@@ -10,7 +10,9 @@ micro-batch and the step's token counts (`loss_paths.py`), the optimizer step an
 the profiler + compile monitor wiring (`instruments.py`), the metrics log (`metrics_log.py`),
 the small methods HF scripts call (`script_helpers.py`), HF's options around the step
 (`hf_options.py`), HF's auto_find_batch_size retry (`batch_size_search.py`), activation
-checkpointing + FSDP (`parallelize.py`) and batch helpers (`utils.py`). Save/resume is `fasttrain.checkpoint.Checkpointer`, handed the components.
+checkpointing + FSDP (`parallelize.py`), the set-up and teardown of one train() call around
+the loop (`lifecycle.py`, the one sibling handed the Trainer itself, to call its overridable
+methods) and batch helpers (`utils.py`). Save/resume is `fasttrain.checkpoint.Checkpointer`, handed the components.
 May import every other fasttrain package; nothing else imports it (the CLI excepted).
 """
 from fasttrain.trainer.trainer import Trainer

@@ -17,6 +17,9 @@ from typing import Callable
 
 import torch
 
+from fasttrain.checkpoint import storage
+from fasttrain.checkpoint.checkpointer import Checkpointer
+
 logger = logging.getLogger("fasttrain")
 
 OOM_MESSAGES = (" out of memory.", "MPS backend out of memory", "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.",
@@ -32,6 +35,19 @@ def _free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def first_batch_size(args, resume) -> int:
+    """The search starts from the batch size a resumed run had found (as HF)."""
+    if resume:
+        try:
+            path = Checkpointer(args.output_dir, None).resolve(resume)
+            saved = storage.read_json(path, "trainer_state.json").get("train_batch_size")
+        except Exception:  # noqa: BLE001 - the resume itself reports a bad checkpoint
+            saved = None
+        if saved:
+            return int(saved)
+    return args.per_device_train_batch_size
 
 
 def run_with_shrinking_batch(attempt: Callable[[int], object], start: int):

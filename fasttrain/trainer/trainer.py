@@ -11,22 +11,21 @@ This file keeps the loop and every method an HF subclass may override (compute_l
 training_step, log, evaluate, prediction_step, get_*_dataloader, create_optimizer, ...);
 the loop calls them through `self`. Their bodies live beside it, handed what they use:
 loss_paths.py, optimizer_step.py, logging_step.py, evaluation.py, loaders.py,
-checkpointing.py, script_helpers.py.
+checkpointing.py, script_helpers.py; the set-up and teardown of a train() call are
+lifecycle.py's.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import logging
-import math
 import time
 from typing import Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fasttrain.checkpoint import hf_layout, storage
-from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, prepare_output_dir
+from fasttrain.checkpoint.checkpointer import Checkpointer
 from fasttrain.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
                                  TrainerControl, TrainerState)
 from fasttrain.data.columns import collate_or_explain
@@ -36,24 +35,23 @@ from fasttrain.trainer.metrics_log import MetricsLogger
 from fasttrain.optim.factory import build_optimizer
 from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
-from fasttrain.optim.schedules import LRScheduler, build_scheduler, step_on_metrics
-from fasttrain.trainer import hf_options, loaders
+from fasttrain.optim.schedules import build_scheduler, step_on_metrics
+from fasttrain.trainer import hf_options, lifecycle, loaders
 from fasttrain.profiler.memory_metrics import MemoryMetrics
-from fasttrain.trainer.batch_size_search import evaluation_oom_error, is_out_of_memory, run_with_shrinking_batch
-from fasttrain.trainer.checkpointing import (build_checkpointer, record_stream_position, resume_run,
-                                            write_model_folder)
+from fasttrain.trainer.batch_size_search import (evaluation_oom_error, first_batch_size, is_out_of_memory,
+                                                 run_with_shrinking_batch)
+from fasttrain.trainer.checkpointing import record_stream_position, write_model_folder
 from fasttrain.trainer.eval_collect import EvalOptions
 from fasttrain.trainer.evaluation import predict_batch, resolve_eval_dataset, run_evaluation, update_best
 from fasttrain.trainer.instruments import Instruments
-from fasttrain.trainer.logging_step import stamp, train_end_record, training_record, write_outside_train
+from fasttrain.trainer.logging_step import stamp, training_record, write_outside_train
 from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga
 from fasttrain.trainer.optimizer_step import GradClipper, optimizer_step
 from fasttrain.data.streaming import StreamShard, is_iterable
-from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
 from fasttrain.trainer import script_helpers
 from fasttrain.trainer.run_state import RunState
-from fasttrain.trainer.utils import (PredictionOutput, TrainOutput, dataset_len, forward_arg_names,
-                                     ignored_output_keys, run_cleanup, samples_in,
+from fasttrain.trainer.utils import (PredictionOutput, dataset_len, forward_arg_names,
+                                     ignored_output_keys, samples_in,
                                      take, to_device, tokens_in, uses_label_shift, vocab_size_of)
 from fasttrain.training_args import TrainingArguments
 
@@ -273,7 +271,7 @@ class Trainer:
         self._memory.start("train")
         try:
             if not self.args.auto_find_batch_size:
-                return self._train(resume)
+                return lifecycle.train(self, resume)
             given = self.optimizer, self.lr_scheduler  # a retry builds its own again, as the first try did
             requested = self.args  # left as the caller made it, as HF leaves it
 
@@ -281,8 +279,8 @@ class Trainer:
                 self.args = copy.copy(requested)
                 self.args.per_device_train_batch_size = batch_size
                 self.optimizer, self.lr_scheduler = given
-                return self._train(resume)
-            return run_with_shrinking_batch(attempt, self._first_batch_size(resume))
+                return lifecycle.train(self, resume)
+            return run_with_shrinking_batch(attempt, first_batch_size(self.args, resume))
         finally:
             self._memory.stop("train")  # after a failure (a success has reported it)
 
@@ -290,140 +288,6 @@ class Trainer:
     def _train_batch_size(self) -> int:
         """HF's name for the per-process training batch (what auto_find_batch_size found)."""
         return self.args.train_batch_size
-
-    def _first_batch_size(self, resume) -> int:
-        """auto_find_batch_size starts from the batch size a resumed run had found (as HF)."""
-        if resume:
-            try:
-                path = Checkpointer(self.args.output_dir, None).resolve(resume)
-                saved = storage.read_json(path, "trainer_state.json").get("train_batch_size")
-            except Exception:  # noqa: BLE001 - the resume itself reports a bad checkpoint
-                saved = None
-            if saved:
-                return int(saved)
-        return self.args.per_device_train_batch_size
-
-    def _train(self, resume_from_checkpoint):
-        args = self.args
-        prepare_output_dir(args.output_dir, bool(resume_from_checkpoint), args.overwrite_output_dir,
-                           self.dist.is_main)
-        hf_options.seed_everything(args)
-        if self.model_init is not None:  # as HF: a fresh model (and optimizer) seeded by args.seed
-            self._set_model(self.call_model_init())
-            self.callback_handler.model = self.model
-            self.optimizer = self.lr_scheduler = None
-        self._stream = None
-        loader = self.get_train_dataloader()
-        micro_per_epoch, max_steps, num_epochs = loaders.plan_epochs(
-            args, None if self._stream is not None else len(loader))
-        # activation checkpointing -> compile (in Instruments) -> FSDP -> optimizer
-        checkpoint_activations_from_args(self.model, args)
-        # From here on threads, files and handlers exist: whatever fails, the finally below
-        # releases them, and a cleanup step that fails too never hides the first error.
-        self._instruments = Instruments(args, self.model, self.dist, self.train_dataset)
-        self.run = self.checkpointer = self._neftune = None
-        failed = True
-        self._in_train = True  # bf16/fp16_full_eval cast only outside training, as HF
-        try:
-            start_step, start_time = self._begin_training(loader, resume_from_checkpoint, max_steps,
-                                                          num_epochs)
-            if args.eval_on_start:  # as HF: a sanity evaluation before the first step
-                self.evaluate()
-                self.model_wrapped.train()
-                self.run.window.t0 = time.perf_counter()
-            with self._instruments.oom_guard():
-                self._run_epochs(loader, num_epochs, micro_per_epoch)
-            self.checkpointer.wait()
-            failed = False
-        except RuntimeError as e:
-            lost = self.dist.peer_lost(e, "a collective of the training loop")
-            if lost is None:
-                raise
-            raise lost from None  # fasttrain's message instead of the transport's
-        finally:
-            self._finish_training(failed)
-        st = self.state
-        runtime = time.perf_counter() - start_time
-        if args.load_best_model_at_end and st.best_model_checkpoint:
-            hf_layout.load_weights(self.model, st.best_model_checkpoint)
-        rest = self.run.window.flush(self.dist)  # steps after the last logging step count too
-        if rest:
-            self.run.add_logged_window(rest)
-        train_loss = self.run.mean_logged_loss()
-        metrics = train_end_record(runtime, st.global_step - start_step, train_loss, st.total_flos,
-                                   samples_per_step=args.per_device_train_batch_size
-                                   * args.gradient_accumulation_steps * self.dist.world_size)
-        self._memory.stop_and_update("train", metrics)
-        self.log(dict(metrics))  # train()'s writers are closed: this one opens and closes its own
-        metrics["epoch"] = st.epoch
-        metrics["train_tokens"] = st.num_input_tokens_seen
-        self._event("on_train_end")
-        return TrainOutput(st.global_step, train_loss, metrics)
-
-    def _begin_training(self, loader, resume_from_checkpoint, max_steps: int, num_epochs: int):
-        args = self.args
-        self._fsdp = shard_from_args(self.model, args, self.dist, optimizer_given=self.optimizer is not None)
-        self.create_optimizer_and_scheduler(max_steps)
-        self.scaler = self._build_scaler()
-        self.model_wrapped = self.dist.wrap(self.model, args)
-        self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
-        self.callback_handler.train_dataloader = loader
-        # as HF: each train() starts from a fresh TrainerState (a resume then loads the saved one)
-        st = self.state = TrainerState(is_world_process_zero=self.dist.is_main,
-                                       is_local_process_zero=self.dist.local_rank == 0)
-        st.max_steps, st.num_train_epochs = max_steps, num_epochs
-        st.compute_steps(args, max_steps)
-        st.train_batch_size = args.per_device_train_batch_size
-        self._clipper = GradClipper([p for p in self.model.parameters() if p.requires_grad])
-        self._losses.args = args  # auto_find_batch_size gives each attempt its own copy of the arguments
-        # one count of skipped steps: the LR schedule's when it is ours (it holds the LR on them)
-        schedule_counts = isinstance(self.lr_scheduler, LRScheduler) and self.lr_scheduler.device_mode
-        self.run = RunState(self.device, self.dist.world_size, args.per_device_train_batch_size,
-                            skipped=self.lr_scheduler.skipped.view(()) if schedule_counts else None,
-                            skips_counted_elsewhere=schedule_counts)
-        self.run.window.nan_inf_filter = args.logging_nan_inf_filter
-        self.checkpointer = self._build_checkpointer()
-        if resume_from_checkpoint:
-            resume_run(self.checkpointer, resume_from_checkpoint, args=args, run=self.run, state=st,
-                       steps_per_epoch=lambda: math.ceil(len(loader) / args.gradient_accumulation_steps),
-                       stream=self._stream, dist=self.dist,
-                       built_optimizer=getattr(self, "_built_optimizer", False))
-        self._logger = MetricsLogger(args, self.dist.is_main, max_steps, resume=bool(resume_from_checkpoint),
-                                     history=st.log_history if resume_from_checkpoint else None)
-        self.run.install_sigterm_handler()
-        self.dist.start_watchdog(args.ddp_heartbeat_timeout)
-        self.model_wrapped.train()  # evaluation restores the mode it found
-        self._event("on_train_begin")
-        start_time = time.perf_counter()
-        self._start_step = st.global_step
-        self.run.window.t0 = start_time  # set-up and resume time are not training time
-        self._neftune = hf_options.activate_neftune(self.model, args.neftune_noise_alpha)
-        return st.global_step, start_time
-
-    def _finish_training(self, failed: bool) -> None:
-        """Release everything train() holds. After a failure, cleanup errors are logged and
-        the original error propagates; after success the first cleanup error is raised."""
-        self._in_train = False
-        logger_, self._logger = self._logger, None  # evaluate() after train() opens and closes its own
-        saver, neftune, self._neftune = self.checkpointer, self._neftune, None
-        run_cleanup((
-            ("removing the NEFTune hook", neftune.remove if neftune is not None else None),
-            ("waiting for the background checkpoint save",
-             None if saver is None else saver.drain if failed else saver.wait),
-            ("restoring the SIGTERM handler", self.run.restore_sigterm_handler if self.run else None),
-            ("stopping the peer watchdog", lambda: self.dist.stop_watchdog(clean=not failed)),
-            ("closing the training log", logger_.close if logger_ is not None else None),
-            ("closing the progress bars", self._close_progress_bars if failed else None),
-            ("writing the profile", self._finish_instruments)), failed)
-
-    def _close_progress_bars(self) -> None:
-        for callback in self.callback_handler.callbacks:  # on success, on_train_end closes them
-            if hasattr(callback, "close_bars"):
-                callback.close_bars()
-
-    def _finish_instruments(self) -> None:
-        self.profile_summary = None
-        self.profile_summary = self._instruments.finish(self.dist.is_main, quiet=self.args.disable_tqdm)
 
     def _run_epochs(self, loader, num_epochs: int, micro_per_epoch: int):
         args, st, run = self.args, self.state, self.run
@@ -541,16 +405,6 @@ class Trainer:
         return self.dist.any_flag(requested) if agree_now else False
 
     # ------------------------------------------------------------------ checkpoints
-    def _build_checkpointer(self) -> Checkpointer:
-        args = self.args
-        components = RunComponents(
-            model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-            run_state=self.run, trainer_state=self.state, scaler=self.scaler,
-            callbacks=self.callback_handler, training_args=args.to_dict(),
-            restore_callbacks=args.restore_callback_states_from_checkpoint, control=self.control,
-            args_object=args, model_only=args.save_only_model)
-        return build_checkpointer(args, components, self.dist, sharded=self._fsdp is not None)
-
     def _save_checkpoint(self, metrics=None, blocking: bool = False, best: bool = False) -> str:
         """Save `checkpoint-<global_step>`; `best`: it holds the new best model."""
         if self.scaler is not None:
