@@ -185,8 +185,9 @@ def grad_norm_clip_for(device_type: str, max_norm: float, norm_type: float = 2.0
     here once: max_norm's check, the implementation on `device_type`, the float arguments.
     The per-step call is then the op in a `try` (GradClipper.clip on a Linear(16, 1): about
     4.4 us of host time on CPU, the op alone 3.3, where the checked wrapper took 6.5): its
-    gradients must be non-empty and on one device, which the caller checks once (GradClipper). A non-contiguous gradient (autograd gives none for
-    contiguous parameters; a callback could assign one) takes the torch ops."""
+    gradients must be non-empty and on one device, which the caller checks once
+    (GradClipper). A non-contiguous gradient (autograd gives none for contiguous parameters;
+    a callback could assign one) takes the torch ops."""
     _check_max_norm(max_norm)
     norm_type, max_norm = float(norm_type), float(max_norm)
     if implementation("grad_norm_clip", device_type) != "c++":

@@ -3,7 +3,7 @@
 Handed what it acts on (arguments, optimizer, loss scaler, LR schedule, the loop's
 RunState, the callback event); reads no flag on the host except for optimizers that cannot
 skip on a device flag (marked `# sync:`). `GradClipper` owns the trainable parameters and
-the one constant the clip divisor needs, built once per run.
+the clipping function (norm, divisor and skip flag in one op), chosen once per run.
 """
 from __future__ import annotations
 
