@@ -55,7 +55,9 @@ Partials norm_partials(const char* op, at::TensorList tensors, double norm_type)
   for (const auto& [dtype, group] : groups) total += grad_norm_num_partials(group.data(), group.size());
   const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
   at::Tensor partials = at::empty({std::max<int64_t>(total, 1)}, options);
-  partials.zero_();
+  // every chunk's block writes its own slot (tests/test_ops_cuda_compile.py's launcher check:
+  // each chunk once), so only a list of empty tensors needs the zero: no memset launch a step
+  if (total == 0) partials.zero_();
   int64_t offset = 0;
   for (const auto& [dtype, group] : groups) {
     check_launch(launch_grad_norm_partials(group.data(), static_cast<int>(group.size()),
