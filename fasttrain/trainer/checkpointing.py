@@ -83,6 +83,28 @@ def record_stream_position(run, stream, dist, num_workers: int) -> None:
     run.stream_states = states if any(states) else None
 
 
+def save_step(checkpointer: Checkpointer, step: int, *, run, scaler, stream, dist, num_workers: int,
+              best: bool, blocking: bool) -> str:
+    """Save `checkpoint-<step>`; `best`: it holds the new best model."""
+    if scaler is not None:
+        scaler.check_divergence()  # a diverged fp16 run stops before it saves
+    if stream is not None:  # every rank's stream position (a collective)
+        record_stream_position(run, stream, dist, num_workers)
+    run.saved_step = step
+    return checkpointer.save(step, best=best, blocking=blocking)
+
+
+def save_model_folder(model, output_dir: str, args, processing_class, *, dist, sharded: bool) -> None:
+    """The model folder on the main process; `sharded` (FSDP): the weights are gathered shard
+    by shard onto rank 0 first (a collective)."""
+    state_dict = None
+    if sharded:
+        from fasttrain.checkpoint.sharded import full_model_state
+        state_dict = full_model_state(model)
+    if dist.is_main:
+        write_model_folder(model, output_dir, args, processing_class, state_dict=state_dict)
+
+
 def write_model_folder(model, output_dir: str, args, processing_class, state_dict=None) -> None:
     """Weights (safetensors), config, the tokenizer/processor (so AutoTokenizer reloads the
     folder, as HF) and HF's training_args.bin."""

@@ -4,7 +4,7 @@ optimizer and scheduler, loss scaler, the data-parallel wrapper, a fresh Trainer
 RunState, the Checkpointer and the resume, the metrics log, SIGTERM handler, peer watchdog,
 NEFTune), HF's end-of-training record, and the teardown that releases what the set-up made.
 
-Handed the Trainer itself, the one sibling that is: the set-up goes through the methods an
+Handed the Trainer itself (as eval_calls.py is): the set-up goes through the methods an
 HF subclass may override (call_model_init, get_train_dataloader,
 create_optimizer_and_scheduler, evaluate, log, the loop), so overrides are honoured, and it
 writes the attributes the loop then reads (those listed in `Trainer.__init__`, and

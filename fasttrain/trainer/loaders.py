@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from fasttrain.data.columns import kept_columns, remove_unused_columns
 from fasttrain.data.lengths import example_lengths, model_input_name_of
 from fasttrain.distributed.sampler import ShardedSampler
-from fasttrain.data.streaming import StreamShard
+from fasttrain.data.streaming import StreamShard, is_iterable
 from fasttrain.trainer import hf_options
 from fasttrain.trainer.utils import dataset_len
 
@@ -89,6 +89,29 @@ def stream_loader(dataset, *, collate, args, dist, device) -> tuple[StreamShard,
                               num_workers=args.dataloader_num_workers,
                               pin_memory=args.dataloader_pin_memory and device.type == "cuda",
                               generator=torch.Generator().manual_seed(args.seed))  # see loader()
+
+
+def train_loader(dataset, model, *, collate, args, dist, device, processing_class):
+    """(loader, stream, sampler) of train_dataset: a stream's shard and loader (no sampler),
+    or a map-style dataset through the sharded sampler (no stream)."""
+    if dataset is None:
+        raise ValueError("Trainer.train() needs train_dataset; pass Trainer(train_dataset=...)")
+    if is_iterable(dataset):
+        stream, stream_loader_ = stream_loader(dataset, collate=collate, args=args, dist=dist, device=device)
+        return stream_loader_, stream, None
+    n = dataset_len(dataset, "train_dataset")
+    dataset = drop_unused_columns(dataset, model, args, "training")
+    sampler = train_sampler(n, dataset, args, dist, processing_class)
+    return (loader(dataset, sampler, args.per_device_train_batch_size, args.dataloader_drop_last,
+                   collate=collate, args=args, device=device), None, sampler)
+
+
+def eval_loader(dataset, description: str, model, *, collate, args, dist, device) -> DataLoader:
+    """An evaluation or test set, in order, each rank its unpadded shard."""
+    sampler = eval_sampler(dataset, description, dist)
+    dataset = drop_unused_columns(dataset, model, args, description)
+    return loader(dataset, sampler, args.per_device_eval_batch_size, False,
+                  collate=collate, args=args, device=device)
 
 
 def drop_unused_columns(dataset, model, args, description: str):

@@ -9,10 +9,20 @@ under the output directory they are given.
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import os
 
 from fasttrain.checkpoint.hf_layout import hf_trainer_state_json
+
+
+def call_model_init(model_init, trial=None):
+    """A fresh model from `model_init` (called with `trial` if it takes an argument)."""
+    n_args = len(inspect.signature(model_init).parameters)
+    model = model_init(trial) if n_args == 1 else model_init()
+    if model is None:
+        raise RuntimeError("model_init returned None; it must return a torch.nn.Module")
+    return model
 
 
 def metrics_format(metrics: dict) -> dict:

@@ -12,7 +12,7 @@ training_step, log, evaluate, prediction_step, get_*_dataloader, create_optimize
 the loop calls them through `self`. Their bodies live beside it, handed what they use:
 loss_paths.py, optimizer_step.py, logging_step.py, evaluation.py, loaders.py,
 checkpointing.py, script_helpers.py; the set-up and teardown of a train() call are
-lifecycle.py's.
+lifecycle.py's, evaluate()'s and predict()'s eval_calls.py's.
 """
 from __future__ import annotations
 
@@ -36,21 +36,20 @@ from fasttrain.optim.factory import build_optimizer
 from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
 from fasttrain.optim.schedules import build_scheduler, step_on_metrics
-from fasttrain.trainer import hf_options, lifecycle, loaders
+from fasttrain.trainer import eval_calls, hf_options, lifecycle, loaders
 from fasttrain.profiler.memory_metrics import MemoryMetrics
-from fasttrain.trainer.batch_size_search import (evaluation_oom_error, first_batch_size, is_out_of_memory,
-                                                 run_with_shrinking_batch)
-from fasttrain.trainer.checkpointing import record_stream_position, write_model_folder
+from fasttrain.trainer.batch_size_search import first_batch_size, run_with_shrinking_batch
+from fasttrain.trainer.checkpointing import save_model_folder, save_step
 from fasttrain.trainer.eval_collect import EvalOptions
 from fasttrain.trainer.evaluation import predict_batch, resolve_eval_dataset, run_evaluation, update_best
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.logging_step import stamp, training_record, write_outside_train
 from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga
 from fasttrain.trainer.optimizer_step import GradClipper, optimizer_step
-from fasttrain.data.streaming import StreamShard, is_iterable
+from fasttrain.data.streaming import StreamShard
 from fasttrain.trainer import script_helpers
 from fasttrain.trainer.run_state import RunState
-from fasttrain.trainer.utils import (PredictionOutput, dataset_len, forward_arg_names,
+from fasttrain.trainer.utils import (PredictionOutput, forward_arg_names,
                                      ignored_output_keys, samples_in,
                                      take, to_device, tokens_in, uses_label_shift, vocab_size_of)
 from fasttrain.training_args import TrainingArguments
@@ -129,12 +128,7 @@ class Trainer:
 
     def call_model_init(self, trial=None):
         """A fresh model from `model_init` (called with `trial` if it takes an argument)."""
-        import inspect
-        n_args = len(inspect.signature(self.model_init).parameters)
-        model = self.model_init(trial) if n_args == 1 else self.model_init()
-        if model is None:
-            raise RuntimeError("model_init returned None; it must return a torch.nn.Module")
-        return model
+        return script_helpers.call_model_init(self.model_init, trial)
 
     # ------------------------------------------------------------------ callbacks
     def add_callback(self, callback):
@@ -178,19 +172,10 @@ class Trainer:
         return autocast_context(self.device.type, bf16=self.args.bf16, fp16=self.args.fp16)
 
     def get_train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            raise ValueError("Trainer.train() needs train_dataset; pass Trainer(train_dataset=...)")
-        args = self.args
-        if is_iterable(self.train_dataset):
-            self._stream, stream = loaders.stream_loader(self.train_dataset, collate=self._collate, args=args,
-                                                         dist=self.dist, device=self.device)
-            self._train_sampler = None
-            return stream
-        n = dataset_len(self.train_dataset, "train_dataset")
-        dataset = loaders.drop_unused_columns(self.train_dataset, self.model, args, "training")
-        self._train_sampler = loaders.train_sampler(n, dataset, args, self.dist, self.processing_class)
-        return loaders.loader(dataset, self._train_sampler, args.per_device_train_batch_size,
-                              args.dataloader_drop_last, collate=self._collate, args=args, device=self.device)
+        loader, self._stream, self._train_sampler = loaders.train_loader(
+            self.train_dataset, self.model, collate=self._collate, args=self.args, dist=self.dist,
+            device=self.device, processing_class=self.processing_class)
+        return loader
 
     def _collate(self, features):
         check_examples(features, "the dataset")  # one isinstance per example
@@ -407,22 +392,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, metrics=None, blocking: bool = False, best: bool = False) -> str:
         """Save `checkpoint-<global_step>`; `best`: it holds the new best model."""
-        if self.scaler is not None:
-            self.scaler.check_divergence()  # a diverged fp16 run stops before it saves
-        if self._stream is not None:  # every rank's stream position (a collective)
-            record_stream_position(self.run, self._stream, self.dist, self.args.dataloader_num_workers)
-        self.run.saved_step = self.state.global_step
-        return self.checkpointer.save(self.state.global_step, best=best, blocking=blocking)
+        return save_step(self.checkpointer, self.state.global_step, run=self.run, scaler=self.scaler,
+                         stream=self._stream, dist=self.dist, num_workers=self.args.dataloader_num_workers,
+                         best=best, blocking=blocking)
 
     def save_model(self, output_dir=None) -> None:
         """Weights (safetensors) and config of the model, for inference or fine-tuning."""
-        state_dict = None
-        if self._fsdp is not None:  # gathered shard by shard onto rank 0 (a collective)
-            from fasttrain.checkpoint.sharded import full_model_state
-            state_dict = full_model_state(self.model)
-        if self.dist.is_main:
-            write_model_folder(self.model, output_dir or self.args.output_dir, self.args,
-                               self.processing_class, state_dict=state_dict)
+        save_model_folder(self.model, output_dir or self.args.output_dir, self.args, self.processing_class,
+                          dist=self.dist, sharded=self._fsdp is not None)
 
     # ------------------------------------------------------------------ evaluation (HF API)
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
@@ -438,10 +415,8 @@ class Trainer:
         return self._eval_loader(test_dataset, "test")
 
     def _eval_loader(self, dataset, description: str) -> DataLoader:
-        sampler = loaders.eval_sampler(dataset, description, self.dist)
-        dataset = loaders.drop_unused_columns(dataset, self.model, self.args, description)
-        return loaders.loader(dataset, sampler, self.args.per_device_eval_batch_size, False,
-                              collate=self._collate, args=self.args, device=self.device)
+        return loaders.eval_loader(dataset, description, self.model, collate=self._collate, args=self.args,
+                                   dist=self.dist, device=self.device)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         if eval_dataset is None and isinstance(self.eval_dataset, dict):
@@ -451,34 +426,10 @@ class Trainer:
             for name, ds in eval_dataset.items():
                 metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        self._memory.start("eval")
-        try:
-            loader = self.get_eval_dataloader(eval_dataset)
-            only_loss = self.compute_metrics is None or self.args.prediction_loss_only
-            output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=only_loss,
-                                          ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-            self.log(dict(output.metrics))
-            self._event("on_evaluate", metrics=output.metrics)
-            self._memory.stop_and_update("eval", output.metrics)  # as HF: returned, not logged
-        except RuntimeError as e:
-            if self._in_train and self.args.auto_find_batch_size and is_out_of_memory(e):
-                raise evaluation_oom_error(e) from e
-            raise
-        finally:
-            self._memory.stop("eval")  # after a failure
-        return output.metrics
+        return eval_calls.evaluate_one(self, eval_dataset, ignore_keys, metric_key_prefix)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
-        self._memory.start("test")
-        try:
-            loader = self.get_test_dataloader(test_dataset)
-            output = self.evaluation_loop(loader, "Prediction", prediction_loss_only=self.args.prediction_loss_only,
-                                          ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-            self._event("on_predict", metrics=output.metrics)
-            self._memory.stop_and_update("test", output.metrics)
-        finally:
-            self._memory.stop("test")  # after a failure
-        return output
+        return eval_calls.predict(self, test_dataset, ignore_keys, metric_key_prefix)
 
     def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
         """(loss_sum, token_count, logits, labels) of one batch; logits None when not needed."""
