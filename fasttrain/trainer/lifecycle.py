@@ -13,6 +13,7 @@ only for its type.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from fasttrain.checkpoint import hf_layout
 from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, prepare_output_dir
 from fasttrain.optim.schedules import LRScheduler
 from fasttrain.trainer import hf_options, loaders
+from fasttrain.trainer.batch_size_search import first_batch_size, run_with_shrinking_batch
 from fasttrain.trainer.checkpointing import build_checkpointer, resume_run
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.logging_step import train_end_record
@@ -35,8 +37,27 @@ if TYPE_CHECKING:
     from fasttrain.trainer.trainer import Trainer
 
 
-def train(trainer: Trainer, resume_from_checkpoint) -> TrainOutput:
-    """One training run with `trainer.args` (auto_find_batch_size runs one per try)."""
+def train(trainer: Trainer, resume) -> TrainOutput:
+    """train()'s body: one run, or with auto_find_batch_size one per batch size tried."""
+    trainer._memory.start("train")
+    try:
+        if not trainer.args.auto_find_batch_size:
+            return _train_once(trainer, resume)
+        given = trainer.optimizer, trainer.lr_scheduler  # a retry builds its own again, as the first try did
+        requested = trainer.args  # left as the caller made it, as HF leaves it
+
+        def attempt(batch_size):
+            trainer.args = copy.copy(requested)
+            trainer.args.per_device_train_batch_size = batch_size
+            trainer.optimizer, trainer.lr_scheduler = given
+            return _train_once(trainer, resume)
+        return run_with_shrinking_batch(attempt, first_batch_size(trainer.args, resume))
+    finally:
+        trainer._memory.stop("train")  # after a failure (a success has reported it)
+
+
+def _train_once(trainer: Trainer, resume_from_checkpoint) -> TrainOutput:
+    """One training run with `trainer.args`."""
     args = trainer.args
     prepare_output_dir(args.output_dir, bool(resume_from_checkpoint), args.overwrite_output_dir,
                        trainer.dist.is_main)

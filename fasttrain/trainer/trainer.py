@@ -12,12 +12,10 @@ training_step, log, evaluate, prediction_step, get_*_dataloader, create_optimize
 the loop calls them through `self`. Their bodies live beside it, handed what they use:
 loss_paths.py, optimizer_step.py, logging_step.py, evaluation.py, loaders.py,
 checkpointing.py, script_helpers.py; the set-up and teardown of a train() call are
-lifecycle.py's, evaluate()'s and predict()'s eval_calls.py's.
+lifecycle.py's, those of evaluate/predict/evaluation_loop/prediction_step eval_calls.py's.
 """
 from __future__ import annotations
 
-import copy
-import functools
 import logging
 import time
 from typing import Callable, Optional
@@ -38,10 +36,8 @@ from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast
 from fasttrain.optim.schedules import build_scheduler, step_on_metrics
 from fasttrain.trainer import eval_calls, hf_options, lifecycle, loaders
 from fasttrain.profiler.memory_metrics import MemoryMetrics
-from fasttrain.trainer.batch_size_search import first_batch_size, run_with_shrinking_batch
 from fasttrain.trainer.checkpointing import save_model_folder, save_step
-from fasttrain.trainer.eval_collect import EvalOptions
-from fasttrain.trainer.evaluation import predict_batch, resolve_eval_dataset, run_evaluation, update_best
+from fasttrain.trainer.evaluation import resolve_eval_dataset, update_best
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.logging_step import stamp, training_record, write_outside_train
 from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga
@@ -49,9 +45,8 @@ from fasttrain.trainer.optimizer_step import GradClipper, optimizer_step
 from fasttrain.data.streaming import StreamShard
 from fasttrain.trainer import script_helpers
 from fasttrain.trainer.run_state import RunState
-from fasttrain.trainer.utils import (PredictionOutput, forward_arg_names,
-                                     ignored_output_keys, samples_in,
-                                     take, to_device, tokens_in, uses_label_shift, vocab_size_of)
+from fasttrain.trainer.utils import (PredictionOutput, forward_arg_names, samples_in, take, to_device, tokens_in,
+                                     uses_label_shift, vocab_size_of)
 from fasttrain.training_args import TrainingArguments
 
 logger = logging.getLogger("fasttrain")
@@ -252,22 +247,7 @@ class Trainer:
     def train(self, resume_from_checkpoint=None, **kwargs):
         if kwargs:
             raise TypeError(f"train() got unexpected arguments {sorted(kwargs)}")
-        resume = resume_from_checkpoint or self.args.resume_from_checkpoint
-        self._memory.start("train")
-        try:
-            if not self.args.auto_find_batch_size:
-                return lifecycle.train(self, resume)
-            given = self.optimizer, self.lr_scheduler  # a retry builds its own again, as the first try did
-            requested = self.args  # left as the caller made it, as HF leaves it
-
-            def attempt(batch_size):
-                self.args = copy.copy(requested)
-                self.args.per_device_train_batch_size = batch_size
-                self.optimizer, self.lr_scheduler = given
-                return lifecycle.train(self, resume)
-            return run_with_shrinking_batch(attempt, first_batch_size(self.args, resume))
-        finally:
-            self._memory.stop("train")  # after a failure (a success has reported it)
+        return lifecycle.train(self, resume_from_checkpoint or self.args.resume_from_checkpoint)
 
     @property
     def _train_batch_size(self) -> int:
@@ -433,25 +413,12 @@ class Trainer:
 
     def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
         """(loss_sum, token_count, logits, labels) of one batch; logits None when not needed."""
-        user_loss = None  # a subclass's compute_loss (or label smoothing) decides the loss
-        if self._compute_loss_overridden() or self.args.label_smoothing_factor:
-            user_loss = functools.partial(self.compute_loss, return_outputs=True)
-        return predict_batch(model, inputs, prediction_loss_only, losses=self._losses, autocast=self._autocast,
-                             forward_args=self._forward_args, ignored_keys=ignored_output_keys(self.model, ignore_keys),
-                             user_loss=user_loss)
+        return eval_calls.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
 
     def evaluation_loop(self, dataloader, description: str = "Evaluation", prediction_loss_only=None,
                         ignore_keys=None, metric_key_prefix: str = "eval") -> PredictionOutput:
         """Loss (token-weighted, as training), predictions and metrics over `dataloader`."""
-        self.callback_handler.eval_dataloader = dataloader
-        hf_options.cast_for_full_eval(self.model, self.args, in_train=self._in_train)
-        return run_evaluation(
-            dataloader, self.num_examples(dataloader), self.model, self.prediction_step, dist=self.dist,
-            device=self.device, want_predictions=not prediction_loss_only, metric_key_prefix=metric_key_prefix,
-            compute_metrics=self.compute_metrics, preprocess_logits=self.preprocess_logits_for_metrics,
-            observe_batch=self._instruments.observe_batch if self._instruments is not None else None,
-            on_step=lambda: self._event("on_prediction_step"),
-            options=EvalOptions.from_args(self.args, self.model, description))
+        return eval_calls.evaluation_loop(self, dataloader, description, prediction_loss_only, metric_key_prefix)
 
     # ------------------------------------------------------------------ what HF's scripts call
     def is_world_process_zero(self) -> bool:
