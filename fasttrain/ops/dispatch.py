@@ -213,8 +213,14 @@ def _torch_grad_norm_clip(tensors: Tensors, *, max_norm: float, norm_type: float
     norm = grad_norm(tensors, norm_type)
     # (norm + 1e-6) / max_norm in one op with a constant made once per device and max_norm
     divisor = torch.add(_clip_offset(norm.device, max_norm), norm, alpha=1.0 / max_norm).clamp_(min=1.0)
-    found_inf = torch.nan_to_num(norm * 0, nan=1.0)  # x * 0 is NaN exactly when x is NaN or inf
-    return norm, divisor, found_inf
+    return norm, divisor, nonfinite_flag(norm)
+
+
+def nonfinite_flag(value: torch.Tensor) -> torch.Tensor:
+    """0-d fp32 flag on the device, 1.0 when `value` is inf or NaN (x * 0 is NaN exactly
+    then), in two ops and no host read."""
+    value = value if value.dtype == torch.float32 else value.float()
+    return torch.nan_to_num(value * 0, nan=1.0)
 
 
 _clip_offsets: dict[tuple, torch.Tensor] = {}

@@ -11,16 +11,9 @@ from typing import Optional
 
 import torch
 
-from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm_clip, grad_norm_clip_for
+from fasttrain.ops.dispatch import clip_grad_norm_, grad_norm_clip, grad_norm_clip_for, nonfinite_flag
 from fasttrain.optim.schedules import step_scheduler
 from fasttrain.optim.skip import flag_interface, step_skipping, takes_grad_scale
-
-
-def _nonfinite(value: torch.Tensor) -> torch.Tensor:
-    """0-d fp32 flag on the device, 1.0 when `value` is inf or NaN (x*0 is NaN exactly then),
-    in two ops and no host read."""
-    value = value if value.dtype == torch.float32 else value.float()
-    return torch.nan_to_num(value * 0, nan=1.0)
 
 
 def _either(flag: Optional[torch.Tensor], other: torch.Tensor) -> torch.Tensor:
@@ -78,10 +71,10 @@ def optimizer_step(step_loss: torch.Tensor, *, args, optimizer, scaler, lr_sched
     if args.max_grad_norm:
         run.grad_norm, grad_scale, norm_bad = clipper.clip(args.max_grad_norm, optimizer, scaler)
         # NaN loss -> NaN norm; the clip op flags it, clip_grad_norm_'s norm is checked here
-        found_inf = _either(found_inf, norm_bad if norm_bad is not None else _nonfinite(run.grad_norm))
+        found_inf = _either(found_inf, norm_bad if norm_bad is not None else nonfinite_flag(run.grad_norm))
     loss_bad = None
     if not args.max_grad_norm or args.nonfinite_loss_policy == "stop":
-        loss_bad = _nonfinite(step_loss)
+        loss_bad = nonfinite_flag(step_loss)
         found_inf = _either(found_inf, loss_bad)
     event("on_pre_optimizer_step")
     if scaler is not None:
