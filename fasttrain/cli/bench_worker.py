@@ -46,6 +46,11 @@ def make_timer_callback(warmup: int, steps: int, device: torch.device):
         def __init__(self):
             self.t_begin = self.t_warm = self.t_end = None
             self.step_ends: list[float] = []
+            self.compile_time_s = None  # the Trainer's compile monitor, from the logged records
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "compile_time_s" in logs:
+                self.compile_time_s = logs["compile_time_s"]
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t_begin = time.perf_counter()
@@ -146,8 +151,8 @@ def summarize(cfg: dict, trainer, timer, model, world: int, training_loss) -> di
     note = None
     if cfg["compile"] and not graphs:
         note = "torch_compile=True but Dynamo compiled no graph: the Trainer did not compile"
-    logged = [r["compile_time_s"] for r in trainer.state.log_history if "compile_time_s" in r]
-    compile_s, compile_source = (logged[-1], "trainer") if logged else (None, None)
+    compile_s = timer.compile_time_s
+    compile_source = "trainer" if compile_s is not None else None
     if compile_s is None and cfg["compile"]:  # estimate: warm-up time beyond steady state
         compile_s, compile_source = max(0.0, warmup_s - cfg["warmup"] * p50), "estimate"
     if device.type == "cuda":

@@ -1,8 +1,11 @@
 """The logging step: the one place the training loop reads its device accumulators.
 
 `training_record` turns a flushed logging window into HF's record (loss, learning rate,
-grad norm, tokens/s, skipped steps, loss scale, profiler metrics), reading the device once
-per logging step (each read marked `# sync:`) and warning when the window is nonsense.
+grad norm, skipped steps, loss scale) plus fasttrain's measurements (tokens/s, profiler
+metrics), reading the device once per logging step (each read marked `# sync:`) and
+warning when the window is nonsense. The measurements reach the callbacks and the writers
+(JSONL, TensorBoard, progress bar) but not `state.log_history` (`history_record`): there a
+resumed run's records equal the uninterrupted run's, key for key, as with HF's Trainer.
 `stamp` and `write_outside_train` are the body of `Trainer.log`, which stays on the
 Trainer (HF's contract: a subclass may override it, and every record passes through it).
 Everything here is handed what it reads; nothing imports the Trainer.
@@ -21,17 +24,17 @@ logger = logging.getLogger("fasttrain")
 
 
 def training_record(window: dict, *, args, state, run, lr_scheduler, optimizer, scaler,
-                    instruments, losses) -> dict:
-    """HF's training record of `window` (run.window.flush()'s dict); updates
-    `state.skipped_steps` and `run`'s logged windows. Raises FloatingPointError when the
-    loss stayed non-finite for `args.max_consecutive_nonfinite` steps."""
+                    instruments, losses) -> tuple[dict, frozenset]:
+    """(HF's training record of `window` (run.window.flush()'s dict) with the measurements
+    added, the measurements' keys); updates `state.skipped_steps` and `run`'s logged
+    windows. Raises FloatingPointError when the loss stayed non-finite for
+    `args.max_consecutive_nonfinite` steps."""
     run.add_logged_window(window)
     lr = learning_rate_used(lr_scheduler, optimizer, run.lr_captured)
     record = {"loss": window["loss"], "learning_rate": lr,
               "epoch": round(state.epoch, 4)}
     if window.get("grad_norm") is not None:
         record["grad_norm"] = window["grad_norm"]
-    record["tokens_per_second"] = window["tokens_per_second"]
     valid = losses.valid_tokens_of_last_step()
     if valid is None:
         record["skipped_steps"] = int(run.skipped.item())  # sync: logging step
@@ -43,7 +46,8 @@ def training_record(window: dict, *, args, state, run, lr_scheduler, optimizer, 
     if scaler is not None:
         record["loss_scale"] = float(scaler.get_scale())  # sync: logging step
         scaler.check_divergence()
-    record.update(instruments.log_metrics())
+    measured = {"tokens_per_second": window["tokens_per_second"], **instruments.log_metrics()}
+    record.update(measured)
     if args.nonfinite_loss_policy == "stop":
         nonfinite = int(run.nonfinite_run.item())  # sync: logging step
         if nonfinite >= args.max_consecutive_nonfinite:
@@ -52,7 +56,16 @@ def training_record(window: dict, *, args, state, run, lr_scheduler, optimizer, 
                 f"max_consecutive_nonfinite={args.max_consecutive_nonfinite}); those steps were "
                 "skipped and no NaN weights were saved. Lower the learning rate, enable "
                 "gradient clipping, or use bf16 instead of fp16.")
-    return record
+    return record, frozenset(measured)
+
+
+def history_record(record: dict, measured: frozenset) -> dict:
+    """The entry of `state.log_history` for a logged `record`: without the measurement keys
+    `measured` (timings differ between an uninterrupted and a resumed run; HF's history has
+    none)."""
+    if not measured:
+        return record
+    return {k: v for k, v in record.items() if k not in measured}
 
 
 def warn_if_window_is_nonsense(window: dict, step: int, skipped: int, valid_last: Optional[int]) -> None:

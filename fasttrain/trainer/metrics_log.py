@@ -27,7 +27,9 @@ class MetricsLogger:
     def __init__(self, args, is_main: bool, total_steps: int, resume: bool = False,
                  history: Optional[list] = None):
         """`history`: on resume, the restored log history; the JSONL file is rewritten to
-        it, dropping records the interrupted run wrote after its checkpoint."""
+        it, dropping records the interrupted run wrote after its checkpoint (the file's own
+        records are kept where they agree with the history: they also hold the measurements,
+        which the history does not)."""
         self.enabled = is_main
         self.args = args
         self.tb = None
@@ -37,9 +39,10 @@ class MetricsLogger:
             return
         os.makedirs(args.output_dir, exist_ok=True)
         if self.jsonl and (not resume or history is not None):
+            kept = _measured_records(self.jsonl_path, history) if history else []
             tmp = self.jsonl_path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
-                for record in history or []:
+                for record in kept:
                     f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
             os.replace(tmp, self.jsonl_path)
 
@@ -69,6 +72,20 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def _measured_records(path: str, history: list) -> list[dict]:
+    """The records to keep on resume: the file's first len(history) records when each holds
+    its history entry (the same HF keys and values, plus measurements), else `history`
+    itself (a missing, foreign or edited file: the checkpoint's history is the truth)."""
+    try:
+        written = read_log_history(os.path.dirname(path) or ".")[:len(history)]
+    except (OSError, ValueError):
+        return list(history)
+    if len(written) == len(history) and all(
+            all(w.get(k) == _jsonable(v) for k, v in h.items()) for w, h in zip(written, history)):
+        return written
+    return list(history)
 
 
 def output_dir_error(output_dir: str, path: str, e: OSError) -> OSError:

@@ -39,7 +39,7 @@ from fasttrain.profiler.memory_metrics import MemoryMetrics
 from fasttrain.trainer.checkpointing import save_model_folder, save_step
 from fasttrain.trainer.evaluation import resolve_eval_dataset, update_best
 from fasttrain.trainer.instruments import Instruments
-from fasttrain.trainer.logging_step import stamp, training_record, write_outside_train
+from fasttrain.trainer.logging_step import history_record, stamp, training_record, write_outside_train
 from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga
 from fasttrain.trainer.optimizer_step import GradClipper, optimizer_step
 from fasttrain.data.streaming import StreamShard
@@ -96,6 +96,7 @@ class Trainer:
         self.run: Optional[RunState] = None
         self.checkpointer: Optional[Checkpointer] = None
         self._instruments: Optional[Instruments] = None
+        self._measured = frozenset()  # keys of the record being logged kept out of log_history
         self._train_sampler: Optional[ShardedSampler] = None
         self._clipper: Optional[GradClipper] = None  # the trainable parameters, clipped
         self._fsdp = None
@@ -344,15 +345,18 @@ class Trainer:
     def _log_training(self, window: dict):
         if not window:
             return
-        record = training_record(window, args=self.args, state=self.state, run=self.run,
-                                 lr_scheduler=self.lr_scheduler, optimizer=self.optimizer,
-                                 scaler=self.scaler, instruments=self._instruments, losses=self._losses)
-        self.log(record)
+        record, self._measured = training_record(
+            window, args=self.args, state=self.state, run=self.run, lr_scheduler=self.lr_scheduler,
+            optimizer=self.optimizer, scaler=self.scaler, instruments=self._instruments, losses=self._losses)
+        try:
+            self.log(record)  # through self: a subclass's log() sees the whole record
+        finally:
+            self._measured = frozenset()
 
     def log(self, logs: dict):
         st = self.state
         record = stamp(logs, st, self.args)
-        st.log_history.append(record)
+        st.log_history.append(history_record(record, self._measured))
         self._event("on_log", logs=logs)
         if self._logger is not None:
             self._logger.log(record, st.global_step)
