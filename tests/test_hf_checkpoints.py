@@ -134,3 +134,34 @@ def test_hf_resumes_a_run_fasttrain_started(tokenizer, tmp_path):
         torch.testing.assert_close(snap.seen["weights"][name], value, rtol=0, atol=0, msg=name)
     assert snap.seen["first_step"] == 5 and hf.state.global_step == 8
     assert snap.seen["lr"] == pytest.approx(1e-2 * (8 - 5) / 8, rel=1e-6)  # linear decay continues
+
+
+@pytest.mark.parametrize("resume, phrase", [("bogus", "Can't find a valid checkpoint at"),
+                                            (True, "No valid checkpoint found in output directory")])
+def test_a_resume_with_nothing_to_resume_fails_with_hf_s_words(tmp_path, resume, phrase):
+    """Scripts and HF's own tests match these phrases: both trainers raise them, before any
+    step, and fasttrain's message also says what to pass instead."""
+    data = [{"x": torch.randn(3), "labels": torch.tensor(1.0)} for _ in range(8)]
+    errors = {}
+    for lib in (transformers, fasttrain):
+        out = tmp_path / lib.__name__
+        target = str(tmp_path / "no-such-checkpoint") if resume == "bogus" else resume
+        model = torch.nn.Linear(3, 1)
+        before = model.weight.detach().clone()
+        trainer = lib.Trainer(_RegressionOnX(model), _args(lib, out), train_dataset=data)
+        with pytest.raises(Exception) as info:
+            trainer.train(resume_from_checkpoint=target)
+        errors[lib.__name__] = str(info.value)
+        assert torch.equal(model.weight, before)
+    assert phrase in errors["transformers"] and phrase in errors["fasttrain"]
+    assert "resume_from_checkpoint" in errors["fasttrain"] or "checkpoint path" in errors["fasttrain"]
+
+
+class _RegressionOnX(torch.nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x, labels=None):
+        pred = self.linear(x).squeeze(-1)
+        return {"loss": ((pred - labels) ** 2).mean(), "logits": pred}

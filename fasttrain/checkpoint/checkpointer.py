@@ -207,8 +207,9 @@ class Checkpointer:
                 return newest[0]  # a run HF's Trainer started (no manifest to verify)
             path = storage.find_resumable(self.output_dir)
             if path is None:
-                raise ValueError(f"resume_from_checkpoint=True but {self.output_dir!r} holds no "
-                                 "valid checkpoint; train without resuming, or pass a checkpoint path")
+                raise ValueError(f"No valid checkpoint found in output directory {self.output_dir!r} "
+                                 "(resume_from_checkpoint=True): train without resuming, or pass "
+                                 "a checkpoint path")
             return path
         if hf.looks_like_hf_checkpoint(str(resume)):
             return str(resume)  # written by HF's Trainer: no manifest to verify

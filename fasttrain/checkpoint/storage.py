@@ -202,7 +202,9 @@ def verify(path: str) -> None:
     """Raise CheckpointError naming the problem unless every file matches the manifest."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
+        raise CheckpointError(f"Can't find a valid checkpoint at {path!r}: the directory does not "
+                              "exist. Pass a checkpoint-N directory of an earlier run, or "
+                              "resume_from_checkpoint=True for the newest one in output_dir")
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"checkpoint {path!r} is incomplete: {MANIFEST} is missing (the save "
                               "was interrupted or the directory was not written by fasttrain)")
