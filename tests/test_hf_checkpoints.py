@@ -165,3 +165,42 @@ class _RegressionOnX(torch.nn.Module):
     def forward(self, x, labels=None):
         pred = self.linear(x).squeeze(-1)
         return {"loss": ((pred - labels) ** 2).mean(), "logits": pred}
+
+
+class _SeesSamples(torch.nn.Module):
+    """Records which samples (by their id feature) each training forward received."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1)
+        self.batches = []
+
+    def forward(self, x, labels=None):
+        if self.training:
+            self.batches.append(x[:, 0].long().tolist())
+        pred = self.linear(x).squeeze(-1)
+        return {"loss": ((pred - labels) ** 2).mean(), "logits": pred}
+
+
+def test_resume_with_a_larger_batch_continues_at_the_next_boundary(tmp_path, caplog):
+    """HF's regression test for transformers#43708 resumes a batch-2 checkpoint at batch 4: the
+    new size is used. 2 consumed samples are not a multiple of 4, so the run resumes at sample
+    4 of the same global order (samples 2-3 skipped, none repeated) and warns with the numbers."""
+    data = [{"x": torch.tensor([float(i)]), "labels": torch.tensor(float(i))} for i in range(16)]
+
+    def trainer(out, batch, steps, model):
+        return fasttrain.Trainer(model, _args(fasttrain, out, per_device_train_batch_size=batch, max_steps=steps,
+                                              save_steps=1, lr_scheduler_type="constant"), train_dataset=data)
+
+    trainer(tmp_path / "run", 2, 2, _SeesSamples()).train()
+    reference = _SeesSamples()
+    trainer(tmp_path / "reference", 4, 4, reference).train()  # the epoch's order in batches of 4
+    resumed = _SeesSamples()
+    t = trainer(tmp_path / "run", 4, 4, resumed)
+    with caplog.at_level("WARNING", logger="fasttrain"):
+        t.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    assert t._train_batch_size == 4
+    assert resumed.batches == reference.batches[1:]  # batches of 4, from sample 4 of the order on
+    assert sum(len(b) for b in resumed.batches) == 12
+    warning = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warning) == 1 and "resuming at sample 4, so 2 samples" in warning[0]

@@ -182,7 +182,10 @@ class RunState:
     def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
         """Restore the loop position; on another world size or per-device batch size the
         position is recomputed from the global number of samples consumed in the epoch
-        (the sampler's global order does not depend on either)."""
+        (the sampler's global order does not depend on either). When the new global batch
+        does not divide that number, the run resumes at the next batch boundary (no sample is
+        seen twice; fewer than one global batch is skipped) and says so, as HF's Trainer
+        resumes with a new batch size, but silently."""
         self.resumed_from = {k: state.get(k) for k in ("world_size", "per_device_train_batch_size",
                                                        "micro_batches_done", "num_workers", "stream")}
         self.epoch, self.micro_batches_done = state["epoch"], state["micro_batches_done"]
@@ -190,17 +193,20 @@ class RunState:
         if old != (self.world_size, self.per_device_train_batch_size):
             samples = state["micro_batches_done"] * old[0] * old[1]
             per_micro = self.world_size * self.per_device_train_batch_size
-            if samples % per_micro:
-                raise ValueError(
-                    f"{where} had consumed {samples} samples of epoch {state['epoch']} ({old[0]} processes x "
-                    f"per_device_train_batch_size={old[1]} x {state['micro_batches_done']} micro-batches); "
-                    f"this run reads {self.world_size} x {self.per_device_train_batch_size} = {per_micro} per "
-                    f"micro-batch, which does not divide it: choose per_device_train_batch_size so that "
-                    f"world_size x per_device_train_batch_size divides {samples}")
-            self.micro_batches_done = samples // per_micro
+            self.micro_batches_done = -(-samples // per_micro)
+            skipped = self.micro_batches_done * per_micro - samples
+            if skipped:
+                logger.warning(
+                    "%s had consumed %d samples of epoch %d (%d processes x per_device_train_batch_size=%d "
+                    "x %d micro-batches); this run reads %d x %d = %d per micro-batch, which does not "
+                    "divide it: resuming at sample %d, so %d samples of this epoch are skipped (none is "
+                    "repeated). For an exact resume choose per_device_train_batch_size so that "
+                    "world_size x per_device_train_batch_size divides %d", where, samples, self.epoch,
+                    old[0], old[1], state["micro_batches_done"], self.world_size,
+                    self.per_device_train_batch_size, per_micro, samples + skipped, skipped, samples)
             logger.info("resuming %d processes x batch %d from %d x %d: %d global samples into epoch %d",
-                        self.world_size, self.per_device_train_batch_size, old[0], old[1], samples,
-                        self.epoch)
+                        self.world_size, self.per_device_train_batch_size, old[0], old[1],
+                        samples + skipped, self.epoch)
         w = self.window
         w.loss.fill_(state["window"]["loss"])
         w.grad_norm.fill_(state["window"]["grad_norm"])
