@@ -181,6 +181,7 @@ class TrainingArguments:
     torch_compile_cache_dir: Optional[str] = None  # default ~/.cache/fasttrain/inductor
     fused_loss: bool = True
     nonfinite_loss_policy: str = "skip"
+    cuda_graph_optimizer: bool = False
     max_consecutive_nonfinite: int = 10
     profile: bool = True
     profile_warmup_steps: int = 3

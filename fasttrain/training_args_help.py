@@ -50,6 +50,7 @@ FIELD_HELP = {
     "fused_loss": "compute the LM head and cross-entropy in chunks so the full logits never exist",
     "torch_empty_cache_steps": "release the CUDA caching allocator's free memory every this many steps",
     "use_cpu": "train on the CPU even when a GPU is present",
+    "cuda_graph_optimizer": "replay the optimizer tail (clip, step, LR, skip counters, zeroing grads) from one CUDA graph after 2 eager steps; CUDA, bf16/fp32, fused AdamW",
     "nonfinite_loss_policy": "what a non-finite loss does: skip the step, or stop after max_consecutive_nonfinite",
     "max_consecutive_nonfinite": "consecutive non-finite steps after which training stops with an error",
     # logging

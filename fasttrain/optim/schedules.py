@@ -50,8 +50,17 @@ class LRScheduler:
         self._host_skipped = 0  # host mode only
         self._last_skipped = None  # the last step's skip flag (device mode), for lr_used()
         self._host_last_skipped = 0
+        self._steps = None  # device-side step count (count_steps_on_device), (1,)
         self._targets = self._lr_targets() if self.device_mode else []
         self._apply()
+
+    def count_steps_on_device(self) -> None:
+        """Keep the step count on the device as well, so the device work of `step()` reads
+        no host number (a CUDA graph replays it as captured: `advance_on_device`); the host
+        count stays for logging and checkpoints. Costs one op per step (device mode only)."""
+        if self.device_mode and self._steps is None:
+            self._steps = torch.full((1,), float(self._host_step), dtype=torch.float32,
+                                     device=self.skipped.device)
 
     def _lr_targets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(table row, (1,) view of the LR tensor) per distinct LR tensor: groups built
@@ -68,7 +77,10 @@ class LRScheduler:
         if self.device_mode:
             # an index built on the device (indexing with a 0-d tensor would read it on the
             # host: aten._local_scalar_dense); the loop never passes num_training_steps
-            index = torch.rsub(self.skipped, min(self._host_step, last)).long()
+            if self._steps is None:
+                index = torch.rsub(self.skipped, min(self._host_step, last)).long()
+            else:
+                index = torch.sub(self._steps, self.skipped).clamp_(max=last).long()
             for row, lr in self._targets:
                 torch.index_select(row, 0, index, out=lr)
         else:
@@ -79,16 +91,30 @@ class LRScheduler:
     def step(self, skipped: Optional[torch.Tensor] = None):
         """Advance one optimizer step; `skipped` (0-d, 1 = the step was skipped) keeps the
         schedule where it is, without reading the flag on the host in device mode."""
+        self.count_step(skipped)
+        if self.device_mode:
+            self.advance_on_device(skipped)
+        else:
+            self._apply()
+
+    def count_step(self, skipped: Optional[torch.Tensor] = None) -> None:
+        """The host side of `step()`: the step count (and, in host mode, the skip count)."""
         self._host_step += 1
         self._last_skipped, self._host_last_skipped = None, 0
         if skipped is not None:
             if self.device_mode:
-                self.skipped.add_(skipped)
                 self._last_skipped = skipped  # a reference, no op: read on logging steps only
             else:
                 self._host_last_skipped = int(skipped)  # sync: only host-LR optimizers reach here
                 self._host_skipped += self._host_last_skipped
                 self.skipped.fill_(self._host_skipped)
+
+    def advance_on_device(self, skipped: Optional[torch.Tensor] = None) -> None:
+        """The device side of `step()` in device mode: count the flag, write the LRs."""
+        if skipped is not None:
+            self.skipped.add_(skipped)
+        if self._steps is not None:
+            self._steps.add_(1)
         self._apply()
 
     def lr_used(self) -> list[float]:
@@ -126,6 +152,8 @@ class LRScheduler:
         self._host_step = int(state["step_count"]) + skipped
         self._host_skipped = skipped
         self.skipped.fill_(skipped)
+        if self._steps is not None:
+            self._steps.fill_(self._host_step)
         self._apply()
 
 

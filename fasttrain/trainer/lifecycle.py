@@ -25,6 +25,7 @@ from fasttrain.optim.schedules import LRScheduler
 from fasttrain.trainer import hf_options, loaders
 from fasttrain.trainer.batch_size_search import first_batch_size, run_with_shrinking_batch
 from fasttrain.trainer.checkpointing import build_checkpointer, resume_run
+from fasttrain.trainer.graph_tail import graph_tail_for
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.logging_step import train_end_record
 from fasttrain.trainer.metrics_log import MetricsLogger
@@ -138,6 +139,9 @@ def _begin(trainer: Trainer, loader, resume_from_checkpoint, max_steps: int, num
                            skipped=trainer.lr_scheduler.skipped.view(()) if schedule_counts else None,
                            skips_counted_elsewhere=schedule_counts)
     trainer.run.window.nan_inf_filter = args.logging_nan_inf_filter
+    trainer._graph_tail = graph_tail_for(args, device=trainer.device, optimizer=trainer.optimizer,
+                                         scaler=trainer.scaler, lr_scheduler=trainer.lr_scheduler, run=trainer.run,
+                                         clipper=trainer._clipper, callbacks=trainer.callback_handler.callbacks)
     trainer.checkpointer = _build_checkpointer(trainer)
     if resume_from_checkpoint:
         resume_run(trainer.checkpointer, resume_from_checkpoint, args=args, run=trainer.run, state=st,

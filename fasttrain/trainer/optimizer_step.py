@@ -29,6 +29,10 @@ class GradClipper:
         self._one_device = len({p.device for p in trainable}) <= 1
         self._clip = self._clip_max_norm = None
 
+    @property
+    def one_device(self) -> bool:
+        return self._one_device
+
     def clip(self, max_norm: float, optimizer, scaler):
         """(total gradient norm, divisor for the optimizer or None, non-finite flag or None).
         An optimizer that divides the gradients by a device scalar inside its update (torch's

@@ -132,7 +132,7 @@ class RunState:
         if not self.skips_counted_elsewhere:
             self.skipped += found_inf
         if loss_bad is not None:
-            self.nonfinite_run = (self.nonfinite_run + 1) * loss_bad
+            self.nonfinite_run.add_(1).mul_(loss_bad)  # in place: a CUDA graph may replay it
 
     def add_logged_window(self, window: dict) -> None:
         """Count a flushed window in the run's train_loss. With HF's logging_nan_inf_filter, a

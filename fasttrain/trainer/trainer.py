@@ -97,6 +97,7 @@ class Trainer:
         self.checkpointer: Optional[Checkpointer] = None
         self._instruments: Optional[Instruments] = None
         self._measured = frozenset()  # keys of the record being logged kept out of log_history
+        self._graph_tail = None  # trainer/graph_tail.py, built by train() when asked for
         self._train_sampler: Optional[ShardedSampler] = None
         self._clipper: Optional[GradClipper] = None  # the trainable parameters, clipped
         self._fsdp = None
@@ -239,7 +240,11 @@ class Trainer:
 
     def _optimizer_step(self, step_loss: torch.Tensor) -> None:
         """Unscale, clip and step, skipping on a device-side flag (trainer/optimizer_step.py);
-        then drop the gradients."""
+        then drop the gradients; with cuda_graph_optimizer, all of it replayed from one CUDA
+        graph (trainer/graph_tail.py)."""
+        if self._graph_tail is not None:
+            self._graph_tail.step(step_loss, self._event)
+            return
         optimizer_step(step_loss, args=self.args, optimizer=self.optimizer, scaler=self.scaler,
                        lr_scheduler=self.lr_scheduler, run=self.run, clipper=self._clipper, event=self._event)
         self.dist.zero_grad(self.model_wrapped, self.optimizer)
