@@ -11,8 +11,10 @@ dtype. Moments are fp32. When found_inf is nonzero nothing is written (no host s
 
 Launch layout (apex's multi_tensor_apply, with the tables in device memory rather than in
 kernel arguments, so there is no 4 KB limit): a per-tensor table of addresses
-(param, grad, exp_avg, exp_avg_sq, master, step, numel) copied host-to-device without a sync
-each step, and a per-program table of (tensor, block) cached per list of sizes.
+(param, grad, exp_avg, exp_avg_sq, master, step, numel), copied host-to-device without a
+sync and cached per list of addresses (the same tensors every step cost no copy; a CUDA
+graph's capture finds it ready and keeps it alive), and a per-program table of (tensor,
+block) cached per list of sizes.
 Bytes per element, fp32 params: read p, g, m, v and write p, m, v = 28 B; bf16 params with
 fp32 master: read g 2, master 4, m 4, v 4, write master 4, m 4, v 4, p 2 = 28 B.
 Memory bound: 124M fp32 params move 3.5 GB, ~1.0 ms at the
@@ -131,6 +133,8 @@ def _compile_specs() -> list[dict]:
 COMPILE_SPECS = _compile_specs()
 
 _block_tables: dict[tuple, torch.Tensor] = {}
+_row_tables: dict[tuple, torch.Tensor] = {}
+_kept_for_graphs: list[torch.Tensor] = []  # tables a captured CUDA graph reads: never freed
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -139,25 +143,44 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
-def _block_table(numels: tuple, device) -> torch.Tensor:
-    key = (numels, str(device))
-    table = _block_tables.get(key)
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _cached_table(cache: dict, key: tuple, build, device: torch.device) -> torch.Tensor:
+    """The device table for `key` (its contents), copied to the device once: the same
+    tensors every step (a CUDA graph's, or any loop that keeps its gradients) cost no copy.
+    Under CUDA graph capture the table must already exist (a copy captured now would be
+    replayed from host memory freed after the capture) and is kept alive for the graph."""
+    table = cache.get(key)
     if table is None:
-        rows = [(t, b) for t, n in enumerate(numels) for b in range(triton.cdiv(n, BLOCK))]
-        table = _to_device(torch.tensor(rows, dtype=torch.int32).view(-1, 2), device)
-        if len(_block_tables) >= 16:
-            _block_tables.clear()
-        _block_tables[key] = table
+        if _capturing(device):
+            raise RuntimeError("fused_adamw_: new parameter or gradient tensors during CUDA graph capture; "
+                               "run an eager step with the same tensors before capturing")
+        table = build()
+        if len(cache) >= 16:
+            cache.clear()
+        cache[key] = table
+    if _capturing(device):
+        _kept_for_graphs.append(table)
     return table
+
+
+def _block_table(numels: tuple, device) -> torch.Tensor:
+    def build():
+        rows = [(t, b) for t, n in enumerate(numels) for b in range(triton.cdiv(n, BLOCK))]
+        return _to_device(torch.tensor(rows, dtype=torch.int32).view(-1, 2), device)
+    return _cached_table(_block_tables, (numels, str(device)), build, device)
 
 
 def _launch(group, lr, beta1, beta2, weight_decay, eps, grad_scale, found_inf, aligned):
     p0, g0, _, _, w0, _ = group[0]
     device = p0.device
-    rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
-             w.data_ptr() if w is not None else 0, s.data_ptr(), p.numel()]
-            for p, g, m, v, w, s in group]
-    table = _to_device(torch.tensor(rows, dtype=torch.int64), device)  # (T, 7)
+    rows = tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
+                  w.data_ptr() if w is not None else 0, s.data_ptr(), p.numel())
+                 for p, g, m, v, w, s in group)
+    table = _cached_table(_row_tables, (rows, str(device)),  # (T, 7)
+                          lambda: _to_device(torch.tensor(rows, dtype=torch.int64), device), device)
     blocks = _block_table(tuple(r[6] for r in rows), device)
     _adamw_kernel[(blocks.shape[0],)](
         table, blocks, lr, grad_scale, found_inf,

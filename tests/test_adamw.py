@@ -262,3 +262,28 @@ def test_amsgrad_state_is_rejected():
         p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match="amsgrad"):
         opt.step()
+
+
+def test_the_pointer_tables_are_copied_once_for_the_same_tensors(monkeypatch):
+    """A loop that keeps its gradients (a CUDA graph's, or zeroed in place) pays no host-to-
+    device table copy after its first step; other tensors get their own table."""
+    monkeypatch.setattr(dispatch, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(adamw_kernels, "_block_tables", {})  # earlier tests' tables: not this one's
+    monkeypatch.setattr(adamw_kernels, "_row_tables", {})
+    copies = []
+    real = adamw_kernels._to_device
+    monkeypatch.setattr(adamw_kernels, "_to_device", lambda host, device: copies.append(host.shape) or real(host, device))
+    params = _params()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = FusedAdamW(params, lr=1e-3)
+    opt.step()
+    first = len(copies)
+    assert first == 2  # the (tensor, block) table and the pointer table
+    opt.step()
+    opt.step()
+    assert len(copies) == first
+    for p in params:
+        p.grad = torch.ones_like(p) * 2  # new gradient tensors: a new pointer table
+    opt.step()
+    assert len(copies) == first + 1 and torch.isfinite(torch.cat([p.detach().flatten() for p in params])).all()

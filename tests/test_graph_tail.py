@@ -6,7 +6,7 @@ No GPU here, so the CPU proves what a capture relies on, on the same code the GP
 - every tensor the tail reads from outside itself sits at the same address in every step
   (a graph replays addresses), and it issues no host read or data-dependent-shape op;
 - where it cannot apply, the Trainer says why once and trains exactly as without it.
-The capture itself is tested on a CUDA device (skipped elsewhere: it is not counted here).
+The capture itself is a `gpu` test: skipped here, run by `fasttrain gpu-check`.
 """
 import logging
 
@@ -146,7 +146,7 @@ def test_why_not_names_each_obstacle(tmp_path):
     assert graph_tail.why_not(device=cuda, **{**parts, "callbacks": [plain_hf]}) is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_graph_replay_trains_as_the_eager_tail(tmp_path):
     """On a GPU: captured once after two eager steps, replayed for the rest, and the weights
     equal the ordinary tail's (the same kernels on the same inputs)."""

@@ -154,7 +154,7 @@ class GraphedTail:
         for group in self.optimizer.param_groups:
             group["capturable"] = True  # torch's fused AdamW refuses a capture without it
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the saver thread may copy meanwhile
             self._outputs = self._device_tail(self._static_loss)
         self._graph = graph
         self.captures += 1
