@@ -19,7 +19,7 @@ import sys
 import torch
 
 from fasttrain import Trainer, TrainerCallback, TrainingArguments
-from tests._tiny import tiny_gpt, token_examples
+from tests._tiny import LoggedRecords, tiny_gpt, token_examples
 
 
 class StateBytes(TrainerCallback):
@@ -118,13 +118,13 @@ def main():
     if mode == "init":  # the untrained weights, to show training moved them
         torch.save({"weights": tiny_gpt(seed=2, n_layer=4).state_dict()}, os.path.join(out, "result.pt"))
         return 0
-    probe, per_step = StateBytes(), WeightsPerStep()
+    probe, per_step, logged = StateBytes(), WeightsPerStep(), LoggedRecords()
     overflow_test = mode.startswith("fsdp") and mode.endswith("fp16")
     if overflow_test:
         inject_inf_on_rank_1_at_step_2()
         count_host_reads_in_the_scaler()
     trainer = Trainer(tiny_gpt(seed=2, n_layer=4), args, train_dataset=data,
-                      callbacks=[probe] + ([per_step] if overflow_test else [])
+                      callbacks=[probe, logged] + ([per_step] if overflow_test else [])
                       + ([Rank1Ballast()] if mode == "fsdp_memory" else []))
     probe.trainer = per_step.trainer = trainer
     trainer.train()
@@ -142,7 +142,7 @@ def main():
         torch.save({"weights": weights, "state_bytes": state_bytes,
                     "compiled_blocks": len(compiled_module_names(trainer.model)),
                     "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],
-                    "eval_loss": eval_loss, "log": trainer.state.log_history,
+                    "eval_loss": eval_loss, "log": logged.records,
                     "mesh_shape": tuple(getattr(next(trainer.model.parameters()), "device_mesh", torch.empty(0)).shape), "optimizer": type(trainer.optimizer).__name__,
                     "offload_policy": offload_policy(trainer.model),
                     "state_types": sorted({type(v).__name__ for state in trainer.optimizer.state.values()

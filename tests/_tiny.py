@@ -35,6 +35,17 @@ class PoisonSteps(TrainerCallback):
         model._poison = (state.global_step + 1) in self.steps
 
 
+class LoggedRecords(TrainerCallback):
+    """Every record the Trainer logged, its measurements included (what on_log receives;
+    state.log_history keeps HF's keys only)."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.records.append({**logs, "step": state.global_step})
+
+
 def poisonable_gpt():
     """tiny_gpt() whose loss is multiplied by NaN while `model._poison` is set (PoisonSteps)."""
     model = tiny_gpt()
