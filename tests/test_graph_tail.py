@@ -29,13 +29,20 @@ def _args(out, **kw):
     return fasttrain.TrainingArguments(**base)
 
 
-def _train(out, poison=(), eager_graph_tail=False, monkeypatch=None, **kw):
-    if eager_graph_tail:  # the graph's device work, run eagerly every step (what warm-up runs)
-        def eager_tail(args, **parts):
-            parts.pop("device"), parts.pop("scaler"), parts.pop("callbacks")
-            return graph_tail.GraphedTail(args=args, capture=False, **parts)
-        monkeypatch.setattr(lifecycle, "graph_tail_for", eager_tail)
-    trainer = fasttrain.Trainer(poisonable_gpt(), _args(out, **kw), train_dataset=token_examples(64),
+def _use_graph_tail(monkeypatch, capture):
+    """The Trainer builds a GraphedTail although this is a CPU: capture=False runs its device
+    work eagerly every step (what the warm-up steps run); capture=True really tries to capture
+    at the third step, which fails here (no CUDA) and must fall back."""
+    def build(args, **parts):
+        parts.pop("device"), parts.pop("scaler"), parts.pop("callbacks")
+        return graph_tail.GraphedTail(args=args, capture=capture, **parts)
+    monkeypatch.setattr(lifecycle, "graph_tail_for", build)
+
+
+def _train(out, poison=(), eager_graph_tail=False, monkeypatch=None, model=None, **kw):
+    if eager_graph_tail:
+        _use_graph_tail(monkeypatch, capture=False)
+    trainer = fasttrain.Trainer(model or poisonable_gpt(), _args(out, **kw), train_dataset=token_examples(64),
                                 callbacks=[PoisonSteps(poison)])
     trainer.train()
     return trainer
@@ -60,8 +67,8 @@ def test_the_tail_s_device_work_trains_exactly_as_the_ordinary_tail(tmp_path, mo
     assert plain[1] == graphed[1]  # losses, grad norms and LRs of every logged window, exactly
     for name, w in plain[0].items():
         assert torch.equal(w, graphed[0][name]), name
-    # the gradients stay allocated (zeroed in place): what a replay reads and backward fills
-    assert all(p.grad is not None and not p.grad.any() for p in graphed_trainer.model.parameters())
+    # zeroed in place during the run (the same-memory test below), dropped after it as the ordinary tail does
+    assert all(p.grad is None for p in graphed_trainer.model.parameters())
 
 
 class ReadsOfTheTail(TorchDispatchMode):
@@ -121,6 +128,51 @@ def test_where_it_cannot_apply_it_says_why_once_and_trains_as_without(tmp_path, 
         assert torch.equal(w, v), k
 
 
+class LateBranch(torch.nn.Module):
+    """tiny_gpt plus a scale parameter used only from step `first` on: its first gradient
+    (and so its optimizer state) appears mid-run, as a rarely routed expert's would."""
+
+    def __init__(self, first):
+        super().__init__()
+        self.gpt, self.first = poisonable_gpt(), first
+        self.late = torch.nn.Parameter(torch.ones(()))
+        self.steps = 0
+
+    def forward(self, input_ids, labels=None):
+        self.steps += self.training
+        out = self.gpt(input_ids=input_ids, labels=labels)
+        if self.steps >= self.first:
+            out.loss = out.loss * self.late
+        return out
+
+
+@pytest.mark.parametrize("first_late_step, first_attempt", [(99, 3), (3, 4)])
+def test_capture_waits_until_every_gradient_has_its_optimizer_state(tmp_path, monkeypatch, caplog,
+                                                                      first_late_step, first_attempt):
+    """Capture is tried once two eager steps are done and this step's gradients are the last
+    eager step's tensors with their optimizer state; a parameter whose first gradient comes
+    at step 3 defers it to step 4 (captured at 3, the replay would re-zero its moments every
+    step). On this CPU the attempt itself fails: one warning, the tail stays eager, the
+    optimizer's capturable flags are put back, and training equals the ordinary tail's."""
+    attempts = []
+    real = graph_tail.GraphedTail._capture
+
+    def attempt(self, loss):
+        attempts.append(self.lr_scheduler._host_step + 1)
+        return real(self, loss)
+    monkeypatch.setattr(graph_tail.GraphedTail, "_capture", attempt)
+    plain = _train(tmp_path / "plain", model=LateBranch(first_late_step))
+    _use_graph_tail(monkeypatch, capture=True)
+    with caplog.at_level(logging.WARNING, logger="fasttrain"):
+        tried = _train(tmp_path / "tried", model=LateBranch(first_late_step))
+    assert attempts == [first_attempt]  # failed once, then never tried again
+    said = [r.getMessage() for r in caplog.records if "capturing the optimizer tail failed" in r.getMessage()]
+    assert len(said) == 1 and "runs eagerly for the rest of the run" in said[0]
+    assert all(g["capturable"] is False for g in tried.optimizer.param_groups)
+    for (k, w), v in zip(tried.model.state_dict().items(), plain.model.state_dict().values()):
+        assert torch.equal(w, v), k
+
+
 class ReadsGradients(fasttrain.TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kw):
         pass
@@ -131,8 +183,9 @@ def test_why_not_names_each_obstacle(tmp_path):
     trainer.train()
     parts = dict(optimizer=trainer.optimizer, scaler=None, lr_scheduler=trainer.lr_scheduler,
                  clipper=trainer._clipper, callbacks=trainer.callback_handler.callbacks)
-    cuda = torch.device("cuda")
-    assert graph_tail.why_not(device=cuda, **parts) is None
+    cuda = torch.device("cuda")  # these parts live on the CPU: only the last check can tell
+    assert graph_tail.why_not(device=cuda, **parts) == \
+        "the learning rates are tensors on cpu, not on the CUDA device"
     assert "CUDA device" in graph_tail.why_not(device=torch.device("cpu"), **parts)
     assert "fp16" in graph_tail.why_not(device=cuda, **{**parts, "scaler": object()})
     sgd = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
@@ -143,7 +196,7 @@ def test_why_not_names_each_obstacle(tmp_path):
     assert "ReadsGradients overrides on_optimizer_step" in hooked
     transformers = pytest.importorskip("transformers")
     plain_hf = type("PlainHF", (transformers.TrainerCallback,), {})()
-    assert graph_tail.why_not(device=cuda, **{**parts, "callbacks": [plain_hf]}) is None
+    assert "learning rates" in graph_tail.why_not(device=cuda, **{**parts, "callbacks": [plain_hf]})
 
 
 @pytest.mark.gpu

@@ -16,9 +16,12 @@ where they are and hold no host number that changes between steps:
 - the LR schedule keeps its step count on the device (`LRScheduler.count_steps_on_device`);
   its host count and the `run`'s per-step host state are updated outside the graph;
 - the optimizer's state (moments, step counters, the LR tensor) exists before capture.
-Before each replay the gradients are checked to be the captured tensors (a callback that
-replaced or dropped one would otherwise be silently ignored): if not, the tail runs eagerly
-that step and is captured again.
+Capture waits until the step's gradients are the last eager step's tensors and each has its
+optimizer state. Before each replay the gradients are checked to be the captured tensors (a
+callback that replaced or dropped one would otherwise be silently ignored): if not, the tail
+runs eagerly and is captured again, at most MAX_CAPTURES times. A capture that fails warns
+and leaves the tail eager. Hyperparameters other than the LR (betas, eps, weight decay,
+max_grad_norm) are fixed at capture: changing them mid-run needs the ordinary tail.
 
 Where it cannot apply (no CUDA device, fp16 loss scaling, an optimizer or schedule that
 needs the host each step, FSDP, a callback that hooks the optimizer step), `why_not` says
@@ -38,6 +41,7 @@ from fasttrain.optim.skip import flag_interface, step_skipping
 logger = logging.getLogger("fasttrain")
 
 WARMUP_STEPS = 2
+MAX_CAPTURES = 3  # then a run whose gradients keep changing stays eager
 _HOOKS = ("on_pre_optimizer_step", "on_optimizer_step")
 
 
@@ -61,6 +65,8 @@ def why_not(*, device: torch.device, optimizer, scaler, lr_scheduler, clipper, c
                   not in ("", f"TrainerCallback.{h}")]
         if hooked:
             return f"callback {type(cb).__name__} overrides {hooked[0]}, which a replayed graph would skip"
+    if lr_scheduler.table.device.type != device.type:
+        return f"the learning rates are tensors on {lr_scheduler.table.device}, not on the CUDA device"
     return None
 
 
@@ -98,27 +104,62 @@ class GraphedTail:
         """One optimizer step: the device work (replayed when captured), then the host
         bookkeeping; `event` runs the optimizer-step callbacks around it."""
         event("on_pre_optimizer_step")
-        if self._graph is not None and not self._grads_in_place():
-            logger.warning("a gradient was replaced or dropped since the optimizer tail was captured "
-                           "(a callback or hook?): running it eagerly and capturing it again")
-            self._graph = None
-            self._eager_steps = WARMUP_STEPS - 1
+        if self._graph is not None and not self._same_grads():
+            self._drop_graph("a gradient was replaced or dropped since the optimizer tail was "
+                             "captured (a callback or hook?)")
         if self._graph is not None:
             if self.needs_loss:
                 self._static_loss.copy_(step_loss)
             self._graph.replay()
             outputs = self._outputs
-        elif self.capture and self._eager_steps >= WARMUP_STEPS:
+        elif self.capture and self._ready_to_capture():
             outputs = self._capture(step_loss)
         else:
-            self._eager_steps += 1
-            outputs = self._device_tail(step_loss)
+            outputs = self._eager(step_loss)
         grad_norm, found_inf = outputs
         if grad_norm is not None:
             self.run.grad_norm = grad_norm
         self.lr_scheduler.count_step(found_inf)
         self.run.lr_captured = None
         event("on_optimizer_step")
+
+    def close(self) -> None:
+        """After train(): free the graph and its memory, and drop the gradients as the
+        ordinary tail leaves them."""
+        self._graph = self._outputs = self._static_loss = None
+        self._grads = []
+        for p in self.clipper.trainable:
+            p.grad = None
+
+    def _eager(self, loss: Optional[torch.Tensor]):
+        outputs = self._device_tail(loss)
+        self._eager_steps += 1
+        self._grads = [(p, p.grad) for p in self.clipper.trainable if p.grad is not None]
+        return outputs
+
+    def _same_grads(self) -> bool:
+        """This step's gradients are the recorded tensors (backward filled them in place)."""
+        # `is` per parameter: a few microseconds, against a replayed graph's reads of stale memory
+        return all(p.grad is g for p, g in self._grads) and \
+            sum(p.grad is not None for p in self.clipper.trainable) == len(self._grads)
+
+    def _ready_to_capture(self) -> bool:
+        """WARMUP_STEPS eager steps done, this step's gradients are the last eager step's
+        tensors, and each has its optimizer state: a parameter that gets its first gradient
+        now (a rarely used expert) must get its state eagerly, or the capture would record
+        its zero-initialisation and every replay would reset it."""
+        return self._eager_steps >= WARMUP_STEPS and bool(self._grads) and self._same_grads() and \
+            all(self.optimizer.state.get(p) for p, _ in self._grads)
+
+    def _drop_graph(self, why: str) -> None:
+        self._graph = self._outputs = None
+        self._eager_steps = WARMUP_STEPS - 1  # one eager step records the new gradients
+        if self.captures >= MAX_CAPTURES:
+            self.capture = False
+            logger.warning("%s: captured %d times already, the optimizer tail stays eager for the "
+                           "rest of the run", why, self.captures)
+        else:
+            logger.warning("%s: running the optimizer tail eagerly and capturing it again", why)
 
     def _device_tail(self, loss: Optional[torch.Tensor]):
         """Everything of the step that runs on the device; reads no host value that changes
@@ -140,23 +181,27 @@ class GraphedTail:
             torch._foreach_zero_(grads)
         return grad_norm, found_inf
 
-    def _grads_in_place(self) -> bool:
-        # `is` per parameter: a few microseconds, against a replayed graph's reads of stale memory
-        return all(p.grad is g for p, g in self._grads) and \
-            sum(p.grad is not None for p in self.clipper.trainable) == len(self._grads)
-
     def _capture(self, step_loss: torch.Tensor):
         """Capture the device tail into a graph, then replay it for this step (capturing runs
-        nothing)."""
-        torch.cuda.synchronize()  # sync: once, before the capture (the eager steps' work is done)
-        self._grads = [(p, p.grad) for p in self.clipper.trainable if p.grad is not None]
-        self._static_loss = step_loss.detach().clone() if self.needs_loss else None
-        for group in self.optimizer.param_groups:
-            group["capturable"] = True  # torch's fused AdamW refuses a capture without it
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the saver thread may copy meanwhile
-            self._outputs = self._device_tail(self._static_loss)
-        self._graph = graph
+        nothing). When the capture fails, warn, undo what it set and stay eager."""
+        groups = self.optimizer.param_groups
+        capturable = [g.get("capturable", False) for g in groups]
+        try:
+            torch.cuda.synchronize()  # sync: once, before the capture (the eager steps' work is done)
+            static_loss = step_loss.detach().clone() if self.needs_loss else None
+            for group in groups:
+                group["capturable"] = True  # torch's fused AdamW refuses a capture without it
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the saver thread may copy meanwhile
+                outputs = self._device_tail(static_loss)
+        except Exception as e:  # noqa: BLE001 - any failure: the eager tail is always correct
+            for group, flag in zip(groups, capturable):
+                group["capturable"] = flag
+            self.capture = False
+            logger.warning("cuda_graph_optimizer: capturing the optimizer tail failed (%s: %s); it "
+                           "runs eagerly for the rest of the run", type(e).__name__, e)
+            return self._eager(step_loss)
+        self._graph, self._outputs, self._static_loss = graph, outputs, static_loss
         self.captures += 1
         graph.replay()
-        return self._outputs
+        return outputs

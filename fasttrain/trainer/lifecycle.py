@@ -172,6 +172,7 @@ def _finish(trainer: Trainer, failed: bool) -> None:
         ("waiting for the background checkpoint save",
          None if saver is None else saver.drain if failed else saver.wait),
         ("restoring the SIGTERM handler", trainer.run.restore_sigterm_handler if trainer.run else None),
+        ("releasing the optimizer tail's CUDA graph", trainer._graph_tail.close if trainer._graph_tail else None),
         ("stopping the peer watchdog", lambda: trainer.dist.stop_watchdog(clean=not failed)),
         ("closing the training log", logger_.close if logger_ is not None else None),
         ("closing the progress bars", (lambda: _close_progress_bars(trainer)) if failed else None),
