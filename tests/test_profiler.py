@@ -46,13 +46,35 @@ def run_step(prof, clock, data_s, fwd_s, bwd_s, opt_s, tokens=1000, samples=4, e
     clock.now += 5.0  # logging/eval between steps is outside the step and not counted
 
 
+def run_lap_step(prof, clock, data_s, fwd_s, bwd_s, opt_s, tokens=1000, samples=4, exclude=False):
+    """`run_step` the way the Trainer times a step: a lap at the end of each phase."""
+    prof.step_begin()
+    clock.now += data_s
+    prof.lap("data")
+    for _ in range(2):
+        clock.now += fwd_s / 2
+        prof.lap("forward")
+        clock.now += bwd_s / 2
+        prof.lap("backward")
+    clock.now += opt_s
+    prof.lap("optimizer")
+    prof.step_end(tokens=tokens, samples=samples, exclude=exclude)
+    clock.now += 5.0
+
+
+@pytest.fixture(params=["phase", "lap"])
+def step_style(request):
+    return run_step if request.param == "phase" else run_lap_step
+
+
 def make(tmp_path, **kw):
     cfg = ProfilerConfig(warmup_steps=kw.pop("warmup_steps", 2), sample_interval_s=10.0,
                          **kw.pop("cfg", {}))
     return Profiler(cfg, "cpu", output_dir=tmp_path, **kw)
 
 
-def test_window_arithmetic_excludes_warmup_and_excluded_steps(tmp_path, clock):
+def test_window_arithmetic_excludes_warmup_and_excluded_steps(tmp_path, clock, step_style):
+    run_step = step_style
     prof = make(tmp_path, num_devices=4, flops_per_token=2e6, cfg={"peak_tflops": 0.01})
     run_step(prof, clock, 9.0, 9.0, 9.0, 9.0)  # warm-up: huge, must not count
     run_step(prof, clock, 9.0, 9.0, 9.0, 9.0)
@@ -313,7 +335,7 @@ def test_cuda_event_path_syncs_only_on_logging_steps(tmp_path, clock, monkeypatc
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("device-wide sync"))
     FakeCudaEvent.device_at, FakeCudaEvent.syncs, FakeCudaEvent.created = 0.0, 0, 0
     prof = make(tmp_path, warmup_steps=1)
-    prof._timer = timing_mod.CudaTimer()  # the GPU timer, driven by the fake events
+    prof.use_timer(timing_mod.CudaTimer())  # the GPU timer, driven by the fake events
     for _ in range(4):
         run_step(prof, clock, 0.1, 0.2, 0.3, 0.4)  # 1.0 s steps; the "device" lags behind
     assert FakeCudaEvent.syncs == 0 and len(prof._pending) == 4
@@ -330,4 +352,40 @@ def test_cuda_event_path_syncs_only_on_logging_steps(tmp_path, clock, monkeypatc
         run_step(prof, clock, 0.1, 0.2, 0.3, 0.4)
     assert FakeCudaEvent.created == 60  # events come back to the pool once read: none created
     assert FakeCudaEvent.syncs == 1
+    prof.close()
+
+
+def test_cuda_laps_share_events_and_return_each_to_the_pool_once(tmp_path, clock, monkeypatch):
+    """The Trainer's laps on a GPU: one event a boundary (a lap's event ends one phase and
+    begins the next; the last lap's event ends the step), the same times as phase blocks,
+    and every event back in the pool exactly once (a shared event released twice would be
+    handed out twice and record two boundaries)."""
+    monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("device-wide sync"))
+    FakeCudaEvent.device_at, FakeCudaEvent.syncs, FakeCudaEvent.created = 0.0, 0, 0
+    prof = make(tmp_path, warmup_steps=1)
+    prof.use_timer(timing_mod.CudaTimer())
+    for _ in range(3):
+        run_lap_step(prof, clock, 0.1, 0.2, 0.3, 0.4)
+    # begin, the data lap's event, 2 x (forward, backward), optimizer (also the step's end)
+    assert FakeCudaEvent.created == 3 * 7 and FakeCudaEvent.syncs == 0
+    m = prof.log_metrics()
+    assert m["step_time_p50"] == pytest.approx(1.0)  # begin to the optimizer lap
+    assert m["phase_forward_s"] == pytest.approx(0.2) and m["phase_backward_s"] == pytest.approx(0.3)
+    assert m["phase_optimizer_s"] == pytest.approx(0.4) and m["phase_data_s"] == pytest.approx(0.1)
+    pool = prof._timer._pool
+    assert len(pool) == 3 * 7 and len({id(e) for e in pool}) == len(pool)  # each event once
+    for _ in range(3):
+        FakeCudaEvent.device_at = clock.now
+        run_lap_step(prof, clock, 0.1, 0.2, 0.3, 0.4)
+    assert FakeCudaEvent.created == 21  # reused from the pool
+    m = prof.log_metrics()
+    assert m["step_time_p50"] == pytest.approx(1.0) and m["phase_backward_s"] == pytest.approx(0.3)
+    prof.close()
+
+
+def test_a_lap_outside_a_step_is_refused(tmp_path):
+    prof = make(tmp_path)
+    with pytest.raises(RuntimeError, match=r"lap\('forward'\) outside a step"):
+        prof.lap("forward")
     prof.close()

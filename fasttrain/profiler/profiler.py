@@ -10,6 +10,15 @@ The trainer calls, per optimizer step:
     prof.step_end(tokens=B * T, samples=B)                    # host ints from shapes
 
 and `prof.log_metrics()` only on logging steps (the one place that waits for the device).
+A loop whose phases follow one another can mark each phase's end instead, one call a phase:
+
+    prof.step_begin(); batch = next(batches); prof.lap("data")
+    loss = model(**batch).loss;               prof.lap("forward")
+    loss.backward();                          prof.lap("backward")
+    optimizer.step();                         prof.lap("optimizer")
+
+A lap is the time since the previous lap (or the step's begin); the Trainer times its
+steps this way (one mark a boundary: 5 a step where four `phase` blocks take 8).
 On a GPU, step and phase boundaries are CUDA events recorded on the current stream and read
 later; on a CPU they are `time.perf_counter()`. The first `warmup_steps` steps (compile,
 autotuning, allocator growth) and steps passed `exclude=True` are left out of every
@@ -34,7 +43,7 @@ from fasttrain.profiler.flops import flops_per_token_for
 from fasttrain.profiler.nvml import GIB
 from fasttrain.profiler.output import (TraceWindow, cuda_snapshot_supported, dump_memory_snapshot,
                                        format_summary)
-from fasttrain.profiler.sampler import HardwareSampler, peak_rss_bytes, rss_bytes
+from fasttrain.profiler.sampler import HardwareSampler, peak_rss_bytes
 from fasttrain.profiler.timing import CudaTimer, HostTimer, Stats
 
 HOST_PHASES = ("data",)  # timed on the host clock even on a GPU: the work is host work
@@ -163,7 +172,10 @@ class Profiler:
         # every rank's memory_metrics() (with its "rank"), gathered by the caller on logging
         # steps under data/sharded parallelism, where each rank holds a different share
         self.memory_per_rank: list[dict] | None = None
-        self._timer = CudaTimer() if self.device.type == "cuda" else HostTimer()
+        self.use_timer(CudaTimer() if self.device.type == "cuda" else HostTimer())
+        # host-clock steps, kept whole until a logging step folds them into the window (the
+        # per-step cost is one append; the arithmetic runs in one pass on the logging step)
+        self._host_steps: list = []
         self._pending: deque = deque()
         self._current = None
         self._phases: dict[str, _Phase] = {}
@@ -175,6 +187,11 @@ class Profiler:
             self._sampler = HardwareSampler(self.device, self.config.sample_interval_s, nvml_lib)
             self._sampler.start()
             self._setup_oom_snapshot()
+
+    def use_timer(self, timer) -> None:
+        """The clock behind every mark: HostTimer (perf_counter floats) or CudaTimer."""
+        self._timer, self._mark = timer, timer.mark
+        self._host_clock = isinstance(timer, HostTimer)  # marks are perf_counter floats
 
     def _build_trace(self) -> TraceWindow | None:
         if self.config.trace_steps is None or not self.config.enabled:
@@ -201,7 +218,10 @@ class Profiler:
         self.step += 1
         if self._trace is not None:
             self._trace.on_step_begin_labelled(self.step)
-        self._current = [self._timer.mark(), perf_counter(), [], 0.0]  # begin, host begin, phases, data_s
+        begin = self._mark()
+        host = begin if self._host_clock else perf_counter()
+        # begin, host begin, phases, data_s, the last lap's mark and host time
+        self._current = [begin, host, [], 0.0, begin, host]
 
     def phase(self, name: str) -> _Phase:
         """Context manager timing one phase of the current step (names may repeat)."""
@@ -210,8 +230,34 @@ class Profiler:
             ctx = self._phases[name] = _Phase(self, name)
         return ctx
 
+    def lap(self, name: str) -> None:
+        """The time since the previous lap (or since step_begin) was phase `name` (names may
+        repeat: gradient accumulation laps forward, backward, forward, backward, ...). A host
+        phase ("data") is timed on the host clock; on a GPU its end is also a device mark,
+        where the next device phase begins. With phase_timing off only host phases count."""
+        current = self._current
+        if current is None:
+            if not self.config.enabled:
+                return
+            raise RuntimeError(f"Profiler.lap({name!r}) outside a step: call step_begin() first")
+        if name in HOST_PHASES:
+            host = perf_counter()
+            current[3] += host - current[5]
+            current[5] = host
+            if self.config.phase_timing:
+                current[4] = host if self._host_clock else self._mark()
+            return
+        if not self.config.phase_timing:
+            return
+        mark = self._mark()
+        current[2].append((name, current[4], mark))
+        current[4] = mark
+        current[5] = mark if self._host_clock else perf_counter()
+
     def step_end(self, tokens: int, samples: int, exclude: bool = False) -> None:
-        """Close the step. `tokens`/`samples` are this rank's host ints (from batch shapes)."""
+        """Close the step. `tokens`/`samples` are this rank's host ints (from batch shapes).
+        On a GPU, a step whose last call was a device lap ends at that lap's event: work
+        launched between it and step_end is not in the step's device time."""
         if not self.config.enabled:
             return
         if self._current is None:
@@ -219,37 +265,54 @@ class Profiler:
         if not isinstance(tokens, int) or not isinstance(samples, int):
             raise TypeError(f"step_end(tokens={tokens!r}, samples={samples!r}): pass host ints "
                             "computed from batch shapes, never tensors (that would sync)")
-        begin, host_begin, phases, data_s = self._current
-        self._current = None
+        current, self._current = self._current, None
+        begin, host_begin, phases, data_s = current[:4]
         traced = self._trace is not None and self._trace.first <= self.step <= self._trace.last
         warm = self.step <= self.config.warmup_steps
         measured = not (warm or exclude or traced)  # traced steps carry torch.profiler's overhead
         if not (measured or warm):
             self._excluded += 1
-        record = (begin, self._timer.mark(), perf_counter() - host_begin, data_s, phases,
-                  tokens, samples, measured)
-        self._pending.append(record)
         if self._trace is not None:
             self._trace.on_step_end(self.step)
+        if self._host_clock:  # host marks need no waiting: kept for the logging step's fold
+            if measured:
+                self._host_steps.append((begin, perf_counter(), data_s, phases, tokens, samples))
+                if len(self._host_steps) >= 4096:  # bounded when logging is rare or off
+                    self._fold_host_steps()
+            return
+        # on a GPU the last lap's event ends the step when it closed a device phase (the
+        # bookkeeping after it launches nothing): one event record fewer a step
+        last = current[4]
+        end = last if phases and phases[-1][2] is last else self._timer.mark()
+        self._pending.append((begin, end, perf_counter() - host_begin, data_s, phases, tokens, samples, measured))
         while self._pending and self._timer.ready(self._pending[0][1]):
             self._resolve(self._pending.popleft())
 
     def _resolve(self, record) -> None:
+        """A GPU step whose last event has completed: its times into the window."""
         begin, end, host_s, data_s, phases, tokens, samples, measured = record
-        cuda = isinstance(self._timer, CudaTimer)
+        elapsed = self._timer.elapsed_s
         if measured:
             per_phase: dict[str, float] = {}
-            for name, a, b in phases:  # host marks are floats: subtracted here, no call each
-                per_phase[name] = per_phase.get(name, 0.0) + (self._timer.elapsed_s(a, b) if cuda else b - a)
+            for name, a, b in phases:
+                per_phase[name] = per_phase.get(name, 0.0) + elapsed(a, b)
             if data_s:
                 per_phase["data"] = data_s
-            step_s = self._timer.elapsed_s(begin, end) if cuda else end - begin
             # into the window only: the run's totals take each window whole when it is logged
-            self._window.add(step_s, host_s, data_s, tokens, samples, per_phase)
-        if cuda:
-            self._timer.release([begin, end] + [m for _, a, b in phases for m in (a, b)])
+            self._window.add(elapsed(begin, end), host_s, data_s, tokens, samples, per_phase)
+        # consecutive laps share an event: each goes back to the pool once
+        marks = {id(m): m for m in (begin, end, *(m for _, a, b in phases for m in (a, b)))}
+        self._timer.release(list(marks.values()))
+
+    def _fold_host_steps(self) -> None:
+        steps, self._host_steps = self._host_steps, []
+        window = self._window
+        for begin, end, data_s, phases, tokens, samples in steps:
+            window.add_marks(end - begin, end - begin, data_s, tokens, samples, phases)
 
     def _drain(self) -> None:
+        if self._host_steps:
+            self._fold_host_steps()
         if self._pending and isinstance(self._timer, CudaTimer):
             self._pending[-1][1].synchronize()  # sync: logging step (or end of run) only
         while self._pending:
@@ -280,7 +343,9 @@ class Profiler:
 
     def memory_metrics(self) -> dict[str, float]:
         """Allocator peaks (host-side counters: no device sync) and host peak RSS."""
-        out = {"host_rss_peak_gib": max(peak_rss_bytes(), rss_bytes() or 0) / GIB}
+        # getrusage's peak already counts the current RSS (Linux takes the maximum of the two);
+        # reading /proc/self/statm here cost ~150 us a logging step inside a training loop
+        out = {"host_rss_peak_gib": peak_rss_bytes() / GIB}
         if self.device.type == "cuda":
             out["memory_allocated_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
             out["memory_reserved_peak_gib"] = torch.cuda.max_memory_reserved(self.device) / GIB

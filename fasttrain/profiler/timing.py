@@ -65,6 +65,21 @@ class Stats:
         for name, seconds in phases.items():
             self.phases[name] = self.phases.get(name, 0.0) + seconds
 
+    def add_marks(self, step_s, host_s, data_s, tokens, samples, phases) -> None:
+        """`add` for a step timed on the host clock, its phases as (name, start, end) marks."""
+        self.step_s.append(step_s)
+        self.n += 1
+        self.time_s += step_s
+        self.host_s += host_s
+        self.data_s += data_s
+        self.tokens += tokens
+        self.samples += samples
+        sums = self.phases
+        for name, start, end in phases:
+            sums[name] = sums.get(name, 0.0) + (end - start)
+        if data_s:
+            sums["data"] = sums.get("data", 0.0) + data_s
+
     def merge(self, other: "Stats") -> None:
         """Add every step of `other` (a logged window into the run's totals)."""
         self.step_s.extend(other.step_s)

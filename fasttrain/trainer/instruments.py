@@ -15,6 +15,10 @@ logger = logging.getLogger("fasttrain")
 _NO_PHASE = contextlib.nullcontext()  # stateless and reentrant: one for every disabled phase
 
 
+def _nothing(*args) -> None:
+    return None
+
+
 def _seq_len_of(dataset) -> Optional[int]:
     try:
         ids = dataset[0].get("input_ids")
@@ -35,15 +39,15 @@ class Instruments:
         self.enabled = bool(args.profile)
         self.dist = dist
         self._warm = False
+        # per step: step_begin(), then lap(name) at the end of each phase (data, forward,
+        # backward, optimizer): the profiler's own methods, or no-ops when profiling is off
+        self.step_begin = self.profiler.step_begin if self.enabled else _nothing
+        self.lap = self.profiler.lap if self.enabled else _nothing
 
     def observe_batch(self, batch) -> None:
         """A compiled model switches to dynamic lengths when batch lengths start to vary."""
         if self.lengths is not None:
             self.lengths.observe(batch)
-
-    def step_begin(self) -> None:
-        if self.enabled:
-            self.profiler.step_begin()
 
     def phase(self, name: str):
         return self.profiler.phase(name) if self.enabled else _NO_PHASE

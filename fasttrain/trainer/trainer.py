@@ -209,12 +209,14 @@ class Trainer:
         own_mean = not has_labels or not loss_is_scaled_for_ga(
             self._compute_loss_overridden(), getattr(self, "loss_is_scaled_for_ga", None), self.model)
         step_loss = None
+        inst = self._instruments
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with self.dist.no_sync(model, enabled=not last):
-                self._instruments.observe_batch(batch)
-                with self._instruments.phase("forward"), self._autocast():
+                inst.observe_batch(batch)
+                with self._autocast():
                     loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
+                inst.lap("forward")
                 if own_mean:
                     # The model's (or the override's) own mean, averaged over micro-batches; the gradient
                     # sync averages it over ranks, and the logged window sums ranks, so / world.
@@ -229,13 +231,14 @@ class Trainer:
                     logged = loss if len(batches) == 1 else loss.detach()
                 step_loss = logged if step_loss is None else step_loss + logged
                 scaled = self.scaler.scale(scaled) if self.scaler is not None else scaled
-                with self._instruments.phase("backward"):
-                    scaled.backward()
+                scaled.backward()
+                inst.lap("backward")
             if not last:
                 self._event("on_substep_end")
         losses.end_step()
-        with self._instruments.phase("optimizer"), torch.no_grad():
+        with torch.no_grad():
             self._optimizer_step(step_loss)
+        inst.lap("optimizer")
         return step_loss
 
     def _optimizer_step(self, step_loss: torch.Tensor) -> None:
@@ -275,8 +278,8 @@ class Trainer:
             while run.micro_batches_done < micro_per_epoch and st.global_step < st.max_steps:
                 self._event("on_step_begin")
                 inst.step_begin()
-                with inst.phase("data"):
-                    batches = take(iterator, min(ga, micro_per_epoch - run.micro_batches_done))
+                batches = take(iterator, min(ga, micro_per_epoch - run.micro_batches_done))
+                inst.lap("data")
                 if not batches:
                     ended = True
                     break
