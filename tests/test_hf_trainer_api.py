@@ -131,3 +131,65 @@ def test_compute_loss_override_with_accumulation_is_normalised_as_hf(tmp_path):
         logged[lib.__name__] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert logged["fasttrain"] == pytest.approx(logged["transformers"], rel=1e-5)
     assert len(logged["fasttrain"]) == 1
+
+
+def recording_trainer(lib):
+    class Recording(lib.Trainer):
+        """Overrides HF's evaluation-during-training hook and sees what train() hands it."""
+
+        def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler=False):
+            metrics = super()._evaluate(trial, ignore_keys_for_eval, skip_scheduler)
+            self.calls.append((self.state.global_step, trial, ignore_keys_for_eval, round(metrics["eval_loss"], 5)))
+            metrics["eval_made_up"] = float(self.state.global_step)  # what the override returns counts
+            return metrics
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            self.ignore_keys_seen.append(ignore_keys)
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+    return Recording
+
+
+def test_train_takes_hfs_arguments_and_evaluates_through_the_overridable_evaluate(tmp_path):
+    """train(ignore_keys_for_eval=...) reaches every evaluation during training, each through
+    `_evaluate(trial, ignore_keys_for_eval)`, whose returned metrics pick the best checkpoint:
+    the same calls and the same best step as transformers' Trainer on the same lines."""
+    seen = {}
+    for lib in (transformers, fasttrain):
+        trainer = recording_trainer(lib)(
+            Classifier(), _args(lib, tmp_path / lib.__name__, max_steps=6, eval_strategy="steps", eval_steps=2,
+                                save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                                metric_for_best_model="made_up", greater_is_better=False),
+            train_dataset=class_data(32), eval_dataset=class_data(7, seed=3))
+        trainer.calls, trainer.ignore_keys_seen = [], []
+        trainer.train(ignore_keys_for_eval=["hidden"])
+        seen[lib.__name__] = (trainer.calls, trainer.ignore_keys_seen, trainer.state.best_model_checkpoint)
+    calls, ignore_keys, best = seen["fasttrain"]
+    assert [c[:3] for c in calls] == [(2, None, ["hidden"]), (4, None, ["hidden"]), (6, None, ["hidden"])]
+    assert ignore_keys == [["hidden"]] * 3
+    assert best.endswith("checkpoint-2")  # the override's made-up metric, lowest at step 2
+    hf_calls, hf_ignore_keys, hf_best = seen["transformers"]
+    assert [c[:3] for c in hf_calls] == [c[:3] for c in calls] and hf_ignore_keys == ignore_keys
+    assert hf_best.endswith("checkpoint-2")
+    assert [c[3] for c in calls] == pytest.approx([c[3] for c in hf_calls], rel=1e-4)
+
+
+def test_eval_on_start_goes_through_evaluate_too_as_in_hf(tmp_path):
+    seen = {}
+    for lib in (transformers, fasttrain):
+        trainer = recording_trainer(lib)(
+            Classifier(), _args(lib, tmp_path / lib.__name__, max_steps=2, eval_strategy="steps", eval_steps=2,
+                                eval_on_start=True),
+            train_dataset=class_data(16), eval_dataset=class_data(7, seed=3))
+        trainer.calls, trainer.ignore_keys_seen = [], []
+        trainer.train(ignore_keys_for_eval=["hidden"])
+        seen[lib.__name__] = [c[:3] for c in trainer.calls]
+    assert seen["fasttrain"] == [(0, None, ["hidden"]), (2, None, ["hidden"])] == seen["transformers"]
+
+
+def test_train_refuses_a_trial_and_unknown_arguments_by_name(tmp_path):
+    trainer = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path), train_dataset=class_data(8))
+    with pytest.raises(ValueError, match="hyperparameter"):
+        trainer.train(trial={"learning_rate": 0.1})
+    with pytest.raises(TypeError, match=r"unexpected arguments \['model_path'\]"):
+        trainer.train(model_path="x")
+    assert not (tmp_path / "checkpoint-1").exists()  # refused before any training

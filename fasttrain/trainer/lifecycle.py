@@ -81,8 +81,8 @@ def _train_once(trainer: Trainer, resume_from_checkpoint) -> TrainOutput:
     trainer._in_train = True  # bf16/fp16_full_eval cast only outside training, as HF
     try:
         start_step, start_time = _begin(trainer, loader, resume_from_checkpoint, max_steps, num_epochs)
-        if args.eval_on_start:  # as HF: a sanity evaluation before the first step
-            trainer.evaluate()
+        if args.eval_on_start:  # as HF: a sanity evaluation before the first step, no schedule step
+            trainer._evaluate(None, trainer._ignore_keys_for_eval, skip_scheduler=True)
             trainer.model_wrapped.train()
             trainer.run.window.t0 = time.perf_counter()
         with trainer._instruments.oom_guard():

@@ -98,6 +98,7 @@ class Trainer:
         self._instruments: Optional[Instruments] = None
         self._measured = frozenset()  # keys of the record being logged kept out of log_history
         self._graph_tail = None  # trainer/graph_tail.py, built by train() when asked for
+        self._ignore_keys_for_eval = None  # train(ignore_keys_for_eval=...), for its evaluations
         self._train_sampler: Optional[ShardedSampler] = None
         self._clipper: Optional[GradClipper] = None  # the trainable parameters, clipped
         self._fsdp = None
@@ -253,9 +254,18 @@ class Trainer:
         self.dist.zero_grad(self.model_wrapped, self.optimizer)
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume_from_checkpoint=None, **kwargs):
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """HF's signature. `ignore_keys_for_eval`: output keys the evaluations during training
+        leave out of the predictions (as evaluate(ignore_keys=...)). `trial` belongs to HF's
+        hyperparameter_search, which fasttrain does not have."""
         if kwargs:
-            raise TypeError(f"train() got unexpected arguments {sorted(kwargs)}")
+            raise TypeError(f"train() got unexpected arguments {sorted(kwargs)}; it takes "
+                            "resume_from_checkpoint, trial and ignore_keys_for_eval, as HF's")
+        if trial is not None:
+            raise ValueError("train(trial=...) is HF's hyperparameter-search hook and fasttrain has no "
+                             "hyperparameter_search: set each trial's values on TrainingArguments "
+                             "(or in model_init) and call train() once per trial")
+        self._ignore_keys_for_eval = ignore_keys_for_eval
         return lifecycle.train(self, resume_from_checkpoint or self.args.resume_from_checkpoint)
 
     @property
@@ -331,9 +341,8 @@ class Trainer:
         new_best = False  # a best result belongs to a checkpoint of this step only
         if control.should_evaluate and self.eval_dataset is not None:
             with self._instruments.expect_compiles("evaluation (dropout off)"):
-                metrics = self.evaluate()
+                metrics = self._evaluate(None, self._ignore_keys_for_eval)
             new_best = update_best(metrics, args, st)
-            step_on_metrics(self.lr_scheduler, metrics, args.metric_for_best_model)
             if args.save_strategy == "best":
                 control.should_save = new_best or preempted  # a preemption saves regardless
         # the epoch-end pass after a stop mid-epoch must not write the step's checkpoint again
@@ -349,6 +358,15 @@ class Trainer:
         if paused:
             self.run.window.t0 = time.perf_counter()  # tokens/s counts training time only
         control.should_log = control.should_evaluate = control.should_save = False
+
+    def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler: bool = False) -> dict:
+        """An evaluation during training, as HF's method of this name (subclasses override
+        it): evaluate(), then a metric-driven schedule (reduce_lr_on_plateau, greedy) steps
+        on metric_for_best_model unless `skip_scheduler`."""
+        metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
+        if not skip_scheduler:
+            step_on_metrics(self.lr_scheduler, metrics, self.args.metric_for_best_model)
+        return metrics
 
     def _log_training(self, window: dict):
         if not window:
