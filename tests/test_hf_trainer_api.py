@@ -193,3 +193,79 @@ def test_train_refuses_a_trial_and_unknown_arguments_by_name(tmp_path):
     with pytest.raises(TypeError, match=r"unexpected arguments \['model_path'\]"):
         trainer.train(model_path="x")
     assert not (tmp_path / "checkpoint-1").exists()  # refused before any training
+
+
+def hf_style_optimizer_trainer(lib):
+    class OwnGroups(lib.Trainer):
+        """create_optimizer overridden the way subclasses copy it from HF: decay names and the
+        optimizer class from the Trainer's helpers, a second LR for the last layer."""
+
+        def create_optimizer(self, model=None):
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in named if n in decay and not n.startswith("out")],
+                       "weight_decay": self.args.weight_decay},
+                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+                      {"params": [p for n, p in named if n in decay and n.startswith("out")],
+                       "weight_decay": self.args.weight_decay, "lr": self.args.learning_rate / 10}]
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = cls(groups, **kwargs)
+            return self.optimizer
+    return OwnGroups
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "sgd"])
+def test_an_hf_style_create_optimizer_trains_as_in_hf(tmp_path, optim):
+    final = {}
+    for lib in (transformers, fasttrain):
+        torch.manual_seed(0)
+        model = Classifier()
+        trainer = hf_style_optimizer_trainer(lib)(
+            model, _args(lib, tmp_path / lib.__name__, max_steps=5, weight_decay=0.1, optim=optim,
+                         lr_scheduler_type="constant", max_grad_norm=0.0),
+            train_dataset=class_data(40))
+        trainer.train()
+        final[lib.__name__] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        assert len(trainer.optimizer.param_groups) == 3
+    hf, ft = final["transformers"], final["fasttrain"]
+    assert hf.keys() == ft.keys()
+    for name in hf:
+        torch.testing.assert_close(ft[name], hf[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(0)
+    untrained = Classifier()
+    assert any((untrained.state_dict()[n] - ft[n]).abs().max() > 1e-3 for n in ft)  # it trained
+
+
+def test_decay_parameter_names_follow_hfs_rule_on_a_gpt2():
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    args = transformers.TrainingArguments(output_dir="unused", report_to="none")
+    hf = transformers.Trainer(model, args).get_decay_parameter_names(model)
+    ft_args = fasttrain.TrainingArguments(output_dir="unused", report_to="none")
+    ft = fasttrain.Trainer(model, ft_args).get_decay_parameter_names(model)
+    assert ft == hf
+    assert "transformer.h.0.attn.c_attn.weight" in ft and "transformer.h.0.ln_1.weight" not in ft
+    assert not any("bias" in n for n in ft)
+
+
+def test_the_small_hf_helpers_answer_as_hfs(tmp_path):
+    out = {}
+    for lib in (transformers, fasttrain):
+        trainer = lib.Trainer(Classifier(), _args(lib, tmp_path / lib.__name__, gradient_accumulation_steps=3,
+                                                  include_num_input_tokens_seen="all"),
+                              train_dataset=class_data(12))
+        trainer.train()  # HF's log(logs, start_time) needs a run's token count
+        with trainer.compute_loss_context_manager():
+            pass
+        flos = trainer.state.total_flos
+        trainer.store_flos()
+        assert trainer.state.total_flos == flos  # nothing pending after train()
+        logs = {"loss": 1.0}
+        trainer.log(logs, start_time=__import__("time").time() - 2.0)
+        out[lib.__name__] = (trainer.get_total_train_batch_size(trainer.args), sorted(logs))
+        trainer.save_model(str(tmp_path / lib.__name__ / "model"), _internal_call=True)
+        assert (tmp_path / lib.__name__ / "model" / "model.safetensors").exists()
+    assert out["fasttrain"][0] == out["transformers"][0] == 12
+    assert out["fasttrain"][1] == out["transformers"][1]
+    assert "train_runtime" in out["fasttrain"][1]

@@ -2,34 +2,56 @@
 HF's torch-native names (adamw_torch, adamw_torch_fused, adafactor, sgd, adagrad, rmsprop);
 TrainingArguments refuses HF's library-backed names, naming the missing library.
 
-Parameter groups follow HF: weight decay on every parameter of 2 or more dimensions, none
-on biases and norm weights; with weight_decay=0 that split changes nothing, so there is one
+Parameter groups follow HF's rule: no weight decay inside nn.LayerNorm or on names with a
+bias or a norm, decay on the rest; with weight_decay=0 that split changes nothing, so there is one
 group (half the optimizer launches per step). Optimizers that accept a tensor LR get one on the parameters'
 device, so the LR schedule updates it in place with no host synchronisation.
 """
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 
 from fasttrain.training_args import parse_optim_args
 
 
+# HF's rule for what weight decay skips: parameters inside an nn.LayerNorm, and names
+# (lower-cased, dotted) that mention a bias or a norm
+_NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def decay_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters weight decay applies to, by HF's rule (what HF's
+    Trainer.get_decay_parameter_names returns): not inside an nn.LayerNorm, and no bias or
+    norm in the dotted name. A tied parameter is listed under each of its names."""
+    names: list[str] = []
+
+    def visit(module: torch.nn.Module, prefix: str, in_norm: bool) -> None:
+        for name in module._parameters:
+            full = prefix + name
+            if not in_norm and not _NO_DECAY_NAMES.search(full.lower()):
+                names.append(full)
+        for name, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}{name}.", in_norm or isinstance(child, torch.nn.LayerNorm))
+    visit(model, "", False)
+    return names
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
+    """HF's two groups (decay on `decay_parameter_names`, none on the rest), trainable
+    parameters only, each once; with weight_decay=0 one group (the split changes nothing)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters (every requires_grad is False); "
                          "unfreeze at least one parameter")
     if weight_decay == 0.0:  # one group: every per-group launch of the optimizer happens once
-        return [{"params": decay + no_decay, "weight_decay": 0.0}]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": [p for _, p in named], "weight_decay": 0.0}]
+    decay = set(decay_parameter_names(model))
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
@@ -61,17 +83,26 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer `args.optim` names over HF's weight-decay groups; `optim_args`
     ("key=value,...") become extra constructor arguments, checked against the constructor."""
     groups = param_groups(model, args.weight_decay)
-    device = groups[0]["params"][0].device
-    # sync: one host-to-device copy when the optimizer is built, never per step
-    lr_tensor = torch.tensor(args.learning_rate, dtype=torch.float32, device=device)
+    cls, kwargs = optimizer_cls_and_kwargs(args, groups[0]["params"][0].device)
+    return cls(groups, **kwargs)
+
+
+def optimizer_cls_and_kwargs(args, device: torch.device | None) -> tuple[type, dict]:
+    """(class, keyword arguments with "lr") of the optimizer `args.optim` names, as HF's
+    Trainer.get_optimizer_cls_and_kwargs: `cls(param_groups, **kwargs)` builds it. Given the
+    parameters' device, the LR is a tensor there where the optimizer takes one (the schedule
+    then updates it in place, no host sync); without it a float."""
     extra = parse_optim_args(args.optim_args)
+    # sync: one host-to-device copy when the optimizer is built, never per step
+    lr_tensor = None if device is None else torch.tensor(args.learning_rate, dtype=torch.float32, device=device)
     if args.optim == "fasttrain_adamw":
         from fasttrain.optim.adamw import FusedAdamW
         if extra:
             raise ValueError(f"TrainingArguments.optim_args={args.optim_args!r}: fasttrain_adamw takes its "
                              "settings from adam_beta1/adam_beta2/adam_epsilon/weight_decay; remove optim_args")
-        return FusedAdamW(groups, lr=lr_tensor, betas=(args.adam_beta1, args.adam_beta2),
-                          eps=args.adam_epsilon, master_weights=args.master_weights)
+        return FusedAdamW, {"lr": args.learning_rate if lr_tensor is None else lr_tensor,
+                            "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+                            "master_weights": args.master_weights}
     if args.optim not in _TORCH_OPTIMIZERS:
         raise ValueError(f"TrainingArguments.optim={args.optim!r} is not an optimizer fasttrain builds; "
                          f"accepted: fasttrain_adamw, {', '.join(_TORCH_OPTIMIZERS)}")
@@ -79,12 +110,12 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     if cls is None:
         raise ValueError(f"TrainingArguments.optim={args.optim!r} needs torch.optim.Adafactor "
                          f"(torch >= 2.5); this is torch {torch.__version__}")
-    kwargs = {**base_kwargs(args, device), **extra}
+    kwargs = {**base_kwargs(args, device if device is not None else torch.device("cpu")), **extra}
     accepted = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "params", "lr"})
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"TrainingArguments.optim_args={args.optim_args!r}: {unknown} is not an argument "
                          f"of {cls.__name__} (optim={args.optim!r}); it takes {accepted}")
     # a tensor LR (updated in place by the schedule, no host sync) where torch allows one
-    tensor_lr = kwargs.get("fused") or kwargs.get("capturable")
-    return cls(groups, lr=lr_tensor if tensor_lr else args.learning_rate, **kwargs)
+    tensor_lr = lr_tensor is not None and (kwargs.get("fused") or kwargs.get("capturable"))
+    return cls, {"lr": lr_tensor if tensor_lr else args.learning_rate, **kwargs}

@@ -156,6 +156,7 @@ def _begin(trainer: Trainer, loader, resume_from_checkpoint, max_steps: int, num
     trainer._event("on_train_begin")
     start_time = time.perf_counter()
     trainer._start_step = st.global_step
+    trainer._initial_num_input_tokens_seen = st.num_input_tokens_seen
     trainer.run.window.t0 = start_time  # set-up and resume time are not training time
     trainer._neftune = hf_options.activate_neftune(trainer.model, args.neftune_noise_alpha)
     return st.global_step, start_time

@@ -12,6 +12,7 @@ import datetime
 import inspect
 import json
 import os
+import time
 
 from fasttrain.checkpoint.hf_layout import hf_trainer_state_json
 
@@ -23,6 +24,19 @@ def call_model_init(model_init, trial=None):
     if model is None:
         raise RuntimeError("model_init returned None; it must return a torch.nn.Module")
     return model
+
+
+def session_speed(start_time: float, tokens: int) -> dict:
+    """train_runtime since `start_time` (time.time()) and the tokens per second over it:
+    what HF's log(logs, start_time) adds when tokens are counted."""
+    runtime = time.time() - start_time
+    return {"train_runtime": round(runtime, 4),
+            "train_tokens_per_second": round(tokens / runtime, 3) if runtime > 0 else 0.0}
+
+
+def total_train_batch_size(args, world_size: int) -> int:
+    """Samples per optimizer step over all ranks (every rank is data-parallel here)."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
 
 
 def metrics_format(metrics: dict) -> dict:

@@ -30,7 +30,7 @@ from fasttrain.data.columns import collate_or_explain
 from fasttrain.data.datasets import check_examples, check_first_batch, default_data_collator
 from fasttrain.distributed.sampler import ShardedSampler
 from fasttrain.trainer.metrics_log import MetricsLogger
-from fasttrain.optim.factory import build_optimizer
+from fasttrain.optim.factory import build_optimizer, decay_parameter_names, optimizer_cls_and_kwargs
 from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
 from fasttrain.optim.schedules import build_scheduler, step_on_metrics
@@ -99,6 +99,7 @@ class Trainer:
         self._measured = frozenset()  # keys of the record being logged kept out of log_history
         self._graph_tail = None  # trainer/graph_tail.py, built by train() when asked for
         self._ignore_keys_for_eval = None  # train(ignore_keys_for_eval=...), for its evaluations
+        self._initial_num_input_tokens_seen = 0  # at this train()'s start (after a resume)
         self._train_sampler: Optional[ShardedSampler] = None
         self._clipper: Optional[GradClipper] = None  # the trainable parameters, clipped
         self._fsdp = None
@@ -146,13 +147,29 @@ class Trainer:
         from fasttrain.distributed.context import DistContext
         return DistContext.from_args(self.args)
 
-    def create_optimizer(self):
+    def create_optimizer(self, model=None):
+        """The optimizer args.optim names over HF's weight-decay groups of `model` (default:
+        the Trainer's), unless one was given; HF's signature."""
         if self.optimizer is None:
+            model = self.model if model is None else model
             if self.args.master_weights:  # low-precision weights, fp32 masters in FusedAdamW
-                cast_floating_params_(self.model, torch.bfloat16 if self.args.bf16 else torch.float16)
-            self.optimizer = build_optimizer(self.args, self.model)
+                cast_floating_params_(model, torch.bfloat16 if self.args.bf16 else torch.float16)
+            self.optimizer = build_optimizer(self.args, model)
             self._built_optimizer = True  # from args.optim (a resume checks it matches)
         return self.optimizer
+
+    def get_decay_parameter_names(self, model) -> list:
+        """Names of the parameters weight decay applies to, by HF's rule (the groups
+        create_optimizer builds; overrides of create_optimizer call this, as HF's do)."""
+        return decay_parameter_names(model)
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None) -> tuple:
+        """(optimizer class, its keyword arguments with "lr") for args.optim, as HF's:
+        `cls(groups, **kwargs)` builds what create_optimizer would; given the model, the LR is
+        a tensor on its device where the optimizer takes one (no host sync per step)."""
+        params = None if model is None else next(iter(model.parameters()), None)
+        return optimizer_cls_and_kwargs(args, None if params is None else params.device)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
@@ -168,6 +185,14 @@ class Trainer:
 
     def _autocast(self):
         return autocast_context(self.device.type, bf16=self.args.bf16, fp16=self.args.fp16)
+
+    def autocast_smart_context_manager(self, cache_enabled: Optional[bool] = True):
+        """HF's name for the mixed-precision context of a forward (bf16/fp16 autocast or none)."""
+        return self._autocast()
+
+    def compute_loss_context_manager(self):
+        """The context HF's training_step (and overrides copied from it) compute the loss in."""
+        return self._autocast()
 
     def get_train_dataloader(self) -> DataLoader:
         loader, self._stream, self._train_sampler = loaders.train_loader(
@@ -379,8 +404,14 @@ class Trainer:
         finally:
             self._measured = frozenset()
 
-    def log(self, logs: dict):
+    def log(self, logs: dict, start_time: Optional[float] = None):
+        """HF's: `logs` to log_history, the callbacks' on_log and the run's log. Given the
+        run's start (time.time()) and tokens counted (include_num_input_tokens_seen), the
+        session's train_runtime and train_tokens_per_second are added, as HF adds them."""
         st = self.state
+        if start_time is not None and self.args.include_num_input_tokens_seen != "no":
+            logs.update(script_helpers.session_speed(start_time, st.num_input_tokens_seen
+                                                     - self._initial_num_input_tokens_seen))
         record = stamp(logs, st, self.args)
         st.log_history.append(history_record(record, self._measured))
         self._event("on_log", logs=logs)
@@ -406,8 +437,9 @@ class Trainer:
                          stream=self._stream, dist=self.dist, num_workers=self.args.dataloader_num_workers,
                          best=best, blocking=blocking)
 
-    def save_model(self, output_dir=None) -> None:
-        """Weights (safetensors) and config of the model, for inference or fine-tuning."""
+    def save_model(self, output_dir=None, _internal_call: bool = False) -> None:
+        """Weights (safetensors) and config of the model, for inference or fine-tuning
+        (`_internal_call`: HF's flag for its hub push, which fasttrain does not make)."""
         save_model_folder(self.model, output_dir or self.args.output_dir, self.args, self.processing_class,
                           dist=self.dist, sharded=self._fsdp is not None)
 
@@ -483,9 +515,10 @@ class Trainer:
         if self.is_world_process_zero():
             script_helpers.save_state(self.args.output_dir, self.state, self.callback_handler, self.control)
 
-    def create_model_card(self, model_name=None, finetuned_from=None, tasks=None, dataset=None,
-                          language=None, license=None, tags=None, **kwargs) -> None:
-        """A README.md in output_dir (HF's card, without the hub metadata it cannot fetch offline)."""
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
+        """A README.md in output_dir (HF's card, without the hub metadata it cannot fetch
+        offline); HF's parameters in HF's order."""
         if self.is_world_process_zero():
             script_helpers.create_model_card(self.args, self.state.log_history, model_name, finetuned_from,
                                              tasks, dataset, language, license, tags)
@@ -504,6 +537,13 @@ class Trainer:
 
     def get_num_trainable_parameters(self) -> int:
         return script_helpers.trainable_parameters(self.model)
+
+    def get_total_train_batch_size(self, args) -> int:
+        return script_helpers.total_train_batch_size(args, self.dist.world_size)
+
+    def store_flos(self) -> None:
+        """HF's: fold the FLOPs counted since the last call into state.total_flos. fasttrain
+        adds each step's FLOPs (over all ranks) as the step ends: nothing is pending."""
 
     def get_learning_rates(self) -> list:
         return script_helpers.learning_rates(self.optimizer)
