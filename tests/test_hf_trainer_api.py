@@ -269,3 +269,92 @@ def test_the_small_hf_helpers_answer_as_hfs(tmp_path):
     assert out["fasttrain"][0] == out["transformers"][0] == 12
     assert out["fasttrain"][1] == out["transformers"][1]
     assert "train_runtime" in out["fasttrain"][1]
+
+
+def hf_style_step_trainer(lib):
+    class ManualDecay(lib.Trainer):
+        """training_step overridden as research code does: HF's signature, super()'s forward and
+        backward, then a hand-made change to the gradients of every micro-batch."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.seen.append((sorted(inputs), num_items_in_batch is None))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.grad.add_(p, alpha=0.05)
+            return loss
+    return ManualDecay
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_an_hf_style_training_step_override_runs_every_micro_batch_as_in_hf(tmp_path, accumulation):
+    final, logged, seen = {}, {}, {}
+    for lib in (transformers, fasttrain):
+        model = Classifier()
+        trainer = hf_style_step_trainer(lib)(
+            model, _args(lib, tmp_path / lib.__name__, max_steps=4, gradient_accumulation_steps=accumulation,
+                         lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1),
+            train_dataset=class_data(64))
+        trainer.seen = []
+        trainer.train()
+        final[lib.__name__] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        logged[lib.__name__] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        seen[lib.__name__] = trainer.seen
+    assert len(seen["fasttrain"]) == 4 * accumulation  # once per micro-batch
+    assert seen["fasttrain"] == seen["transformers"]
+    for name, weight in final["transformers"].items():
+        torch.testing.assert_close(final["fasttrain"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert logged["fasttrain"] == pytest.approx(logged["transformers"], rel=1e-4)
+    plain = Classifier()
+    fasttrain.Trainer(plain, _args(fasttrain, tmp_path / "plain", max_steps=4, gradient_accumulation_steps=accumulation,
+                                   lr_scheduler_type="constant", max_grad_norm=0.0),
+                      train_dataset=class_data(64)).train()
+    assert (plain.linear.weight - final["fasttrain"]["linear.weight"]).abs().max() > 1e-3  # the override acted
+
+
+def test_training_step_called_directly_does_one_micro_batch_as_in_hf(tmp_path):
+    grads, losses = {}, {}
+    for lib in (transformers, fasttrain):
+        model = Classifier()
+        trainer = lib.Trainer(model, _args(lib, tmp_path / lib.__name__, gradient_accumulation_steps=2))
+        if lib is transformers:
+            trainer.current_gradient_accumulation_steps = 2  # HF sets it in train(); it divides by it
+        batch = {"x": torch.stack([e["x"] for e in class_data(4)]),
+                 "labels": torch.stack([e["labels"] for e in class_data(4)])}
+        losses[lib.__name__] = trainer.training_step(model, batch).item()
+        grads[lib.__name__] = model.linear.weight.grad.clone()
+    assert losses["fasttrain"] == pytest.approx(losses["transformers"], rel=1e-6)
+    torch.testing.assert_close(grads["fasttrain"], grads["transformers"])
+
+
+def test_compute_loss_func_and_optimizer_cls_and_kwargs_train_as_in_hf(tmp_path):
+    """Trainer(compute_loss_func=..., optimizer_cls_and_kwargs=...): HF 5's two constructor
+    arguments, by keyword, train to HF's weights; the function sees HF's num_items_in_batch."""
+    final, counts = {}, {}
+    for lib in (transformers, fasttrain):
+        model = Classifier()
+        seen = []
+
+        def summed_loss(outputs, labels, num_items_in_batch=None):
+            seen.append(None if num_items_in_batch is None else int(num_items_in_batch))
+            return torch.nn.functional.cross_entropy(outputs["logits"], labels, reduction="sum") / num_items_in_batch
+
+        trainer = lib.Trainer(model, _args(lib, tmp_path / lib.__name__, max_steps=3, gradient_accumulation_steps=2,
+                                           lr_scheduler_type="constant", max_grad_norm=0.0),
+                              train_dataset=class_data(48), compute_loss_func=summed_loss,
+                              optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.5, "momentum": 0.9}))
+        trainer.train()
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # HF wraps it for accelerate
+        assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+        final[lib.__name__] = model.linear.weight.detach().clone()
+        counts[lib.__name__] = seen
+    assert counts["fasttrain"] == counts["transformers"] == [8] * 6  # the step's 8 labels, each micro-batch
+    torch.testing.assert_close(final["fasttrain"], final["transformers"], rtol=1e-5, atol=1e-6)
+    assert (Classifier().linear.weight - final["fasttrain"]).abs().max() > 1e-2  # it trained
+
+
+def test_both_optimizers_and_optimizer_cls_and_kwargs_are_refused(tmp_path):
+    model = Classifier()
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        fasttrain.Trainer(model, _args(fasttrain, tmp_path), optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+                          optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))

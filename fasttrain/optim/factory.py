@@ -79,10 +79,14 @@ _TORCH_OPTIMIZERS = {
 }
 
 
-def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer `args.optim` names over HF's weight-decay groups; `optim_args`
-    ("key=value,...") become extra constructor arguments, checked against the constructor."""
+def build_optimizer(args, model: torch.nn.Module, cls_and_kwargs: tuple | None = None) -> torch.optim.Optimizer:
+    """The optimizer `args.optim` names (or `cls_and_kwargs`, the Trainer's
+    optimizer_cls_and_kwargs) over HF's weight-decay groups; `optim_args` ("key=value,...")
+    become extra constructor arguments, checked against the constructor."""
     groups = param_groups(model, args.weight_decay)
+    if cls_and_kwargs is not None:
+        cls, kwargs = cls_and_kwargs
+        return cls(groups, **kwargs)
     cls, kwargs = optimizer_cls_and_kwargs(args, groups[0]["params"][0].device)
     return cls(groups, **kwargs)
 

@@ -28,6 +28,7 @@ from fasttrain.trainer.checkpointing import build_checkpointer, resume_run
 from fasttrain.trainer.graph_tail import graph_tail_for
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.logging_step import train_end_record
+from fasttrain.trainer.loss_paths import loss_is_scaled_for_ga
 from fasttrain.trainer.metrics_log import MetricsLogger
 from fasttrain.trainer.optimizer_step import GradClipper
 from fasttrain.trainer.parallelize import checkpoint_activations_from_args, shard_from_args
@@ -157,6 +158,9 @@ def _begin(trainer: Trainer, loader, resume_from_checkpoint, max_steps: int, num
     start_time = time.perf_counter()
     trainer._start_step = st.global_step
     trainer._initial_num_input_tokens_seen = st.num_input_tokens_seen
+    trainer._hf_training_step = trainer._training_step_overridden()
+    # HF counts num_items_in_batch for losses that take it: a compute_loss_func, a model with loss kwargs
+    trainer._hf_counts_items = trainer.compute_loss_func is not None or loss_is_scaled_for_ga(True, None, trainer.model)
     trainer.run.window.t0 = start_time  # set-up and resume time are not training time
     trainer._neftune = hf_options.activate_neftune(trainer.model, args.neftune_noise_alpha)
     return st.global_step, start_time

@@ -35,6 +35,7 @@ class LossPaths:
         self._model_reasons: dict = {}
         self._reasons_logged: set = set()
         self.last_labels: Optional[list] = None  # the last step's label tensors (references)
+        self.compute_loss_func = None  # the Trainer's compute_loss_func (HF's)
 
     # ------------------------------------------------------------------ labels and tokens
     def labels(self, inputs: dict):
@@ -49,12 +50,12 @@ class LossPaths:
             count = self._step_counts[id(labels)] = count_valid_labels(labels, self.label_shift)
         return count
 
-    def step_token_count(self, batches: list, dist) -> Optional[torch.Tensor]:
+    def step_token_count(self, batches: list, dist, always: bool = False) -> Optional[torch.Tensor]:
         """Valid label tokens of the whole optimizer step over all ranks, on the device (no
         host read), or None for one micro-batch on one rank: the model's mean is then exact
-        as it is, and nothing needs counting. Each micro-batch is counted once; compute_loss
-        reuses the count."""
-        if len(batches) == 1 and not dist.enabled:
+        as it is, and nothing needs counting (unless `always`: a compute_loss_func divides by
+        it). Each micro-batch is counted once; compute_loss reuses the count."""
+        if len(batches) == 1 and not dist.enabled and not always:
             return None
         self._step_counts = {}
         total = sum(self.valid_tokens(self.labels(b)) for b in batches)
@@ -75,6 +76,8 @@ class LossPaths:
     def compute_loss(self, model, inputs: dict, return_outputs: bool, num_items_in_batch):
         """The body of `Trainer.compute_loss` (see its docstring)."""
         labels = self.labels(inputs)
+        if labels is not None and self.compute_loss_func is not None:
+            return self._given_loss(model, inputs, labels, return_outputs, num_items_in_batch)
         if labels is not None and self.args.label_smoothing_factor:
             return self._label_smoothed_loss(model, inputs, labels, return_outputs, num_items_in_batch)
         fused = self.fused_loss(model, inputs) if labels is not None and not return_outputs else None
@@ -99,6 +102,15 @@ class LossPaths:
             loss_sum = torch.where(count > 0, loss * count, torch.zeros_like(loss))
         denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
         loss = loss_sum / denominator
+        return (loss, outputs) if return_outputs else loss
+
+    def _given_loss(self, model, inputs, labels, return_outputs, num_items_in_batch):
+        """HF's compute_loss_func: the model runs without the labels and the function makes the
+        loss of its outputs, handed the step's valid-token count to normalise by (the Trainer
+        counts it whenever a compute_loss_func is set)."""
+        label_keys = set(self.args.label_names or ["labels"])
+        outputs = model(**{k: v for k, v in inputs.items() if k not in label_keys})
+        loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def _label_smoothed_loss(self, model, inputs, labels, return_outputs, num_items_in_batch):
@@ -182,3 +194,18 @@ def loss_is_scaled_for_ga(overridden: bool, explicit: Optional[bool], model) -> 
         return bool(model.accepts_loss_kwargs)
     params = inspect.signature(model.forward).parameters.values()
     return any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def micro_batch_losses(loss: torch.Tensor, micro_batches: int, own_mean: bool, world: int):
+    """(the loss to backpropagate, the loss to log) of one micro-batch of a step.
+
+    own_mean (the model's or an override's own per-micro-batch mean): averaged over the
+    step's micro-batches; the gradient sync averages it over ranks, and the logged window
+    sums ranks, so the logged share is / world. Otherwise every rank divided by the global
+    token count: the gradient sync averages over ranks, so the backward takes it x world
+    (global sum / count). One micro-batch on one rank logs the loss itself (no detach op;
+    everything that reads the step's loss runs under no_grad)."""
+    if own_mean:
+        loss = loss / micro_batches if micro_batches > 1 else loss
+        return loss, (loss.detach() / world if world > 1 else loss.detach())
+    return (loss * world if world > 1 else loss), (loss if micro_batches == 1 else loss.detach())

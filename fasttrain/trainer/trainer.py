@@ -40,7 +40,7 @@ from fasttrain.trainer.checkpointing import save_model_folder, save_step
 from fasttrain.trainer.evaluation import resolve_eval_dataset, update_best
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.logging_step import history_record, stamp, training_record, write_outside_train
-from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga
+from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga, micro_batch_losses
 from fasttrain.trainer.optimizer_step import GradClipper, optimizer_step
 from fasttrain.data.streaming import StreamShard
 from fasttrain.trainer import script_helpers
@@ -54,10 +54,15 @@ logger = logging.getLogger("fasttrain")
 
 class Trainer:
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, data_collator=None,
-                 train_dataset: Optional[Dataset] = None, eval_dataset=None,
-                 processing_class=None, tokenizer=None, model_init: Optional[Callable] = None,
+                 train_dataset: Optional[Dataset] = None, eval_dataset=None, processing_class=None,
+                 model_init: Optional[Callable] = None, compute_loss_func: Optional[Callable] = None,
                  compute_metrics: Optional[Callable] = None, callbacks=None, optimizers=(None, None),
-                 preprocess_logits_for_metrics: Optional[Callable] = None):
+                 optimizer_cls_and_kwargs: Optional[tuple] = None,
+                 preprocess_logits_for_metrics: Optional[Callable] = None, *, tokenizer=None):
+        """HF 5's parameters in HF's order (`tokenizer`, HF 4's name for processing_class, by
+        keyword). compute_loss_func(outputs, labels, num_items_in_batch=...) replaces the loss
+        of batches with labels; optimizer_cls_and_kwargs = (class, its keyword arguments with
+        "lr") replaces args.optim, as in HF."""
         self.args = args if args is not None else TrainingArguments(output_dir="trainer_output")
         if not isinstance(self.args, TrainingArguments):
             raise TypeError("args must be a fasttrain.TrainingArguments")
@@ -73,6 +78,10 @@ class Trainer:
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.optimizer, self.lr_scheduler = optimizers
+        if optimizer_cls_and_kwargs is not None and self.optimizer is not None:
+            raise ValueError("Trainer got both optimizers=(optimizer, ...) and optimizer_cls_and_kwargs; "
+                             "pass one: a built optimizer, or the class and arguments to build it with")
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         hf_options.apply_log_level(self.args)
         self.dist = self._build_distributed()
         self.device = self.dist.device
@@ -80,6 +89,7 @@ class Trainer:
         self._memory.start("init")
         # the loss of a micro-batch and the step's token counts (caches included)
         self._losses = LossPaths(self.args, label_shift=False)
+        self.compute_loss_func = compute_loss_func
         self._set_model(model)
         self.scaler = None
         self._in_train = False
@@ -100,6 +110,9 @@ class Trainer:
         self._graph_tail = None  # trainer/graph_tail.py, built by train() when asked for
         self._ignore_keys_for_eval = None  # train(ignore_keys_for_eval=...), for its evaluations
         self._initial_num_input_tokens_seen = 0  # at this train()'s start (after a resume)
+        self._hf_training_step = False  # a subclass overrides training_step (decided by train())
+        self._hf_counts_items = False  # HF would hand it num_items_in_batch (decided by train())
+        self._step_micro_batches = None  # micro-batches of the step being taken
         self._train_sampler: Optional[ShardedSampler] = None
         self._clipper: Optional[GradClipper] = None  # the trainable parameters, clipped
         self._fsdp = None
@@ -154,8 +167,9 @@ class Trainer:
             model = self.model if model is None else model
             if self.args.master_weights:  # low-precision weights, fp32 masters in FusedAdamW
                 cast_floating_params_(model, torch.bfloat16 if self.args.bf16 else torch.float16)
-            self.optimizer = build_optimizer(self.args, model)
-            self._built_optimizer = True  # from args.optim (a resume checks it matches)
+            self.optimizer = build_optimizer(self.args, model, self.optimizer_cls_and_kwargs)
+            # from args.optim (a resume checks it matches)
+            self._built_optimizer = self.optimizer_cls_and_kwargs is None
         return self.optimizer
 
     def get_decay_parameter_names(self, model) -> list:
@@ -216,10 +230,45 @@ class Trainer:
         the micro-batch losses of a step add up to the step's exact mean."""
         return self._losses.compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    @property
+    def compute_loss_func(self) -> Optional[Callable]:
+        return self._losses.compute_loss_func
+
+    @compute_loss_func.setter
+    def compute_loss_func(self, func: Optional[Callable]) -> None:
+        if func is not None and not callable(func):
+            raise TypeError(f"compute_loss_func must be callable as func(outputs, labels, "
+                            f"num_items_in_batch=...), got {type(func).__name__}")
+        self._losses.compute_loss_func = func
+
     def _compute_loss_overridden(self) -> bool:
         return type(self).compute_loss is not Trainer.compute_loss
 
-    def training_step(self, batches: list) -> torch.Tensor:
+    def training_step(self, model, inputs: dict, num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """HF's: forward and backward of one micro-batch (under autocast, through
+        compute_loss, the loss scaled for the step's accumulation and ranks, through the loss
+        scaler); returns the loss as the step logs it, detached. train() calls it for every
+        micro-batch when a subclass overrides it (HF's signature); otherwise the same work
+        runs inline in the step, with no call per micro-batch."""
+        # HF's rule: the loss is normalised over the step when an explicit loss_is_scaled_for_ga
+        # says so, or it was divided by num_items_in_batch (fasttrain's compute_loss, a model
+        # taking loss kwargs, a compute_loss_func); else it is divided by the micro-batches
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_ga is None:
+            scaled_for_ga = self.compute_loss_func is not None or (num_items_in_batch is not None and (
+                not self._compute_loss_overridden() or loss_is_scaled_for_ga(True, None, self.model)))
+        inputs = to_device(inputs, self.device)
+        with self._autocast():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        micro_batches = self._step_micro_batches or self.args.gradient_accumulation_steps
+        scaled, logged = micro_batch_losses(loss, micro_batches, not scaled_for_ga, self.dist.world_size)
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return logged.detach()
+
+    def _training_step_overridden(self) -> bool:
+        return "training_step" in vars(self) or type(self).training_step is not Trainer.training_step
+
+    def _train_step(self, batches: list) -> torch.Tensor:
         """One optimizer step over the micro-batches in `batches`; returns the step's mean
         loss as a device tensor (never read here; it may still reference the freed autograd
         graph: detach it before keeping it)."""
@@ -228,39 +277,37 @@ class Trainer:
         batches = [to_device(b, self.device) for b in batches]  # labels are counted on the device
         losses.last_labels = [losses.labels(b) for b in batches]  # references: read on logging steps
         has_labels = all(lab is not None for lab in losses.last_labels)
-        num_items = losses.step_token_count(batches, self.dist) if has_labels else None
-        world = self.dist.world_size
+        hf_step = self._hf_training_step  # a subclass's training_step(model, inputs, num_items)
+        # HF hands a count only to losses that divide by it (and then also for one micro-batch)
+        count_always = self._losses.compute_loss_func is not None or (hf_step and self._hf_counts_items)
+        num_items = losses.step_token_count(batches, self.dist, always=count_always) if has_labels else None
+        if hf_step and not self._hf_counts_items:
+            num_items = None
+        world, n = self.dist.world_size, len(batches)
         # a loss that is a per-micro-batch mean (no labels, or an override HF would divide by the
         # accumulation steps) is averaged over the step's micro-batches
         own_mean = not has_labels or not loss_is_scaled_for_ga(
             self._compute_loss_overridden(), getattr(self, "loss_is_scaled_for_ga", None), self.model)
         step_loss = None
         inst = self._instruments
+        self._step_micro_batches = n
         for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
+            last = i == n - 1
             with self.dist.no_sync(model, enabled=not last):
                 inst.observe_batch(batch)
-                with self._autocast():
-                    loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
-                inst.lap("forward")
-                if own_mean:
-                    # The model's (or the override's) own mean, averaged over micro-batches; the gradient
-                    # sync averages it over ranks, and the logged window sums ranks, so / world.
-                    loss = loss / len(batches) if len(batches) > 1 else loss
-                    scaled, logged = loss, (loss.detach() / world if world > 1 else loss.detach())
+                if hf_step:
+                    logged = self.training_step(model, batch, num_items)
                 else:
-                    # Every rank divides by the global token count; the gradient sync averages
-                    # over ranks, so multiply back by the world size: global sum / count.
-                    # One micro-batch on one rank: the loss itself (no detach op); everything
-                    # that reads step_loss runs under no_grad.
-                    scaled = loss * world if world > 1 else loss
-                    logged = loss if len(batches) == 1 else loss.detach()
+                    with self._autocast():
+                        loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
+                    inst.lap("forward")
+                    scaled, logged = micro_batch_losses(loss, n, own_mean, world)
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 step_loss = logged if step_loss is None else step_loss + logged
-                scaled = self.scaler.scale(scaled) if self.scaler is not None else scaled
-                scaled.backward()
                 inst.lap("backward")
             if not last:
                 self._event("on_substep_end")
+        self._step_micro_batches = None
         losses.end_step()
         with torch.no_grad():
             self._optimizer_step(step_loss)
@@ -321,7 +368,7 @@ class Trainer:
                 if st.global_step == self._start_step:  # bad input fails here, by name, not in torch
                     check_first_batch(batches[0], vocab_size_of(self.model), "train_dataset")
                 run.advance(len(batches))
-                step_loss = self.training_step(batches)
+                step_loss = self._train_step(batches)
                 tokens = samples = flos = 0  # host ints from the batches' shapes
                 for b in batches:
                     tokens, samples = tokens + tokens_in(b), samples + samples_in(b)
