@@ -121,3 +121,21 @@ def test_a_plain_model_of_another_shape_is_still_named(tmp_path):
     with pytest.raises(Exception, match="another shape"):
         fasttrain.Trainer(wider, _args(fasttrain, tmp_path / "resumed"), train_dataset=data()).train(
             resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+
+
+def test_an_optimizer_state_in_another_parameter_order_is_refused_by_shape():
+    """A fused optimizer reads its state with the parameters' sizes: a state saved for the
+    parameters in another order must be an error naming the shapes, not an out-of-bounds read."""
+    from fasttrain.checkpoint.hf_layout import CheckpointError, fit_optimizer_state
+    weight, bias = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4))
+    optimizer = torch.optim.AdamW([weight, bias], lr=0.1)
+    for p in (weight, bias):
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    state = optimizer.state_dict()
+    assert fit_optimizer_state(state, optimizer) is state  # the matching state loads as it is
+    swapped = {"state": {0: state["state"][1], 1: state["state"][0]},
+               "param_groups": [dict(g, params=[0]) for g in state["param_groups"]] +
+                               [dict(state["param_groups"][0], params=[1])]}
+    with pytest.raises(CheckpointError, match=r"'exp_avg' for parameter #0 has shape \(4,\), but that parameter is \(4, 3\)"):
+        fit_optimizer_state(swapped, optimizer)

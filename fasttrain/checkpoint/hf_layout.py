@@ -185,17 +185,36 @@ def fit_optimizer_state(saved: dict, optimizer) -> dict:
     (HF's two groups vs fasttrain's one) mapped onto this optimizer's groups, parameters
     matched in order; the learning rate is the saved one."""
     ours = optimizer.state_dict()
-    if [len(g["params"]) for g in saved["param_groups"]] == [len(g["params"]) for g in ours["param_groups"]]:
-        return saved
     flat_saved = [i for g in saved["param_groups"] for i in g["params"]]
     flat_ours = [i for g in ours["param_groups"] for i in g["params"]]
     if len(flat_saved) != len(flat_ours):
         raise CheckpointError(f"optimizer.pt holds {len(flat_saved)} parameters, this model trains "
                               f"{len(flat_ours)}; resume with the same model and trainable parameters")
     mapping = dict(zip(flat_saved, flat_ours))
+    _check_state_shapes(saved["state"], mapping, [p for g in optimizer.param_groups for p in g["params"]], flat_ours)
+    if [len(g["params"]) for g in saved["param_groups"]] == [len(g["params"]) for g in ours["param_groups"]]:
+        return saved
     lr = saved["param_groups"][0].get("lr")
     groups = [dict(g, lr=lr) if lr is not None else g for g in ours["param_groups"]]
     return {"state": {mapping[k]: v for k, v in saved["state"].items()}, "param_groups": groups}
+
+
+def _check_state_shapes(state: dict, mapping: dict, params: list, ids: list) -> None:
+    """Every per-parameter tensor of the saved state (exp_avg, momentum, ...) has its
+    parameter's shape: a state saved in another parameter order would otherwise be read by a
+    fused optimizer kernel with the wrong sizes (out of bounds, not an error)."""
+    position = {i: n for n, i in enumerate(ids)}
+    for saved_id, values in state.items():
+        if saved_id not in mapping:
+            raise CheckpointError(f"optimizer.pt has state for parameter {saved_id!r}, which none of its "
+                                  "param groups lists; the file is damaged or not an optimizer state")
+        n = position[mapping[saved_id]]
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[n].shape:
+                raise CheckpointError(
+                    f"optimizer.pt's {name!r} for parameter #{n} has shape {tuple(value.shape)}, but that "
+                    f"parameter is {tuple(params[n].shape)}: the checkpoint lists the parameters in another "
+                    "order or for another model; resume with the model (and weight_decay split) it was saved with")
 
 
 def training_args_bytes(args) -> bytes:

@@ -47,11 +47,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     if not named:
         raise ValueError("the model has no trainable parameters (every requires_grad is False); "
                          "unfreeze at least one parameter")
-    if weight_decay == 0.0:  # one group: every per-group launch of the optimizer happens once
-        return [{"params": [p for _, p in named], "weight_decay": 0.0}]
     decay = set(decay_parameter_names(model))
-    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
-              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    decay_params = [p for n, p in named if n in decay]
+    rest = [p for n, p in named if n not in decay]
+    if weight_decay == 0.0:  # one group: every per-group launch of the optimizer happens once;
+        # in HF's order (its two groups one after the other), so HF's optimizer.pt maps onto it
+        return [{"params": decay_params + rest, "weight_decay": 0.0}]
+    groups = [{"params": decay_params, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
