@@ -11,9 +11,9 @@ the profiler + compile monitor wiring (`instruments.py`), the metrics log (`metr
 the small methods HF scripts call (`script_helpers.py`), HF's options around the step
 (`hf_options.py`), HF's auto_find_batch_size retry (`batch_size_search.py`), activation
 checkpointing + FSDP (`parallelize.py`), the set-up and teardown of one train() call around
-the loop (`lifecycle.py`) and the bodies of evaluate(), predict(), evaluation_loop() and
-prediction_step() (`eval_calls.py`): the
-two siblings handed the Trainer itself, to call its overridable methods; and batch helpers
+the loop (`lifecycle.py`), a step's log/evaluate/save pass (`step_end.py`) and the bodies of
+evaluate(), predict(), evaluation_loop() and prediction_step() (`eval_calls.py`): the
+three siblings handed the Trainer itself, to call its overridable methods; and batch helpers
 (`utils.py`). Save/resume is `fasttrain.checkpoint.Checkpointer`, handed the components.
 May import every other fasttrain package; nothing else imports it (the CLI excepted).
 """

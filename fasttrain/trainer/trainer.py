@@ -11,13 +11,12 @@ This file keeps the loop and every method an HF subclass may override (compute_l
 training_step, log, evaluate, prediction_step, get_*_dataloader, create_optimizer, ...);
 the loop calls them through `self`. Their bodies live beside it, handed what they use:
 loss_paths.py, optimizer_step.py, logging_step.py, evaluation.py, loaders.py,
-checkpointing.py, script_helpers.py; the set-up and teardown of a train() call are
-lifecycle.py's, those of evaluate/predict/evaluation_loop/prediction_step eval_calls.py's.
+checkpointing.py, script_helpers.py, step_end.py (a step's log/evaluate/save pass); the
+set-up and teardown of a train() call are lifecycle.py's, those of evaluate/predict/evaluation_loop/prediction_step eval_calls.py's.
 """
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Optional
 
 import torch
@@ -37,13 +36,13 @@ from fasttrain.optim.schedules import build_scheduler, step_on_metrics
 from fasttrain.trainer import eval_calls, hf_options, lifecycle, loaders
 from fasttrain.profiler.memory_metrics import MemoryMetrics
 from fasttrain.trainer.checkpointing import save_model_folder, save_step
-from fasttrain.trainer.evaluation import resolve_eval_dataset, update_best
+from fasttrain.trainer.evaluation import resolve_eval_dataset
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.logging_step import history_record, stamp, training_record, write_outside_train
 from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga, micro_batch_losses
 from fasttrain.trainer.optimizer_step import GradClipper, optimizer_step
 from fasttrain.data.streaming import StreamShard
-from fasttrain.trainer import script_helpers
+from fasttrain.trainer import script_helpers, step_end
 from fasttrain.trainer.run_state import RunState
 from fasttrain.trainer.utils import (PredictionOutput, forward_arg_names, samples_in, take, to_device, tokens_in,
                                      uses_label_shift, vocab_size_of)
@@ -396,40 +395,14 @@ class Trainer:
 
     def _maybe_log_save_evaluate(self, epoch_end: bool):
         """Act on the flags the callbacks set (DefaultFlowCallback decides the cadence)."""
-        args, st, control = self.args, self.state, self.control
-        step = st.global_step
+        st, control = self.state, self.control
         # every rank computes this cadence alike (a callback's should_log may differ per rank)
-        agree_now = epoch_end or step >= st.max_steps or step % st.logging_steps == 0
+        agree_now = epoch_end or st.global_step >= st.max_steps or st.global_step % st.logging_steps == 0
         if not (control.should_log or control.should_evaluate or control.should_save or agree_now
                 or self.run.stop_signal is not None):
             self.checkpointer.poll()  # most steps: nothing to log, save or agree on
             return
-        preempted = self._preemption_agreed(agree_now)
-        if preempted:
-            control.should_save = control.should_training_stop = True
-        if control.should_log:
-            self._log_training(self.run.window.flush(self.dist))
-        metrics, paused = None, control.should_evaluate or control.should_save
-        new_best = False  # a best result belongs to a checkpoint of this step only
-        if control.should_evaluate and self.eval_dataset is not None:
-            with self._instruments.expect_compiles("evaluation (dropout off)"):
-                metrics = self._evaluate(None, self._ignore_keys_for_eval)
-            new_best = update_best(metrics, args, st)
-            if args.save_strategy == "best":
-                control.should_save = new_best or preempted  # a preemption saves regardless
-        # the epoch-end pass after a stop mid-epoch must not write the step's checkpoint again
-        saved = self.run.saved_step == step and not new_best
-        if control.should_save and (args.save_strategy != "no" or preempted) and not saved:
-            # a preemption save must be on disk before the process exits
-            self._save_checkpoint(metrics, blocking=preempted, best=new_best)
-            self._event("on_save")
-        self.checkpointer.poll()  # a failed background save surfaces here, at the next step
-        if preempted and not saved:
-            logger.warning("received %s: saved checkpoint-%d and stopped cleanly",
-                           self.run.stop_signal or "SIGTERM (on another rank)", step)
-        if paused:
-            self.run.window.t0 = time.perf_counter()  # tokens/s counts training time only
-        control.should_log = control.should_evaluate = control.should_save = False
+        step_end.log_evaluate_save(self, agree_now)
 
     def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler: bool = False) -> dict:
         """An evaluation during training, as HF's method of this name (subclasses override
@@ -466,16 +439,6 @@ class Trainer:
             self._logger.log(record, st.global_step)
             return
         write_outside_train(record, self.args, self.dist.is_main, st.global_step)
-
-    def _preemption_agreed(self, agree_now: bool) -> bool:
-        """Whether to save and stop now. One process decides at the end of the step the
-        signal arrived in. Ranks may receive it in different steps, so under data
-        parallelism they agree at the next logging-cadence step (every logging_steps, epoch
-        end, last step), never in between: no rank can stop while another still trains."""
-        requested = self.run.stop_signal is not None
-        if not self.dist.enabled:
-            return requested
-        return self.dist.any_flag(requested) if agree_now else False
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, metrics=None, blocking: bool = False, best: bool = False) -> str:
