@@ -109,8 +109,10 @@ class Trainer:
         self._graph_tail = None  # trainer/graph_tail.py, built by train() when asked for
         self._ignore_keys_for_eval = None  # train(ignore_keys_for_eval=...), for its evaluations
         self._initial_num_input_tokens_seen = 0  # at this train()'s start (after a resume)
-        self._hf_training_step = False  # a subclass overrides training_step (decided by train())
-        self._hf_counts_items = False  # HF would hand it num_items_in_batch (decided by train())
+        # decided by train(): (a subclass's training_step to call, count labels always, the loss
+        # is normalised over the step) and whether HF would hand training_step the count
+        self._step_rules = (False, False, True)
+        self._hf_counts_items = False
         self._step_micro_batches = None  # micro-batches of the step being taken
         self._train_sampler: Optional[ShardedSampler] = None
         self._clipper: Optional[GradClipper] = None  # the trainable parameters, clipped
@@ -276,26 +278,27 @@ class Trainer:
         batches = [to_device(b, self.device) for b in batches]  # labels are counted on the device
         losses.last_labels = [losses.labels(b) for b in batches]  # references: read on logging steps
         has_labels = all(lab is not None for lab in losses.last_labels)
-        hf_step = self._hf_training_step  # a subclass's training_step(model, inputs, num_items)
-        # HF hands a count only to losses that divide by it (and then also for one micro-batch)
-        count_always = self._losses.compute_loss_func is not None or (hf_step and self._hf_counts_items)
-        num_items = losses.step_token_count(batches, self.dist, always=count_always) if has_labels else None
-        if hf_step and not self._hf_counts_items:
-            num_items = None
+        # decided once per train() (lifecycle): a subclass's training_step(model, inputs,
+        # num_items) to call per micro-batch; whether to count the step's labels even for one
+        # micro-batch (a loss that divides by the count); whether compute_loss's result is
+        # normalised over the whole step
+        hf_step, count_always, scaled_for_ga = self._step_rules
+        num_items = losses.step_token_count(batches, self.dist, count_always) if has_labels else None
         world, n = self.dist.world_size, len(batches)
         # a loss that is a per-micro-batch mean (no labels, or an override HF would divide by the
         # accumulation steps) is averaged over the step's micro-batches
-        own_mean = not has_labels or not loss_is_scaled_for_ga(
-            self._compute_loss_overridden(), getattr(self, "loss_is_scaled_for_ga", None), self.model)
+        own_mean = not (has_labels and scaled_for_ga)
         step_loss = None
         inst = self._instruments
-        self._step_micro_batches = n
+        if hf_step:
+            self._step_micro_batches = n
+            hf_items = num_items if self._hf_counts_items else None  # what HF hands it
         for i, batch in enumerate(batches):
             last = i == n - 1
             with self.dist.no_sync(model, enabled=not last):
                 inst.observe_batch(batch)
                 if hf_step:
-                    logged = self.training_step(model, batch, num_items)
+                    logged = self.training_step(model, batch, hf_items)
                 else:
                     with self._autocast():
                         loss = self.compute_loss(model, batch, num_items_in_batch=num_items)
@@ -306,7 +309,8 @@ class Trainer:
                 inst.lap("backward")
             if not last:
                 self._event("on_substep_end")
-        self._step_micro_batches = None
+        if hf_step:
+            self._step_micro_batches = None
         losses.end_step()
         with torch.no_grad():
             self._optimizer_step(step_loss)
