@@ -66,19 +66,14 @@ class Stats:
             self.phases[name] = self.phases.get(name, 0.0) + seconds
 
     def add_marks(self, step_s, host_s, data_s, tokens, samples, phases) -> None:
-        """`add` for a step timed on the host clock, its phases as (name, start, end) marks."""
-        self.step_s.append(step_s)
-        self.n += 1
-        self.time_s += step_s
-        self.host_s += host_s
-        self.data_s += data_s
-        self.tokens += tokens
-        self.samples += samples
-        sums = self.phases
+        """`add` for a step timed on the host clock, its phases as (name, start, end) marks
+        (run on logging steps, over the steps kept since the last one)."""
+        per_phase: dict[str, float] = {}
         for name, start, end in phases:
-            sums[name] = sums.get(name, 0.0) + (end - start)
+            per_phase[name] = per_phase.get(name, 0.0) + (end - start)
         if data_s:
-            sums["data"] = sums.get("data", 0.0) + data_s
+            per_phase["data"] = data_s
+        self.add(step_s, host_s, data_s, tokens, samples, per_phase)
 
     def merge(self, other: "Stats") -> None:
         """Add every step of `other` (a logged window into the run's totals)."""
