@@ -51,6 +51,19 @@ def test_train_then_sample_on_a_text_folder(tmp_path):
     assert s.stdout.startswith("def ") and len(s.stdout) > 20
 
 
+def test_a_run_shorter_than_logging_steps_still_reports_its_train_loss(tmp_path):
+    text = tmp_path / "corpus"
+    text.mkdir()
+    (text / "a.py").write_text("def add(a, b):\n    return a + b\n" * 200)
+    r = run_cli(["train", "--data", str(text), "--name", "short", "--seq-len", "32", "--max_steps", "3",
+              "--logging_steps", "50", "--disable_tqdm", "--per_device_train_batch_size", "4"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = r.stdout.split("== fasttrain train: summary ==")[1]
+    line = summary.split("final train loss")[1].splitlines()[0]
+    final = float(line.split()[0])
+    assert 0.0 < final < 10.0 and "no logging step was reached" in line  # was "nan"
+
+
 def test_cli_reports_bad_values_without_a_traceback(tmp_path):
     r = run_cli(["train", "--optim", "nope", "--max_steps", "1"], tmp_path)
     assert r.returncode == 2 and "optim='nope' is invalid" in r.stderr and "Traceback" not in r.stderr

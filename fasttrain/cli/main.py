@@ -236,11 +236,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def _print_summary(trainer, out, eval_loss, wall, cfg, model) -> None:
     history = [r for r in trainer.state.log_history if "loss" in r]
-    final_loss = history[-1]["loss"] if history else float("nan")
+    # the last logged window's loss; a run shorter than logging_steps logged none: its mean
+    final = (f"{history[-1]['loss']:.4f}" if history else
+             f"{out.training_loss:.4f} (the run's mean: no logging step was reached)")
     rows = [
         ("model", f"GPT {cfg.n_layer}L {cfg.n_embd}d, {model.num_parameters() / 1e6:.2f}M params"),
         ("steps", str(out.global_step)),
-        ("final train loss", f"{final_loss:.4f} (byte-entropy start is about 5.5)"),
+        ("final train loss", f"{final} (byte-entropy start is about 5.5)"),
         ("final eval loss", f"{eval_loss:.4f}" if eval_loss is not None else "n/a"),
         ("tokens/s", _throughput(trainer, out)),
         ("wall time", f"{wall:.1f} s"),
