@@ -358,3 +358,44 @@ def test_both_optimizers_and_optimizer_cls_and_kwargs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         fasttrain.Trainer(model, _args(fasttrain, tmp_path), optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
                           optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))
+
+
+def test_hfs_trainer_attributes_read_as_hfs(tmp_path):
+    """The attributes callbacks and overrides copied from HF's methods read on the Trainer."""
+    seen = {}
+    for lib in (transformers, fasttrain):
+        during = []
+
+        class Watch(lib.TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                during.append(trainer.is_in_train)
+
+        trainer = lib.Trainer(Classifier(), _args(lib, tmp_path / lib.__name__, max_steps=2),
+                              train_dataset=class_data(8), callbacks=[Watch()])
+        before = trainer.is_in_train
+        trainer.train()
+        seen[lib.__name__] = (before, during, trainer.is_in_train, trainer.model_accepts_loss_kwargs,
+                              trainer.label_names, trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled,
+                              trainer.place_model_on_device)
+    assert seen["fasttrain"] == seen["transformers"] == (False, [True, True], False, False, ["labels"], False, False, True)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    assert fasttrain.Trainer(gpt2, _args(fasttrain, tmp_path / "g")).model_accepts_loss_kwargs is \
+        transformers.Trainer(gpt2, _args(transformers, tmp_path / "h")).model_accepts_loss_kwargs is True
+
+
+def test_the_label_smoother_gives_hfs_loss():
+    from transformers.trainer_pt_utils import LabelSmoother as HFLabelSmoother
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[0, :3] = -100
+    ours = fasttrain.Trainer(Classifier(), fasttrain.TrainingArguments(
+        output_dir="unused", report_to="none", label_smoothing_factor=0.2)).label_smoother
+    theirs = HFLabelSmoother(epsilon=0.2)
+    for shift in (False, True):
+        for items in (None, torch.tensor(40)):
+            expected = theirs({"logits": logits}, labels, shift_labels=shift, num_items_in_batch=items)
+            got = ours({"logits": logits}, labels, shift_labels=shift, num_items_in_batch=items)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    plain = fasttrain.Trainer(Classifier(), fasttrain.TrainingArguments(output_dir="unused", report_to="none"))
+    assert plain.label_smoother is None

@@ -29,6 +29,7 @@ from fasttrain.data.columns import collate_or_explain
 from fasttrain.data.datasets import check_examples, check_first_batch, default_data_collator
 from fasttrain.distributed.sampler import ShardedSampler
 from fasttrain.trainer.metrics_log import MetricsLogger
+from fasttrain.ops.label_smoothing import LabelSmoother
 from fasttrain.optim.factory import build_optimizer, decay_parameter_names, optimizer_cls_and_kwargs
 from fasttrain.precision.mixed import (DynamicLossScaler, autocast_context, cast_floating_params_,
                                  needs_loss_scaler)
@@ -241,6 +242,35 @@ class Trainer:
             raise TypeError(f"compute_loss_func must be callable as func(outputs, labels, "
                             f"num_items_in_batch=...), got {type(func).__name__}")
         self._losses.compute_loss_func = func
+
+    # HF's attributes that scripts, callbacks and overrides copied from HF's methods read
+    @property
+    def is_in_train(self) -> bool:
+        return self._in_train
+
+    @property
+    def model_accepts_loss_kwargs(self) -> bool:
+        """The model's forward takes num_items_in_batch (HF's test: **kwargs or accepts_loss_kwargs)."""
+        return loss_is_scaled_for_ga(True, None, self.model)
+
+    @property
+    def label_names(self) -> list:
+        return list(self.args.label_names or ["labels"])
+
+    @property
+    def label_smoother(self):
+        """HF's LabelSmoother for label_smoothing_factor > 0 (built on fasttrain's op), else None."""
+        factor = self.args.label_smoothing_factor
+        return LabelSmoother(factor) if factor else None
+
+    @property
+    def is_fsdp_enabled(self) -> bool:
+        return bool(self.args.fsdp)
+
+    is_deepspeed_enabled = False  # fasttrain has no DeepSpeed path (TrainingArguments refuses `deepspeed`)
+    deepspeed = None
+    place_model_on_device = True  # the model is moved to its device at construction
+    current_flos = 0  # each step's FLOPs are in state.total_flos as the step ends
 
     def _compute_loss_overridden(self) -> bool:
         return type(self).compute_loss is not Trainer.compute_loss
