@@ -306,9 +306,7 @@ class Profiler:
 
     def _fold_host_steps(self) -> None:
         steps, self._host_steps = self._host_steps, []
-        window = self._window
-        for begin, end, data_s, phases, tokens, samples in steps:
-            window.add_marks(end - begin, end - begin, data_s, tokens, samples, phases)
+        self._window.add_host_steps(steps)
 
     def _drain(self) -> None:
         if self._host_steps:

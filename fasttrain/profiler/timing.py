@@ -65,15 +65,26 @@ class Stats:
         for name, seconds in phases.items():
             self.phases[name] = self.phases.get(name, 0.0) + seconds
 
-    def add_marks(self, step_s, host_s, data_s, tokens, samples, phases) -> None:
-        """`add` for a step timed on the host clock, its phases as (name, start, end) marks
-        (run on logging steps, over the steps kept since the last one)."""
-        per_phase: dict[str, float] = {}
-        for name, start, end in phases:
-            per_phase[name] = per_phase.get(name, 0.0) + (end - start)
-        if data_s:
-            per_phase["data"] = data_s
-        self.add(step_s, host_s, data_s, tokens, samples, per_phase)
+    def add_host_steps(self, steps: list) -> None:
+        """Steps timed on the host clock, many at once (the logging step folds the steps kept
+        since the last one): each (begin, end, data_s, phases as (name, start, end) marks,
+        tokens, samples). Host time is step time here."""
+        durations = [step[1] - step[0] for step in steps]
+        self.step_s.extend(durations)
+        self.n += len(steps)
+        total = sum(durations)
+        self.time_s += total
+        self.host_s += total
+        data = sum(step[2] for step in steps)
+        self.data_s += data
+        self.tokens += sum(step[4] for step in steps)
+        self.samples += sum(step[5] for step in steps)
+        sums = self.phases
+        for step in steps:
+            for name, start, end in step[3]:
+                sums[name] = sums.get(name, 0.0) + (end - start)
+        if data:
+            sums["data"] = sums.get("data", 0.0) + data
 
     def merge(self, other: "Stats") -> None:
         """Add every step of `other` (a logged window into the run's totals)."""
