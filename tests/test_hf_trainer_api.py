@@ -399,3 +399,21 @@ def test_the_label_smoother_gives_hfs_loss():
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     plain = fasttrain.Trainer(Classifier(), fasttrain.TrainingArguments(output_dir="unused", report_to="none"))
     assert plain.label_smoother is None
+
+
+@pytest.mark.parametrize("schedule, kwargs", [("linear", {}), ("cosine", {}),
+                                              ("cosine_with_min_lr", {"min_lr": 1e-5})])
+def test_logged_and_reported_learning_rates_are_hfs_numbers(tmp_path, schedule, kwargs):
+    """The schedule runs on the device in float32, but what is logged and reported is HF's
+    float64 value: log_history's learning_rate, get_learning_rates(), get_last_lr()."""
+    seen = {}
+    for lib in (transformers, fasttrain):
+        trainer = lib.Trainer(Classifier(), _args(lib, tmp_path / lib.__name__, max_steps=6, logging_steps=1,
+                                                  learning_rate=0.2, warmup_steps=2, lr_scheduler_type=schedule,
+                                                  lr_scheduler_kwargs=kwargs),
+                              train_dataset=class_data(32))
+        trainer.train()
+        seen[lib.__name__] = ([h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h],
+                              trainer.get_learning_rates()[:1], trainer.lr_scheduler.get_last_lr()[:1])
+    assert seen["fasttrain"] == seen["transformers"]  # exactly, not approximately
+    assert seen["fasttrain"][0][2] == 0.2  # the peak after warm-up, as given

@@ -166,3 +166,17 @@ def test_reduce_lr_on_plateau_needs_evaluation():
     from fasttrain import TrainingArguments
     with pytest.raises(ValueError, match="lr_scheduler_type='reduce_lr_on_plateau' is invalid: .*eval_strategy"):
         TrainingArguments(lr_scheduler_type="reduce_lr_on_plateau")
+
+
+def test_a_schedule_state_with_float32_base_lrs_loads_and_another_lr_is_refused():
+    """Earlier versions saved the base LR read from a float32 tensor (0.20000000298...); the
+    schedule now keeps the given 0.2: the two are the same run, another LR is not."""
+    from fasttrain.optim.schedules import LRScheduler, get_multiplier
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=torch.tensor(0.2), fused=True)
+    sched = LRScheduler(opt, get_multiplier("linear", 0, 10, lr_init=0.2), 10, learning_rate=0.2)
+    assert sched.base_lrs == [0.2] and sched.get_last_lr() == [0.2]
+    state = sched.state_dict()
+    sched.load_state_dict(dict(state, base_lrs=[float(torch.tensor(0.2, dtype=torch.float32))]))
+    with pytest.raises(ValueError, match="base learning rates"):
+        sched.load_state_dict(dict(state, base_lrs=[0.3]))

@@ -34,17 +34,25 @@ class LRScheduler:
     state_dict(), load_state_dict().
     """
 
-    def __init__(self, optimizer, multiplier: Multiplier, num_training_steps: int):
+    def __init__(self, optimizer, multiplier: Multiplier, num_training_steps: int,
+                 learning_rate: Optional[float] = None):
         self.optimizer = optimizer
         groups = optimizer.param_groups
         self.device_mode = all(isinstance(g["lr"], torch.Tensor) for g in groups)
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]  # sync: once, at build
+        if learning_rate is not None:  # a float32 LR tensor holding the given LR: the given value
+            rounded = float(torch.tensor(learning_rate, dtype=torch.float32))
+            self.base_lrs = [learning_rate if base == rounded else base for base in self.base_lrs]
         for g, base in zip(groups, self.base_lrs):
             g["initial_lr"] = base
         device = groups[0]["lr"].device if self.device_mode else torch.device("cpu")
         steps = torch.arange(num_training_steps + 1, dtype=torch.float64)
         mult = multiplier(steps)
-        self.table = torch.stack([mult * base for base in self.base_lrs]).float().to(device)  # (G, S+1)
+        # the schedule in float64 on the host (what HF's LambdaLR computes): the LRs reported
+        # (get_last_lr, the logged learning_rate) and a host-mode optimizer's; the device
+        # table the LR tensors are written from is its float32 copy
+        self.host_table = torch.stack([mult * base for base in self.base_lrs])  # (G, S+1)
+        self.table = self.host_table.float().to(device)
         self.skipped = torch.zeros(1, dtype=torch.float32, device=device)  # (1,): indexes as is
         self._host_step = 0  # steps taken, skipped ones included
         self._host_skipped = 0  # host mode only
@@ -84,7 +92,7 @@ class LRScheduler:
             for row, lr in self._targets:
                 torch.index_select(row, 0, index, out=lr)
         else:
-            column = self.table[:, min(self._host_step - self._host_skipped, last)].tolist()  # sync: none, the host-mode table lives on the CPU
+            column = self.host_table[:, min(self._host_step - self._host_skipped, last)].tolist()
             for g, lr in zip(self.optimizer.param_groups, column):
                 g["lr"] = lr
 
@@ -122,14 +130,14 @@ class LRScheduler:
         that step was skipped): what HF logs as `learning_rate`. Before any step: the LRs
         the first step will use."""
         if self._host_step == 0:
-            return self.table[:, 0].tolist()  # sync: logging step only (before the first step)
+            return self.host_table[:, 0].tolist()
         if self.device_mode:
             last = int(float(self._last_skipped)) if self._last_skipped is not None else 0  # sync: logging step
             position = self._host_step - int(self.skipped.item())  # sync: logging step
         else:
             last, position = self._host_last_skipped, self._host_step - self._host_skipped
-        column = min(max(0, position - (1 - last)), self.table.shape[1] - 1)
-        return self.table[:, column].tolist()
+        column = min(max(0, position - (1 - last)), self.host_table.shape[1] - 1)
+        return self.host_table[:, column].tolist()
 
     @property
     def step_count(self) -> int:
@@ -137,7 +145,10 @@ class LRScheduler:
         return self._host_step - int(self.skipped.item())  # sync: checkpoint / inspection only
 
     def get_last_lr(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]  # sync: logging only
+        """The LRs the next step uses, from the float64 schedule (HF's values exactly; the
+        device LR tensors hold their float32 rounding). A host read in device mode."""
+        position = self.step_count if self.device_mode else self._host_step - self._host_skipped
+        return self.host_table[:, min(position, self.host_table.shape[1] - 1)].tolist()
 
     def state_dict(self) -> dict:
         skipped = int(self.skipped.item())  # sync: checkpoint only
@@ -145,7 +156,10 @@ class LRScheduler:
                 "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state: dict) -> None:
-        if list(state["base_lrs"]) != self.base_lrs:
+        saved = list(state["base_lrs"])
+        # equal up to float32 rounding (earlier versions took the base from a float32 LR tensor)
+        if len(saved) != len(self.base_lrs) or any(abs(a - b) > 1e-6 * max(abs(a), abs(b))
+                                                   for a, b in zip(saved, self.base_lrs)):
             raise ValueError(f"the checkpoint's base learning rates {state['base_lrs']} differ from this "
                              f"run's {self.base_lrs}; resume with the same learning_rate")
         skipped = int(state.get("skipped", 0))  # absent before skipped steps were counted here
@@ -165,7 +179,7 @@ def build_scheduler(args, optimizer, num_training_steps: int):
         return METRIC_DRIVEN[args.lr_scheduler_type](optimizer, **kwargs)
     mult = get_multiplier(args.lr_scheduler_type, args.get_warmup_steps(num_training_steps),
                           num_training_steps, lr_init=args.learning_rate, **kwargs)
-    return LRScheduler(optimizer, mult, num_training_steps)
+    return LRScheduler(optimizer, mult, num_training_steps, learning_rate=args.learning_rate)
 
 
 METRIC_DRIVEN = {"reduce_lr_on_plateau": torch.optim.lr_scheduler.ReduceLROnPlateau, "greedy": GreedyLR}

@@ -15,6 +15,7 @@ import os
 import time
 
 from fasttrain.checkpoint.hf_layout import hf_trainer_state_json
+from fasttrain.optim.schedules import LRScheduler
 
 
 def call_model_init(model_init, trial=None):
@@ -170,8 +171,12 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def learning_rates(optimizer) -> list:
+def learning_rates(optimizer, scheduler=None) -> list:
+    """Each param group's current LR: fasttrain's schedule reports its float64 values (HF's
+    numbers exactly), anything else is read from the groups."""
     _need_optimizer(optimizer)
+    if isinstance(scheduler, LRScheduler) and scheduler.optimizer is optimizer:
+        return scheduler.get_last_lr()
     return [float(g["lr"]) for g in optimizer.param_groups]  # sync: a device LR is read
 
 

@@ -590,7 +590,7 @@ class Trainer:
         adds each step's FLOPs (over all ranks) as the step ends: nothing is pending."""
 
     def get_learning_rates(self) -> list:
-        return script_helpers.learning_rates(self.optimizer)
+        return script_helpers.learning_rates(self.optimizer, self.lr_scheduler)
 
     def get_optimizer_group(self, param=None):
         """The optimizer's param group holding `param`, or every group's params without it."""
