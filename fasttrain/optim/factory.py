@@ -99,8 +99,8 @@ def optimizer_cls_and_kwargs(args, device: torch.device | None) -> tuple[type, d
     parameters' device, the LR is a tensor there where the optimizer takes one (the schedule
     then updates it in place, no host sync); without it a float."""
     extra = parse_optim_args(args.optim_args)
-    # sync: one host-to-device copy when the optimizer is built, never per step
-    lr_tensor = None if device is None else torch.tensor(args.learning_rate, dtype=torch.float32, device=device)
+    lr_tensor = None if device is None else torch.tensor(  # sync: one host-to-device copy, at build
+        args.learning_rate, dtype=torch.float32, device=device)
     if args.optim == "fasttrain_adamw":
         from fasttrain.optim.adamw import FusedAdamW
         if extra:

@@ -51,8 +51,8 @@ class LRScheduler:
         # the schedule in float64 on the host (what HF's LambdaLR computes): the LRs reported
         # (get_last_lr, the logged learning_rate) and a host-mode optimizer's; the device
         # table the LR tensors are written from is its float32 copy
-        self.host_table = torch.stack([mult * base for base in self.base_lrs])  # (G, S+1)
-        self.table = self.host_table.float().to(device)
+        self.host_table = [(mult * base).tolist() for base in self.base_lrs]  # (G, S+1) floats; sync: none, a CPU tensor
+        self.table = torch.tensor(self.host_table, dtype=torch.float32, device=device)  # sync: one copy, at build
         self.skipped = torch.zeros(1, dtype=torch.float32, device=device)  # (1,): indexes as is
         self._host_step = 0  # steps taken, skipped ones included
         self._host_skipped = 0  # host mode only
@@ -92,7 +92,7 @@ class LRScheduler:
             for row, lr in self._targets:
                 torch.index_select(row, 0, index, out=lr)
         else:
-            column = self.host_table[:, min(self._host_step - self._host_skipped, last)].tolist()
+            column = self._host_column(self._host_step - self._host_skipped)
             for g, lr in zip(self.optimizer.param_groups, column):
                 g["lr"] = lr
 
@@ -130,14 +130,13 @@ class LRScheduler:
         that step was skipped): what HF logs as `learning_rate`. Before any step: the LRs
         the first step will use."""
         if self._host_step == 0:
-            return self.host_table[:, 0].tolist()
+            return self._host_column(0)
         if self.device_mode:
             last = int(float(self._last_skipped)) if self._last_skipped is not None else 0  # sync: logging step
             position = self._host_step - int(self.skipped.item())  # sync: logging step
         else:
             last, position = self._host_last_skipped, self._host_step - self._host_skipped
-        column = min(max(0, position - (1 - last)), self.host_table.shape[1] - 1)
-        return self.host_table[:, column].tolist()
+        return self._host_column(max(0, position - (1 - last)))
 
     @property
     def step_count(self) -> int:
@@ -147,8 +146,12 @@ class LRScheduler:
     def get_last_lr(self) -> list[float]:
         """The LRs the next step uses, from the float64 schedule (HF's values exactly; the
         device LR tensors hold their float32 rounding). A host read in device mode."""
-        position = self.step_count if self.device_mode else self._host_step - self._host_skipped
-        return self.host_table[:, min(position, self.host_table.shape[1] - 1)].tolist()
+        return self._host_column(self.step_count if self.device_mode else self._host_step - self._host_skipped)
+
+    def _host_column(self, position: int) -> list[float]:
+        """Every group's LR at schedule `position` (clamped to the last step), from the host table."""
+        column = min(position, len(self.host_table[0]) - 1)
+        return [row[column] for row in self.host_table]
 
     def state_dict(self) -> dict:
         skipped = int(self.skipped.item())  # sync: checkpoint only
