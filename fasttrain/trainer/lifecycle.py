@@ -158,11 +158,12 @@ def _begin(trainer: Trainer, loader, resume_from_checkpoint, max_steps: int, num
     start_time = time.perf_counter()
     trainer._start_step = st.global_step
     trainer._initial_num_input_tokens_seen = st.num_input_tokens_seen
-    # HF counts num_items_in_batch for losses that take it: a compute_loss_func, a model with loss kwargs
-    trainer._hf_counts_items = trainer.compute_loss_func is not None or loss_is_scaled_for_ga(True, None, trainer.model)
+    # HF counts num_items_in_batch (for one micro-batch too) for the losses that divide by it:
+    # a compute_loss_func, or a subclass's training_step on a model that takes loss kwargs
     hf_step = trainer._training_step_overridden()
+    counts = trainer.compute_loss_func is not None or (hf_step and trainer.model_accepts_loss_kwargs)
     trainer._step_rules = (
-        hf_step, trainer.compute_loss_func is not None or (hf_step and trainer._hf_counts_items),
+        hf_step, counts,
         loss_is_scaled_for_ga(trainer._compute_loss_overridden(), getattr(trainer, "loss_is_scaled_for_ga", None),
                               trainer.model))
     trainer.run.window.t0 = start_time  # set-up and resume time are not training time

@@ -110,10 +110,9 @@ class Trainer:
         self._graph_tail = None  # trainer/graph_tail.py, built by train() when asked for
         self._ignore_keys_for_eval = None  # train(ignore_keys_for_eval=...), for its evaluations
         self._initial_num_input_tokens_seen = 0  # at this train()'s start (after a resume)
-        # decided by train(): (a subclass's training_step to call, count labels always, the loss
-        # is normalised over the step) and whether HF would hand training_step the count
+        # decided by train(): (a subclass's training_step to call, count the labels always (HF
+        # hands the count on), the loss is normalised over the step)
         self._step_rules = (False, False, True)
-        self._hf_counts_items = False
         self._step_micro_batches = None  # micro-batches of the step being taken
         self._train_sampler: Optional[ShardedSampler] = None
         self._clipper: Optional[GradClipper] = None  # the trainable parameters, clipped
@@ -287,7 +286,7 @@ class Trainer:
         scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled_for_ga is None:
             scaled_for_ga = self.compute_loss_func is not None or (num_items_in_batch is not None and (
-                not self._compute_loss_overridden() or loss_is_scaled_for_ga(True, None, self.model)))
+                not self._compute_loss_overridden() or self.model_accepts_loss_kwargs))
         inputs = to_device(inputs, self.device)
         with self._autocast():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
@@ -322,7 +321,7 @@ class Trainer:
         inst = self._instruments
         if hf_step:
             self._step_micro_batches = n
-            hf_items = num_items if self._hf_counts_items else None  # what HF hands it
+            hf_items = num_items if count_always else None  # what HF hands it
         for i, batch in enumerate(batches):
             last = i == n - 1
             with self.dist.no_sync(model, enabled=not last):
