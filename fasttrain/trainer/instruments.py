@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 
 logger = logging.getLogger("fasttrain")
-_NO_PHASE = contextlib.nullcontext()  # stateless and reentrant: one for every disabled phase
 
 
 def _nothing(*args) -> None:
@@ -48,9 +47,6 @@ class Instruments:
         """A compiled model switches to dynamic lengths when batch lengths start to vary."""
         if self.lengths is not None:
             self.lengths.observe(batch)
-
-    def phase(self, name: str):
-        return self.profiler.phase(name) if self.enabled else _NO_PHASE
 
     def step_end(self, global_step: int, tokens: int, samples: int) -> None:
         if self.enabled:
