@@ -66,7 +66,7 @@ class FullStateIO:
         if optimizer is None:
             optimizer_state = None
         else:
-            optimizer_state = hf.optimizer_state_for_hf(optimizer.state_dict(), optimizer)
+            optimizer_state = optimizer.state_dict()
         for group in optimizer_state["param_groups"] if optimizer_state else ():  # plain floats: HF's take no tensor LR
             if isinstance(group.get("lr"), torch.Tensor):
                 group["lr"] = float(group["lr"])  # sync: once per save
@@ -151,7 +151,7 @@ class Checkpointer:
                 scheduler = c.lr_scheduler.state_dict()
                 if "step_count" in scheduler:  # fasttrain's schedule: LambdaLR's keys beside its own
                     scheduler = hf.hf_scheduler_state(scheduler, c.lr_scheduler.get_last_lr(),
-                                                      hf.hf_group_count(c.optimizer))
+                                                      len(c.optimizer.param_groups))
                 snap = storage.snapshot({
                     "scheduler": scheduler,
                     "scaler": c.scaler.state_dict() if c.scaler is not None else None})

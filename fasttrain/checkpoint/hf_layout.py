@@ -155,34 +155,10 @@ def scheduler_state_from_hf(state: dict, base_lrs: list) -> dict:
     return out
 
 
-def optimizer_state_for_hf(state: dict, optimizer) -> dict:
-    """HF always builds two param groups (decay, no decay); an optimizer with one group
-    (weight_decay=0) is written as those two, so HF's optimizer loads the file. Its params
-    are ordered decay-first (optim.factory.param_groups), so the split is contiguous and
-    the state's indices are unchanged."""
-    if len(state["param_groups"]) != 1:
-        return state
-    (group,) = state["param_groups"]
-    params = optimizer.param_groups[0]["params"]
-    decay = [i for i, p in zip(group["params"], params) if p.dim() >= 2]
-    no_decay = [i for i, p in zip(group["params"], params) if p.dim() < 2]
-    if not decay or not no_decay or group["params"] != decay + no_decay:
-        return state
-    return {"state": state["state"], "param_groups": [dict(group, params=decay), dict(group, params=no_decay)]}
-
-
-def hf_group_count(optimizer) -> int:
-    """How many param groups `optimizer_state_for_hf` writes for this optimizer."""
-    if len(optimizer.param_groups) != 1:
-        return len(optimizer.param_groups)
-    dims = [p.dim() >= 2 for p in optimizer.param_groups[0]["params"]]
-    split = any(dims) and not all(dims) and dims == sorted(dims, reverse=True)
-    return 2 if split else 1
-
-
 def fit_optimizer_state(saved: dict, optimizer) -> dict:
     """A saved optimizer state whose param groups are cut differently from `optimizer`'s
-    (HF's two groups vs fasttrain's one) mapped onto this optimizer's groups, parameters
+    (HF's two groups vs one, as fasttrain wrote with weight_decay=0 before it kept HF's
+    two, or a user's optimizer) mapped onto this optimizer's groups, parameters
     matched in order; the learning rate is the saved one."""
     ours = optimizer.state_dict()
     flat_saved = [i for g in saved["param_groups"] for i in g["params"]]
@@ -242,6 +218,6 @@ def hf_resume_position(global_step: int, steps_per_epoch: int, accumulation: int
 
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "HF_RNG_FILE", "MODEL_FILE", "TRAINING_ARGS_FILE",
-           "adapter_files", "fit_optimizer_state", "hf_group_count", "hf_resume_position", "optimizer_state_for_hf", "hf_rng_state", "hf_scheduler_state",
+           "adapter_files", "fit_optimizer_state", "hf_resume_position", "hf_rng_state", "hf_scheduler_state",
            "hf_trainer_state_json", "is_peft_model", "load_weights", "looks_like_hf_checkpoint",
            "restore_hf_rng_state", "scheduler_state_from_hf", "training_args_bytes", "written_by_fasttrain"]

@@ -2,9 +2,9 @@
 HF's torch-native names (adamw_torch, adamw_torch_fused, adafactor, sgd, adagrad, rmsprop);
 TrainingArguments refuses HF's library-backed names, naming the missing library.
 
-Parameter groups follow HF's rule: no weight decay inside nn.LayerNorm or on names with a
-bias or a norm, decay on the rest; with weight_decay=0 that split changes nothing, so there is one
-group (half the optimizer launches per step). Optimizers that accept a tensor LR get one on the parameters'
+Parameter groups are HF's two: no weight decay inside nn.LayerNorm or on names with a
+bias or a norm, decay on the rest; with weight_decay=0 the Trainer steps them as one group
+(optim.merged_groups: half the optimizer launches per step). Optimizers that accept a tensor LR get one on the parameters'
 device, so the LR schedule updates it in place with no host synchronisation.
 """
 from __future__ import annotations
@@ -41,20 +41,17 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """HF's two groups (decay on `decay_parameter_names`, none on the rest), trainable
-    parameters only, each once; with weight_decay=0 one group (the split changes nothing)."""
+    """HF's two groups, as HF's Trainer builds them (decay on `decay_parameter_names`, none
+    on the rest; trainable parameters only, each once; a group may be empty). With
+    weight_decay=0 the two are equal but for their parameters, and the Trainer steps them as
+    one (optim.merged_groups): HF's groups at the launches of one."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters (every requires_grad is False); "
                          "unfreeze at least one parameter")
     decay = set(decay_parameter_names(model))
-    decay_params = [p for n, p in named if n in decay]
-    rest = [p for n, p in named if n not in decay]
-    if weight_decay == 0.0:  # one group: every per-group launch of the optimizer happens once;
-        # in HF's order (its two groups one after the other), so HF's optimizer.pt maps onto it
-        return [{"params": decay_params + rest, "weight_decay": 0.0}]
-    groups = [{"params": decay_params, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    return [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
 
 
 # optim name -> (torch class, its keyword arguments from the TrainingArguments)
@@ -89,7 +86,7 @@ def build_optimizer(args, model: torch.nn.Module, cls_and_kwargs: tuple | None =
     if cls_and_kwargs is not None:
         cls, kwargs = cls_and_kwargs
         return cls(groups, **kwargs)
-    cls, kwargs = optimizer_cls_and_kwargs(args, groups[0]["params"][0].device)
+    cls, kwargs = optimizer_cls_and_kwargs(args, next(p for g in groups for p in g["params"]).device)
     return cls(groups, **kwargs)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from fasttrain.optim.greedy import GreedyLR
 from fasttrain.optim.lr_multipliers import SCHEDULES, Multiplier, get_multiplier
+from fasttrain.optim.merged_groups import own_lr_per_group
 
 __all__ = ["LRScheduler", "Multiplier", "get_multiplier", "build_scheduler", "step_scheduler",
            "learning_rate_used", "step_on_metrics", "is_metric_driven", "GreedyLR", "METRIC_DRIVEN",
@@ -179,6 +180,7 @@ def build_scheduler(args, optimizer, num_training_steps: int):
     evaluation metrics (reduce_lr_on_plateau: torch's ReduceLROnPlateau; greedy: GreedyLR)."""
     kwargs = dict(args.lr_scheduler_kwargs or {})
     if args.lr_scheduler_type in METRIC_DRIVEN:
+        own_lr_per_group(optimizer)  # they scale each group's LR in place: never one shared tensor
         return METRIC_DRIVEN[args.lr_scheduler_type](optimizer, **kwargs)
     mult = get_multiplier(args.lr_scheduler_type, args.get_warmup_steps(num_training_steps),
                           num_training_steps, lr_init=args.learning_rate, **kwargs)

@@ -10,6 +10,9 @@ by `DynamicLossScaler.step`, so there is one place that knows how each optimizer
   sets; both skip inside the kernel (step counter included) with no host read;
 - any other optimizer (foreach/for-loop AdamW, SGD) cannot skip on a device flag: the flag
   is read on the host (one sync per step) and a grad_scale is applied to the gradients first.
+
+Every step goes through `step_merged`: param groups with equal hyperparameters (HF's two
+groups when weight_decay=0) are stepped as one.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import inspect
 from typing import Optional
 
 import torch
+
+from fasttrain.optim.merged_groups import step_merged
 
 
 _NO_FLAGS = frozenset()
@@ -60,11 +65,11 @@ def step_skipping(optimizer, found_inf: Optional[torch.Tensor] = None,
         extra = {"grad_scale": grad_scale} if grad_scale is not None else {}
         if found_inf is not None:
             extra["found_inf"] = found_inf
-        return optimizer.step(*args, **extra, **kwargs)
+        return step_merged(optimizer, *args, **extra, **kwargs)
     if "attrs" in interface and (found_inf is not None or grad_scale is not None):
         optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
         try:
-            return optimizer.step(*args, **kwargs)
+            return step_merged(optimizer, *args, **kwargs)
         finally:
             del optimizer.grad_scale, optimizer.found_inf
     if grad_scale is not None:
@@ -72,4 +77,4 @@ def step_skipping(optimizer, found_inf: Optional[torch.Tensor] = None,
         torch._foreach_div_(grads, grad_scale)
     if found_inf is not None and bool(found_inf):  # sync: optimizers that cannot skip on a device flag
         return None
-    return optimizer.step(*args, **kwargs)
+    return step_merged(optimizer, *args, **kwargs)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from fasttrain.callbacks import TrainerState
 from fasttrain.checkpoint import hf_layout
 from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, prepare_output_dir
+from fasttrain.optim.merged_groups import own_lr_per_group
 from fasttrain.optim.schedules import LRScheduler
 from fasttrain.trainer import hf_options, loaders
 from fasttrain.trainer.batch_size_search import first_batch_size, run_with_shrinking_batch
@@ -120,7 +121,10 @@ def _begin(trainer: Trainer, loader, resume_from_checkpoint, max_steps: int, num
     args = trainer.args
     trainer._fsdp = shard_from_args(trainer.model, args, trainer.dist,
                                     optimizer_given=trainer.optimizer is not None)
+    built_optimizer = trainer.optimizer is None
     trainer.create_optimizer_and_scheduler(max_steps)
+    if built_optimizer and not isinstance(trainer.lr_scheduler, LRScheduler):
+        own_lr_per_group(trainer.optimizer)  # its groups shared one LR tensor (optim.merged_groups)
     trainer.scaler = trainer._build_scaler()
     trainer.model_wrapped = trainer.dist.wrap(trainer.model, args)
     handler = trainer.callback_handler
