@@ -130,4 +130,31 @@ inline void check_unscale_args(at::TensorList grads, const at::Tensor& inv_scale
   check_scalar_tensor(kUnscaleOp, found_inf, "found_inf");
 }
 
+// All checks of fasttrain::ce_rows_ (see csrc/ops.cpp for the schema).
+inline void check_ce_rows_args(const at::Tensor& logits, const at::Tensor& target,
+                        const std::optional<at::Tensor>& grad, const at::Tensor& loss,
+                        const at::Tensor& scale) {
+  constexpr const char* op = "fasttrain::ce_rows_";
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (rows, classes), got shape ", logits.sizes());
+  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (strides ", logits.strides(), ")");
+  check_float_dtype(op, logits, "logits", 0);
+  const int64_t N = logits.size(0);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, op, ": target must have shape (", N,
+              ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+              ": target must be int64 or int32 class indices, got ", target.scalar_type());
+  TORCH_CHECK(target.is_contiguous(), op, ": target must be contiguous");
+  TORCH_CHECK(loss.dim() == 1 && loss.size(0) == N && loss.scalar_type() == at::kFloat && loss.is_contiguous(),
+              op, ": loss must be a contiguous float32 tensor of shape (", N, ",), got ", loss.scalar_type(),
+              " ", loss.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && (scale.dim() == 0 || (scale.dim() == 1 && scale.size(0) == N)),
+              op, ": scale must be a float32 tensor of shape () or (", N, ",), got ", scale.scalar_type(), " ",
+              scale.sizes());
+  if (grad.has_value() && grad->defined()) {
+    TORCH_CHECK(grad->sizes() == logits.sizes() && grad->is_contiguous(), op,
+                ": grad must be contiguous with the logits' shape ", logits.sizes(), ", got ", grad->sizes());
+    check_float_dtype(op, *grad, "grad", 0);
+  }
+}
+
 }  // namespace fasttrain

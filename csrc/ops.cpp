@@ -48,6 +48,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_norm_clip_meta(at::TensorLis
   return {norm, at::empty_like(norm), at::empty_like(norm)};
 }
 
+void ce_rows_meta(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& grad,
+                  const at::Tensor& loss, const at::Tensor& scale, int64_t /*ignore_index*/,
+                  double /*label_smoothing*/, double /*z_loss*/) {
+  check_ce_rows_args(logits, target, grad, loss, scale);
+}
+
 // "key=value;..." with the source tree, the torch version and whether CUDA kernels are in.
 std::string build_info() { return FASTTRAIN_BUILD_INFO; }
 
@@ -64,6 +70,11 @@ TORCH_LIBRARY(fasttrain, m) {
   // The clipping tail of a step in one op: (norm, divisor = max((norm + 1e-6) / max_norm, 1),
   // found_inf = 1.0 if the norm is NaN/inf else 0.0), each a 0-d fp32 tensor on the device.
   m.def("grad_norm_clip(Tensor[] tensors, float norm_type, float max_norm) -> (Tensor, Tensor, Tensor)");
+  // Per-row cross-entropy of logits (N, V): the loss into `loss` (N,) fp32 and, when grad
+  // is given, dloss/dlogits times the row's scale into grad (N, V), which may be the logits'
+  // own storage (kernels/cross_entropy.py, the fused linear cross-entropy's CPU rows).
+  m.def("ce_rows_(Tensor logits, Tensor target, Tensor(a!)? grad, Tensor(b!) loss, Tensor scale, "
+        "int ignore_index, float label_smoothing, float z_loss) -> ()");
   m.def("build_info() -> str", &build_info);
 }
 
@@ -72,6 +83,7 @@ TORCH_LIBRARY_IMPL(fasttrain, Meta, m) {
   m.impl("unscale_and_check_", &unscale_and_check_meta);
   m.impl("grad_norm", &grad_norm_meta);
   m.impl("grad_norm_clip", &grad_norm_clip_meta);
+  m.impl("ce_rows_", &ce_rows_meta);
 }
 
 }  // namespace fasttrain

@@ -5,8 +5,11 @@ Shape letters: N rows (tokens), V classes (vocabulary).
 Public op: `cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0,
 z_loss=0.0, reduction="mean")`, registered as the torch.library custom op
 `fasttrain::cross_entropy` so `torch.compile(fullgraph=True)` can call it. CUDA tensors run the
-Triton kernel below; CPU tensors run `_ce_rows_cpu_` (chunked torch ops); the Triton
-interpreter (TRITON_INTERPRET=1) is for tests only.
+Triton kernel below; CPU tensors run the C++ kernel `fasttrain::ce_rows_`
+(csrc/cpu/cross_entropy.cpp: one row at a time in fp32, three passes over a cache-resident
+row) when fasttrain's compiled ops are loaded (`import fasttrain` loads them), else
+`_ce_rows_cpu_` (chunked torch ops, the reference the C++ kernel is tested against); the
+Triton interpreter (TRITON_INTERPRET=1) is for tests only.
 
 Per row, with lse = logsumexp(x), ls the label smoothing and z the z-loss scale:
     loss = lse - (1 - ls) * x[t] - ls * mean(x) + z * lse^2
@@ -167,9 +170,29 @@ def ce_rows_(logits, target, grad, loss, scale, ignore_index, label_smoothing, z
         if grad is None:
             grad = torch.empty_like(logits)
         _ce_rows_triton_(logits, target, grad, loss, scale, ignore_index, label_smoothing, z_loss)
+        return
+    check_target_range(target, ignore_index, logits.shape[1])
+    if (cpu_rows_kernel() and logits.is_contiguous() and (grad is None or grad.is_contiguous())
+            and loss.is_contiguous()):
+        torch.ops.fasttrain.ce_rows_(logits, target.contiguous(), grad, loss, scale.float().contiguous(),
+                                     ignore_index, float(label_smoothing), float(z_loss))
     else:
-        check_target_range(target, ignore_index, logits.shape[1])
         _ce_rows_cpu_(logits, target, grad, loss, scale, ignore_index, label_smoothing, z_loss)
+
+
+_cpu_rows_loaded = False
+
+
+def cpu_rows_kernel() -> bool:
+    """Whether the C++ CPU kernel `fasttrain::ce_rows_` is registered (fasttrain's compiled
+    ops are loaded by `import fasttrain`; this package cannot import fasttrain itself)."""
+    global _cpu_rows_loaded
+    if not _cpu_rows_loaded:
+        try:
+            _cpu_rows_loaded = torch._C._dispatch_has_kernel_for_dispatch_key("fasttrain::ce_rows_", "CPU")
+        except RuntimeError:  # the op is not defined: the library is not loaded
+            return False
+    return _cpu_rows_loaded
 
 
 def check_target_range(target, ignore_index, n_classes):

@@ -10,15 +10,15 @@ grad_h_c = g_c @ W and grad_W += g_c.T @ h_c (grad_b += sum g_c). For "mean" and
 gradients are computed in the forward and scaled by the upstream gradient in the backward
 (three matmuls in all, like the unfused loss); for "none" the backward recomputes the logits
 (four matmuls). Peak extra memory: grad_W + grad_h (the floor) + one logits chunk (half
-inputs on the CPU: + the chunk in fp32, grad_W in fp32 and one half (V, H) product, see
-`_flce_chunks`).
+inputs on the CPU: + grad_W in fp32 and one half (V, H) product, and without the compiled
+ops the chunk in fp32; see `_flce_chunks`).
 The loop is the same on CPU and CUDA; only the per-chunk cross-entropy differs (Triton kernel
-on CUDA, chunked torch ops on CPU), see `cross_entropy.ce_rows_`. Algorithm: Liger-Kernel's
+on CUDA, the C++ rows kernel or chunked torch ops on CPU), see `cross_entropy.ce_rows_`. Algorithm: Liger-Kernel's
 FusedLinearCrossEntropy (chunking over tokens, gradients in the forward).
 """
 import torch
 
-from .cross_entropy import ce_rows_, check_loss_args, reduce_loss, reduction_scale
+from .cross_entropy import ce_rows_, check_loss_args, cpu_rows_kernel, reduce_loss, reduction_scale
 from ._library import custom_op
 from ._reference import linear_cross_entropy_reference  # noqa: F401  (re-exported)
 
@@ -54,17 +54,20 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
     Per chunk, dtypes: logits x = h_c @ W.T in the input dtype. fp32 inputs, and half ones on
     CUDA (the kernel reads half and does its math in fp32), take dloss/dlogits in place of x;
     grad_W accumulates in fp32 through addmm's fp32 output. Half inputs on the CPU, which has
-    no half matmul with an fp32 output: the cross-entropy writes dloss/dlogits into an fp32
-    chunk (its math is fp32 anyway: the chunk is converted once), that is written back into
-    x once, and grad_h = x @ W and the grad_W product x.T @ h_c run as half GEMMs (about twice
-    fp32's speed on a CPU with bf16 instructions), the product into one reused (V, H) buffer
-    added into the fp32 accumulator: one (V, H) add per chunk, so chunks are at least
+    no half matmul with an fp32 output: the C++ rows kernel (fasttrain::ce_rows_) converts
+    each row to fp32 in a cache-resident buffer and writes dloss/dlogits back over x in half
+    (without the compiled ops: into an fp32 chunk, copied back into x once), and
+    grad_h = x @ W and the grad_W product x.T @ h_c run as half GEMMs (about twice fp32's
+    speed on a CPU with bf16 instructions), the product into one reused (V, H) buffer added
+    into the fp32 accumulator: one (V, H) add per chunk, so chunks are at least
     CPU_HALF_MIN_ROWS rows.
     """
     N, H = hidden.shape
     V = weight.shape[0]
     half = weight.dtype in _HALF
-    score_in_fp32 = half and not weight.is_cuda and want_grads
+    cpu_half = half and not weight.is_cuda and want_grads
+    # the C++ CPU rows kernel reads the half chunk and writes its gradient over it in place
+    score_in_fp32 = cpu_half and not cpu_rows_kernel()
     grad_h = torch.empty_like(hidden) if want_grads else None
     grad_w = torch.empty((V, H), dtype=torch.float32 if half else weight.dtype,
                          device=weight.device) if want_grads else None
@@ -72,7 +75,7 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
     if want_grads and bias is not None:
         grad_b = torch.zeros(V, dtype=torch.float32, device=bias.device)
     rows = chunk_rows(N, H, V)
-    if score_in_fp32:
+    if cpu_half:
         rows = max(rows, min(N, CPU_HALF_MIN_ROWS))
     buf = torch.empty((rows, V), dtype=hidden.dtype, device=hidden.device)  # (rows, V)
     buf32 = torch.empty((rows, V), dtype=torch.float32, device=hidden.device) if score_in_fp32 else None
@@ -92,6 +95,7 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
             continue
         if score_in_fp32:
             x.copy_(g)
+        if cpu_half:
             if prod is None:
                 prod = torch.empty((V, H), dtype=weight.dtype, device=weight.device)
             torch.mm(x.t(), h_c, out=prod)

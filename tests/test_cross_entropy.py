@@ -21,11 +21,16 @@ TOL = {
 }
 
 
-@pytest.fixture(params=["cpu", "triton"])
+@pytest.fixture(params=["cpp", "torch", "triton"])
 def backend(request, monkeypatch):
-    if DEVICE.type == "cuda" and request.param == "cpu":
+    """The CPU rows: the C++ kernel (fasttrain::ce_rows_), the chunked torch ops it replaces
+    where the ops library is not built, or the Triton kernel under the interpreter."""
+    if DEVICE.type == "cuda" and request.param != "triton":
         pytest.skip("CUDA tensors always take the Triton kernel")
+    if request.param == "cpp" and not ce_mod.cpu_rows_kernel():
+        pytest.skip("the ops library is not built here (bash scripts/build_ops.sh); CI builds it")
     monkeypatch.setattr(ce_mod, "TRITON_ON_CPU", request.param == "triton")
+    monkeypatch.setattr(ce_mod, "cpu_rows_kernel", lambda: request.param == "cpp")
     return request.param
 
 
@@ -174,3 +179,44 @@ def test_bad_inputs_raise_clear_errors(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         cross_entropy(**args)
+
+
+def test_cpu_default_runs_the_cpp_rows_kernel_in_place():
+    """With the ops library loaded (as `import fasttrain` does, and CI builds it) the CPU rows
+    are one C++ op that writes the gradient over the logits: no fp32 copy of the chunk, no
+    log_softmax/exp/scatter chain."""
+    if not ce_mod.cpu_rows_kernel():
+        pytest.skip("the ops library is not built here (bash scripts/build_ops.sh); CI builds it")
+    from tests._dispatch_count import OpCounter
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(24, 300, generator=gen).bfloat16()
+    target = torch.randint(0, 300, (24,), generator=gen)
+    target[::5] = -100
+    expected = torch.empty(24, 300)
+    expected_loss = torch.empty(24)
+    ce_mod._ce_rows_cpu_(logits, target, expected, expected_loss, torch.tensor(0.5), -100, 0.1, 1e-3)
+    loss = torch.empty(24)
+    with OpCounter() as counter:
+        ce_mod.ce_rows_(logits, target, logits, loss, torch.tensor(0.5), -100, 0.1, 1e-3)
+    assert counter.ops["fasttrain.ce_rows_.default"] == 1
+    assert not [op for op in counter.ops if "log_softmax" in op or "exp" in op or "_to_copy" in op], counter.ops
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.float(), expected.bfloat16().float(), rtol=0, atol=2e-3)
+    assert logits[::5].eq(0).all()  # ignored rows: zero gradient
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(loss=torch.empty(4, dtype=torch.float64)), "loss must be a contiguous float32"),
+    (dict(target=torch.zeros(3, dtype=torch.long)), r"target must have shape \(4,\)"),
+    (dict(grad=torch.empty(4, 7)), "grad must be contiguous with the logits' shape"),
+    (dict(target=torch.tensor([0, 1, 9, -100])), r"target\[2\] = 9 is outside \[0, 8\)"),
+])
+def test_cpp_rows_kernel_names_a_bad_argument(bad, message):
+    if not ce_mod.cpu_rows_kernel():
+        pytest.skip("the ops library is not built here (bash scripts/build_ops.sh); CI builds it")
+    args = dict(logits=torch.randn(4, 8), target=torch.zeros(4, dtype=torch.long), grad=None,
+                loss=torch.empty(4), scale=torch.tensor(1.0))
+    args.update(bad)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fasttrain.ce_rows_(args["logits"], args["target"], args["grad"], args["loss"], args["scale"],
+                                     -100, 0.0, 0.0)

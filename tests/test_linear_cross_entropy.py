@@ -20,11 +20,17 @@ flce_mod = importlib.import_module("fasttrain.kernels.linear_cross_entropy")
 RTOL, ATOL, GATOL = 1e-5, 1e-5, 1e-5
 
 
-@pytest.fixture(params=["cpu", "triton"])
+@pytest.fixture(params=["cpp", "torch", "triton"])
 def backend(request, monkeypatch):
-    if DEVICE.type == "cuda" and request.param == "cpu":
+    """The CPU rows: the C++ kernel (fasttrain::ce_rows_), the chunked torch ops it replaces
+    where the ops library is not built, or the Triton kernel under the interpreter."""
+    if DEVICE.type == "cuda" and request.param != "triton":
         pytest.skip("CUDA tensors always take the Triton kernel")
+    if request.param == "cpp" and not ce_mod.cpu_rows_kernel():
+        pytest.skip("the ops library is not built here (bash scripts/build_ops.sh); CI builds it")
     monkeypatch.setattr(ce_mod, "TRITON_ON_CPU", request.param == "triton")
+    monkeypatch.setattr(ce_mod, "cpu_rows_kernel", lambda: request.param == "cpp")
+    monkeypatch.setattr(flce_mod, "cpu_rows_kernel", lambda: request.param == "cpp")
     # 16-row chunks, so every case here runs several chunks and a ragged last one
     monkeypatch.setattr(flce_mod, "chunk_rows", lambda N, H, V: min(N, 16))
     return request.param
@@ -152,13 +158,19 @@ class _Conversions(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("compiled_rows", [True, False], ids=["cpp_rows", "torch_rows"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_chunks_convert_each_chunk_once_each_way(dtype, monkeypatch):
+def test_half_chunks_convert_each_chunk_once_each_way(dtype, compiled_rows, monkeypatch):
     """Half inputs on the CPU (no half matmul with an fp32 output there): the weight-sized
     tensors are the fp32 accumulator, one reused half product buffer and the cast back,
-    however many chunks; each logits chunk is converted to fp32 once (the softmax math) and
-    its gradient back once (for the half GEMMs); the only weight-sized conversions are the
-    first product and the cast back."""
+    however many chunks; the only weight-sized conversions are the first product and the cast
+    back. The chunk itself: the C++ rows kernel converts each row inside (no chunk-sized
+    conversion at all); the torch rows convert each chunk to fp32 once (the softmax math) and
+    its gradient back once (for the half GEMMs)."""
+    if compiled_rows and not ce_mod.cpu_rows_kernel():
+        pytest.skip("the ops library is not built here (bash scripts/build_ops.sh); CI builds it")
+    monkeypatch.setattr(flce_mod, "cpu_rows_kernel", lambda: compiled_rows)
+    monkeypatch.setattr(ce_mod, "cpu_rows_kernel", lambda: compiled_rows)
     rows = 16
     monkeypatch.setattr(flce_mod, "chunk_rows", lambda N, H, V: min(N, rows))
     monkeypatch.setattr(flce_mod, "CPU_HALF_MIN_ROWS", rows)
@@ -172,9 +184,11 @@ def test_half_chunks_convert_each_chunk_once_each_way(dtype, monkeypatch):
                                       row_loss, want_grads=True)
     assert [n for n in allocs.sizes if n >= V * H] == [V * H] * 3, allocs.sizes
     chunks = 64 // rows
-    assert sorted(n for n in conversions.sizes if n >= rows * V) == (
-        [rows * V] * (2 * chunks) + [V * H] * 2), conversions.sizes
+    per_chunk = [] if compiled_rows else [rows * V] * (2 * chunks)
+    assert sorted(n for n in conversions.sizes if n >= rows * V) == per_chunk + [V * H] * 2, conversions.sizes
     assert grads[1].dtype == dtype
+    expected = linear_cross_entropy_reference(hidden.float(), weight.float(), target)
+    torch.testing.assert_close(row_loss.sum() / (target != -100).sum(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_half_chunks_on_cpu_are_long_enough(monkeypatch):

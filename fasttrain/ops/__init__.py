@@ -4,3 +4,9 @@ the compiled C++/CUDA ops (`native.py`) and the fused causal-LM loss for HF mode
 
 May import: torch, fasttrain.kernels.
 """
+
+from fasttrain.ops import native as _native
+
+# Load the compiled ops now, once per process: kernels/ picks its CPU cross-entropy by whether
+# they are loaded, and a run must take one path on every step and after every resume.
+_native.available()
