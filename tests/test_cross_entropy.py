@@ -181,6 +181,7 @@ def test_bad_inputs_raise_clear_errors(kwargs, error, match):
         cross_entropy(**args)
 
 
+@pytest.mark.kernel_cases("fasttrain::ce_rows_")
 def test_cpu_default_runs_the_cpp_rows_kernel_in_place():
     """With the ops library loaded (as `import fasttrain` does, and CI builds it) the CPU rows
     are one C++ op that writes the gradient over the logits: no fp32 copy of the chunk, no
@@ -205,6 +206,7 @@ def test_cpu_default_runs_the_cpp_rows_kernel_in_place():
     assert logits[::5].eq(0).all()  # ignored rows: zero gradient
 
 
+@pytest.mark.kernel_cases("fasttrain::ce_rows_")
 @pytest.mark.parametrize("bad, message", [
     (dict(loss=torch.empty(4, dtype=torch.float64)), "loss must be a contiguous float32"),
     (dict(target=torch.zeros(3, dtype=torch.long)), r"target must have shape \(4,\)"),
