@@ -182,6 +182,7 @@ class Profiler:
         self._window, self._run = Stats(), Stats(self.config.max_recorded_steps)
         self._excluded = 0
         self._trace = self._build_trace()
+        self._plain_after = self._plain_steps_after()
         self._sampler = None
         if self.config.enabled:
             self._sampler = HardwareSampler(self.device, self.config.sample_interval_s, nvml_lib)
@@ -192,6 +193,15 @@ class Profiler:
         """The clock behind every mark: HostTimer (perf_counter floats) or CudaTimer."""
         self._timer, self._mark = timer, timer.mark
         self._host_clock = isinstance(timer, HostTimer)  # marks are perf_counter floats
+        self._plain_after = self._plain_steps_after()
+
+    def _plain_steps_after(self) -> int | None:
+        """The step after which step_end takes its short path (every step is measured and
+        host-timed, none traced), or None where it never does (a GPU clock)."""
+        if not self._host_clock or not self.config.enabled:
+            return None
+        trace = getattr(self, "_trace", None)
+        return max(self.config.warmup_steps, trace.last if trace is not None else 0)
 
     def _build_trace(self) -> TraceWindow | None:
         if self.config.trace_steps is None or not self.config.enabled:
@@ -258,14 +268,21 @@ class Profiler:
         """Close the step. `tokens`/`samples` are this rank's host ints (from batch shapes).
         On a GPU, a step whose last call was a device lap ends at that lap's event: work
         launched between it and step_end is not in the step's device time."""
-        if not self.config.enabled:
-            return
-        if self._current is None:
+        current = self._current
+        if current is None:
+            if not self.config.enabled:
+                return
             raise RuntimeError("Profiler.step_end() without step_begin()")
         if not isinstance(tokens, int) or not isinstance(samples, int):
             raise TypeError(f"step_end(tokens={tokens!r}, samples={samples!r}): pass host ints "
                             "computed from batch shapes, never tensors (that would sync)")
-        current, self._current = self._current, None
+        self._current = None
+        if self._plain_after is not None and self.step > self._plain_after and not exclude:
+            # the common step (host clock, past warm-up, no trace window): one append
+            self._host_steps.append((current[0], perf_counter(), current[3], current[2], tokens, samples))
+            if len(self._host_steps) >= 4096:  # bounded when logging is rare or off
+                self._fold_host_steps()
+            return
         begin, host_begin, phases, data_s = current[:4]
         traced = self._trace is not None and self._trace.first <= self.step <= self._trace.last
         warm = self.step <= self.config.warmup_steps
