@@ -64,6 +64,10 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
     """
     N, H = hidden.shape
     V = weight.shape[0]
+    out_w_dtype, out_b_dtype = weight.dtype, None if bias is None else bias.dtype
+    if weight.dtype != hidden.dtype:  # an fp32 (master) weight with half hidden states: the
+        weight = weight.to(hidden.dtype)  # GEMMs run in half, grad_W comes back in fp32 unrounded
+        bias = bias.to(hidden.dtype) if bias is not None else None
     half = weight.dtype in _HALF
     cpu_half = half and not weight.is_cuda and want_grads
     # the C++ CPU rows kernel reads the half chunk and writes its gradient over it in place
@@ -107,10 +111,10 @@ def _flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, z_
             grad_b += g.sum(dim=0, dtype=torch.float32)
     if not want_grads:
         return None, None, None
-    if grad_w.dtype != weight.dtype:
-        grad_w = grad_w.to(weight.dtype)
+    if grad_w.dtype != out_w_dtype:
+        grad_w = grad_w.to(out_w_dtype)
     if grad_b is not None:
-        grad_b = grad_b.to(bias.dtype)
+        grad_b = grad_b.to(out_b_dtype)
     return grad_h, grad_w, grad_b
 
 
@@ -215,7 +219,11 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100,
     """cross_entropy(hidden @ weight.T + bias, target) without materialising the logits.
 
     hidden (..., H), weight (V, H), bias (V,) or None, target (...) int64. Returns a 0-d fp32
-    tensor ("mean", "sum") or fp32 losses of target's shape ("none").
+    tensor ("mean", "sum") or fp32 losses of target's shape ("none"). The weight (and bias)
+    may be float32 with bf16/fp16 hidden states, as under autocast with fp32 master weights:
+    the matmuls then run in the hidden states' dtype (the weight cast once inside) and the
+    weight's gradient comes back in float32 from its fp32 accumulator, not rounded to half
+    and cast back.
     """
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"need hidden (..., H) and weight (V, H): got hidden "
@@ -223,9 +231,11 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100,
     if hidden.shape[:-1] != target.shape:
         raise ValueError(f"target must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(target.shape)}")
-    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias must share "
-                        f"a dtype; cast them (autocast does this for a plain matmul)")
+    mixed = weight.dtype == torch.float32 and hidden.dtype in _HALF
+    if (hidden.dtype != weight.dtype and not mixed) or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias ({getattr(bias, 'dtype', None)}) "
+                        "must share a dtype, or the weight and bias be float32 with half hidden states; "
+                        "cast them (autocast does this for a plain matmul)")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     if len({hidden.device, weight.device, target.device}) != 1:

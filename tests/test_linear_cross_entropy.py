@@ -230,3 +230,54 @@ def test_bad_inputs(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         linear_cross_entropy(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_fp32_weight_with_half_hidden_gets_an_unrounded_fp32_gradient(dtype, monkeypatch):
+    """Autocast with fp32 master weights: the weight goes in as fp32, the matmuls run in half
+    (the same loss and grad_hidden as a half copy of the weight gives), and grad_weight comes
+    back in fp32 from the accumulator: no weight-sized conversion around the op (autocast's
+    half copy and autograd's cast of the half gradient back to fp32 are gone)."""
+    monkeypatch.setattr(flce_mod, "chunk_rows", lambda N, H, V: min(N, 16))  # five chunks: an
+    monkeypatch.setattr(flce_mod, "CPU_HALF_MIN_ROWS", 16)  # fp32 sum of half products
+    hidden, weight, _, target = _case((6, 11), 24, 300, dtype=dtype, ignore_every=4)
+    master = weight.detach().float().requires_grad_()
+    half_copy = weight.detach().clone().requires_grad_()
+    h_mixed = hidden.detach().clone().requires_grad_()
+    with _Conversions() as conversions:
+        loss = linear_cross_entropy(h_mixed, master, target)
+        loss.backward()
+    ref = linear_cross_entropy(hidden, half_copy, target)
+    ref.backward()
+    assert master.grad.dtype == torch.float32 and h_mixed.grad.dtype == dtype
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    torch.testing.assert_close(h_mixed.grad, hidden.grad, rtol=0, atol=0)
+    # the half gradient is the fp32 one rounded: equal to half precision, and the fp32 one
+    # really carries more bits
+    torch.testing.assert_close(master.grad.to(dtype), half_copy.grad, rtol=0, atol=0)
+    assert (master.grad != master.grad.to(dtype).float()).any()
+    V, H = weight.shape
+    assert [n for n in conversions.sizes if n >= V * H] == [], conversions.sizes
+    with pytest.raises(TypeError, match="must share a dtype, or the weight and bias be float32"):
+        linear_cross_entropy(hidden.float(), half_copy, target)
+
+
+def test_the_hf_fused_loss_under_autocast_passes_the_fp32_head_weight():
+    """fasttrain.ops.loss under bf16 autocast: the HF model's fp32 output embedding goes into
+    the kernel as it is, and its gradient arrives in fp32 with no (V, H) half gradient cast
+    back by autograd (ToCopyBackward)."""
+    transformers = pytest.importorskip("transformers")
+    from fasttrain.ops.loss import fused_causal_lm_loss
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=512, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    V, H = model.lm_head.weight.shape
+    with _Conversions() as conversions:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, count = fused_causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+        (loss / count).backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32
+    assert [n for n in conversions.sizes if n >= V * H] == [], conversions.sizes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss / count, expected.float(), rtol=2e-2, atol=2e-2)

@@ -111,9 +111,14 @@ def fused_causal_lm_loss(model, inputs: dict, ignore_index: int = -100, checked:
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # the head's matmul would run in this dtype
         dtype = torch.get_autocast_dtype(device_type)
-        weight = weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    hidden = hidden.to(weight.dtype)
+        hidden = hidden.to(dtype)
+        if weight.dtype != torch.float32:
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        # an fp32 weight goes in as it is: the kernel casts it once and returns its gradient
+        # in fp32 (no half copy here, no half gradient rounded and cast back by autograd)
+    else:
+        hidden = hidden.to(weight.dtype)
     target = _shifted_labels(inputs, ignore_index).to(hidden.device)
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
                                 target.reshape(-1), bias, ignore_index=ignore_index,
