@@ -418,3 +418,29 @@ def test_logged_and_reported_learning_rates_are_hfs_numbers(tmp_path, schedule, 
     assert seen["fasttrain"] == seen["transformers"]  # exactly, not approximately; both of HF's groups
     assert len(seen["fasttrain"][1]) == 2
     assert seen["fasttrain"][0][2] == 0.2  # the peak after warm-up, as given
+
+
+class KwargsClassifier(Classifier):
+    """Classifier whose forward takes **kwargs: HF's test says it accepts loss kwargs."""
+
+    def forward(self, x, labels=None, **kwargs):
+        return super().forward(x, labels)
+
+
+def test_model_accepts_loss_kwargs_can_be_set_as_hfs_test_helpers_do(tmp_path):
+    """HF's own test helpers assign `trainer.model_accepts_loss_kwargs = False` (a model that
+    returns a per-batch mean): the assignment holds, and an overridden compute_loss under
+    accumulation is then divided by the micro-batches, as HF does (the model's **kwargs alone
+    would say it is normalised over the step)."""
+    logged = {}
+    for lib in (transformers, fasttrain):
+        args = _args(lib, tmp_path / lib.__name__, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     max_steps=-1, num_train_epochs=1, logging_steps=3, learning_rate=0.0)
+        trainer = weighted_trainer(lib)(KwargsClassifier(), args, train_dataset=class_data(12))
+        assert trainer.model_accepts_loss_kwargs is True
+        trainer.model_accepts_loss_kwargs = False
+        assert trainer.model_accepts_loss_kwargs is False
+        trainer.train()
+        logged[lib.__name__] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert logged["fasttrain"] == pytest.approx(logged["transformers"], rel=1e-5)
+    assert len(logged["fasttrain"]) == 1

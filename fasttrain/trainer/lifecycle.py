@@ -169,7 +169,7 @@ def _begin(trainer: Trainer, loader, resume_from_checkpoint, max_steps: int, num
     trainer._step_rules = (
         hf_step, counts,
         loss_is_scaled_for_ga(trainer._compute_loss_overridden(), getattr(trainer, "loss_is_scaled_for_ga", None),
-                              trainer.model))
+                              trainer.model_accepts_loss_kwargs))
     trainer.run.window.t0 = start_time  # set-up and resume time are not training time
     trainer._neftune = hf_options.activate_neftune(trainer.model, args.neftune_noise_alpha)
     return st.global_step, start_time

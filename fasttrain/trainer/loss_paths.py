@@ -179,16 +179,21 @@ def is_builtin(model) -> bool:
     return isinstance(getattr(model, "module", model), GPT)
 
 
-def loss_is_scaled_for_ga(overridden: bool, explicit: Optional[bool], model) -> bool:
+def loss_is_scaled_for_ga(overridden: bool, explicit: Optional[bool], accepts_loss_kwargs: bool) -> bool:
     """Whether compute_loss's result is already normalised over the whole step. fasttrain's
     own is (it divides by num_items_in_batch). For an override (`overridden`), HF's rule: a
     subclass's `loss_is_scaled_for_ga` (`explicit`) if set, else whether the model takes loss
-    kwargs (**kwargs in forward, or `accepts_loss_kwargs`); otherwise the loss is divided by
-    the micro-batches."""
+    kwargs (the Trainer's `model_accepts_loss_kwargs`); otherwise the loss is divided by the
+    micro-batches."""
     if not overridden:
         return True
     if explicit is not None:
         return bool(explicit)
+    return bool(accepts_loss_kwargs)
+
+
+def model_takes_loss_kwargs(model) -> bool:
+    """HF's test of a model: its `accepts_loss_kwargs`, else **kwargs in its forward."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(model, "accepts_loss_kwargs"):
         return bool(model.accepts_loss_kwargs)

@@ -40,7 +40,7 @@ from fasttrain.trainer.checkpointing import save_model_folder, save_step
 from fasttrain.trainer.evaluation import resolve_eval_dataset
 from fasttrain.trainer.instruments import Instruments
 from fasttrain.trainer.logging_step import history_record, stamp, training_record, write_outside_train
-from fasttrain.trainer.loss_paths import LossPaths, loss_is_scaled_for_ga, micro_batch_losses
+from fasttrain.trainer.loss_paths import LossPaths, micro_batch_losses, model_takes_loss_kwargs
 from fasttrain.trainer.optimizer_step import GradClipper, optimizer_step
 from fasttrain.data.streaming import StreamShard
 from fasttrain.trainer import script_helpers, step_end
@@ -93,6 +93,7 @@ class Trainer:
         self._set_model(model)
         self.scaler = None
         self._in_train = False
+        self._accepts_loss_kwargs: Optional[bool] = None  # model_accepts_loss_kwargs when a script sets it
         self.state = TrainerState(is_world_process_zero=self.dist.is_main,
                                   is_local_process_zero=self.dist.local_rank == 0)
         self.control = TrainerControl()
@@ -249,8 +250,19 @@ class Trainer:
 
     @property
     def model_accepts_loss_kwargs(self) -> bool:
-        """The model's forward takes num_items_in_batch (HF's test: **kwargs or accepts_loss_kwargs)."""
-        return loss_is_scaled_for_ga(True, None, self.model)
+        """Whether the model's forward takes num_items_in_batch (HF's test: **kwargs or
+        accepts_loss_kwargs), unless set: as in HF, a script or subclass may assign it (HF's
+        own test helpers set False for a model that returns a per-batch mean). It decides, as
+        in HF, whether an overridden compute_loss's result counts as normalised over the step
+        and whether a subclass's training_step is handed num_items_in_batch; fasttrain's own
+        compute_loss weighs each micro-batch by its label count either way."""
+        if self._accepts_loss_kwargs is not None:
+            return self._accepts_loss_kwargs
+        return model_takes_loss_kwargs(self.model)
+
+    @model_accepts_loss_kwargs.setter
+    def model_accepts_loss_kwargs(self, value: bool) -> None:
+        self._accepts_loss_kwargs = None if value is None else bool(value)
 
     @property
     def label_names(self) -> list:
