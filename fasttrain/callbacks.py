@@ -334,7 +334,7 @@ class ProgressCallback(TrainerCallback):
         self.current_step = state.global_step
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        if state.is_world_process_zero and eval_dataloader is not None and hasattr(eval_dataloader, "__len__"):
+        if state.is_world_process_zero and eval_dataloader is not None and _has_length(eval_dataloader):
             if self.prediction_bar is None:
                 self.prediction_bar = _bar(total=len(eval_dataloader), leave=self.training_bar is None)
             self.prediction_bar.update(1)
@@ -430,3 +430,12 @@ class EarlyStoppingCallback(TrainerCallback, ExportableState):
 
     def restore(self, saved: dict) -> None:  # the layout fasttrain wrote before HF's
         self.early_stopping_patience_counter = saved["early_stopping_patience_counter"]
+
+
+def _has_length(loader) -> bool:
+    """A DataLoader over a stream has __len__ but raises TypeError: no bar total then."""
+    try:
+        len(loader)
+    except TypeError:
+        return False
+    return True

@@ -444,3 +444,124 @@ def test_model_accepts_loss_kwargs_can_be_set_as_hfs_test_helpers_do(tmp_path):
         logged[lib.__name__] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert logged["fasttrain"] == pytest.approx(logged["transformers"], rel=1e-5)
     assert len(logged["fasttrain"]) == 1
+
+
+class StreamOfExamples(torch.utils.data.IterableDataset):
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __iter__(self):
+        return iter(self.examples)
+
+
+def test_evaluate_and_predict_take_an_iterable_dataset_as_hf(tmp_path):
+    results = {}
+    for lib in (transformers, fasttrain):
+        trainer = lib.Trainer(Classifier(), _args(lib, tmp_path / lib.__name__))
+        data = StreamOfExamples(class_data(11, seed=4))
+        metrics = trainer.evaluate(eval_dataset=data)
+        predicted = trainer.predict(data)
+        results[lib.__name__] = (metrics["eval_loss"], predicted.predictions, predicted.label_ids)
+    ft, hf = results["fasttrain"], results["transformers"]
+    assert ft[0] == pytest.approx(hf[0], rel=1e-6)
+    assert ft[1].shape == hf[1].shape == (11, 2)
+    torch.testing.assert_close(torch.as_tensor(ft[1]), torch.as_tensor(hf[1]))
+    assert (ft[2] == hf[2]).all()
+
+
+def test_a_metric_driven_scheduler_handed_in_steps_on_evaluations_as_hf(tmp_path):
+    """torch's ReduceLROnPlateau through optimizers=: stepped with the evaluation metric (a
+    flat one: halved after every evaluation past `patience`), never per optimizer step."""
+    lrs = {}
+    for lib in (transformers, fasttrain):
+        model = Classifier()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the metric stays flat
+        for group in optimizer.param_groups:
+            group["lr"] = 0.4
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+        args = _args(lib, tmp_path / lib.__name__, max_steps=6, eval_strategy="steps", eval_steps=2,
+                     metric_for_best_model="eval_loss", learning_rate=0.0)
+        trainer = lib.Trainer(model, args, train_dataset=class_data(24), eval_dataset=class_data(6, seed=1),
+                              optimizers=(optimizer, scheduler))
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0  # lr 0: the weights and so the metric do not move
+        trainer.train()
+        lrs[lib.__name__] = [float(g["lr"]) for g in optimizer.param_groups] + [scheduler.num_bad_epochs]
+    assert lrs["fasttrain"] == lrs["transformers"]
+
+
+def test_learning_rates_and_schedule_helpers_see_hfs_float_before_any_schedule(tmp_path):
+    """Right after create_optimizer, get_learning_rates() is HF's number (not a float32
+    rounding), and HF's schedule helpers read the given float as the optimizer's base LR."""
+    seen = {}
+    for lib in (transformers, fasttrain):
+        trainer = lib.Trainer(Classifier(), _args(lib, tmp_path / lib.__name__, learning_rate=5e-5))
+        trainer.create_optimizer()
+        seen[lib.__name__] = trainer.get_learning_rates()
+        transformers.get_polynomial_decay_schedule_with_warmup(trainer.optimizer, 2, 10, lr_end=1e-5, power=5.0)
+    assert seen["fasttrain"] == seen["transformers"] == [5e-05, 5e-05]
+
+
+def test_a_logged_zero_d_tensor_lands_in_the_history_as_a_number(tmp_path):
+    trainer = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path, learning_rate=0.1))
+    trainer.log({"learning_rate": torch.tensor(0.25), "note": 1})
+    assert trainer.state.log_history[-1]["learning_rate"] == 0.25
+    assert isinstance(trainer.state.log_history[-1]["learning_rate"], float)
+
+
+class MultiLabel(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.config = transformers.PretrainedConfig(problem_type="multi_label_classification")
+
+
+def test_label_smoothing_on_a_multi_label_model_warns_and_is_off_as_hf(tmp_path):
+    import warnings
+    for lib in (transformers, fasttrain):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = lib.Trainer(MultiLabel(), _args(lib, tmp_path / lib.__name__, label_smoothing_factor=0.1))
+        assert any("Label smoothing is not compatible with multi-label classification" in str(w.message)
+                   for w in caught), lib.__name__
+        assert trainer.label_smoother is None
+
+
+def test_label_smoother_can_be_switched_off_as_hfs_attribute(tmp_path):
+    losses = {}
+    for name, smoothing, off in (("smoothed", 0.2, False), ("switched_off", 0.2, True), ("plain", 0.0, False)):
+        trainer = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path / name, label_smoothing_factor=smoothing),
+                                    eval_dataset=class_data(7, seed=3))
+        if off:
+            trainer.label_smoother = None
+        losses[name] = trainer.evaluate()["eval_loss"]
+    assert losses["switched_off"] == pytest.approx(losses["plain"], rel=1e-6)
+    assert abs(losses["smoothed"] - losses["plain"]) > 1e-3
+    with pytest.raises(TypeError, match="label_smoother must be None or a LabelSmoother"):
+        trainer.label_smoother = lambda outputs, labels: 0.0
+
+
+def test_any_scheduler_whose_step_takes_a_metric_is_stepped_on_evaluations(tmp_path):
+    """HF's GreedyLR or a user's own scheduler with step(metrics), handed in: it gets each
+    evaluation's metric_for_best_model, never a bare per-step step()."""
+    class Recorder:
+        def __init__(self, optimizer):
+            self.optimizer, self.seen = optimizer, []
+
+        def step(self, metrics):
+            self.seen.append(metrics)
+
+        def state_dict(self):
+            return {}
+
+        def get_last_lr(self):
+            return [g["lr"] for g in self.optimizer.param_groups]
+
+    model = Classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = Recorder(optimizer)
+    args = _args(fasttrain, tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, metric_for_best_model="eval_loss")
+    trainer = fasttrain.Trainer(model, args, train_dataset=class_data(24), eval_dataset=class_data(6, seed=1),
+                                optimizers=(optimizer, scheduler))
+    trainer.train()
+    evals = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
+    assert scheduler.seen == pytest.approx(evals) and len(evals) == 3

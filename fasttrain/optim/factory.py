@@ -87,7 +87,15 @@ def build_optimizer(args, model: torch.nn.Module, cls_and_kwargs: tuple | None =
         cls, kwargs = cls_and_kwargs
         return cls(groups, **kwargs)
     cls, kwargs = optimizer_cls_and_kwargs(args, next(p for g in groups for p in g["params"]).device)
-    return cls(groups, **kwargs)
+    optimizer = cls(groups, **kwargs)
+    if isinstance(kwargs.get("lr"), torch.Tensor):
+        # the groups step with the device LR; what HF's helpers and torch's schedulers read as
+        # the base is the float given: defaults["lr"] (HF's polynomial schedule checks lr_end
+        # against it) and each group's initial_lr (a scheduler's base_lrs; get_learning_rates)
+        optimizer.defaults["lr"] = float(args.learning_rate)
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", float(args.learning_rate))
+    return optimizer
 
 
 def optimizer_cls_and_kwargs(args, device: torch.device | None) -> tuple[type, dict]:

@@ -9,6 +9,8 @@ and greedy (`greedy.GreedyLR`) step on evaluation metrics instead (`step_on_metr
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -192,7 +194,20 @@ SCHEDULES_ACCEPTED = (*SCHEDULES, *METRIC_DRIVEN)  # every lr_scheduler_type bui
 
 
 def is_metric_driven(scheduler) -> bool:
-    return isinstance(scheduler, tuple(METRIC_DRIVEN.values()))
+    """Stepped on evaluation metrics rather than per optimizer step: fasttrain's two, and any
+    scheduler whose step() requires an argument (torch's ReduceLROnPlateau and HF's GreedyLR
+    handed in through `optimizers=`, or a user's own)."""
+    return scheduler is not None and (isinstance(scheduler, tuple(METRIC_DRIVEN.values()))
+                                      or _step_takes_a_metric(type(scheduler)))
+
+
+@functools.lru_cache(maxsize=32)
+def _step_takes_a_metric(cls) -> bool:
+    try:
+        params = list(inspect.signature(cls.step).parameters.values())[1:]  # after self
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def step_scheduler(scheduler, optimizer, skipped: Optional[torch.Tensor] = None):
@@ -226,8 +241,9 @@ def step_on_metrics(scheduler, metrics: dict, metric_for_best_model: str) -> Non
         return
     key = metric_for_best_model if metric_for_best_model.startswith("eval_") else f"eval_{metric_for_best_model}"
     if key not in metrics:
-        kind = next(name for name, cls in METRIC_DRIVEN.items() if isinstance(scheduler, cls))
-        raise KeyError(f"lr_scheduler_type={kind!r} watches metric_for_best_model="
+        kind = next((repr(name) for name, cls in METRIC_DRIVEN.items() if isinstance(scheduler, cls)),
+                    type(scheduler).__name__)
+        raise KeyError(f"lr_scheduler_type={kind} watches metric_for_best_model="
                        f"{metric_for_best_model!r}, but evaluation returned only {sorted(metrics)}; "
                        "set metric_for_best_model to one of them")
     scheduler.step(metrics[key])

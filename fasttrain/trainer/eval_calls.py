@@ -66,7 +66,8 @@ def evaluation_loop(trainer: Trainer, dataloader, description: str, prediction_l
     hf_options.cast_for_full_eval(trainer.model, trainer.args, in_train=trainer._in_train)
     instruments = trainer._instruments
     return run_evaluation(
-        dataloader, trainer.num_examples(dataloader), trainer.model, trainer.prediction_step, dist=trainer.dist,
+        dataloader, trainer.num_examples(dataloader) if _has_length(dataloader) else None, trainer.model,
+        trainer.prediction_step, dist=trainer.dist,
         device=trainer.device, want_predictions=not prediction_loss_only, metric_key_prefix=metric_key_prefix,
         compute_metrics=trainer.compute_metrics, preprocess_logits=trainer.preprocess_logits_for_metrics,
         observe_batch=instruments.observe_batch if instruments is not None else None,
@@ -77,8 +78,17 @@ def evaluation_loop(trainer: Trainer, dataloader, description: str, prediction_l
 def prediction_step(trainer: Trainer, model, inputs: dict, prediction_loss_only: bool, ignore_keys):
     """(loss_sum, token_count, logits, labels) of one batch; logits None when not needed."""
     user_loss = None  # a subclass's compute_loss (or label smoothing) decides the loss
-    if trainer._compute_loss_overridden() or trainer.args.label_smoothing_factor:
+    if trainer._compute_loss_overridden() or trainer._losses.label_smoothing:
         user_loss = functools.partial(trainer.compute_loss, return_outputs=True)
     return predict_batch(model, inputs, prediction_loss_only, losses=trainer._losses, autocast=trainer._autocast,
                          forward_args=trainer._forward_args,
                          ignored_keys=ignored_output_keys(trainer.model, ignore_keys), user_loss=user_loss)
+
+
+def _has_length(dataloader) -> bool:
+    """A loader over a stream has no length: its examples are counted as they come."""
+    try:
+        len(dataloader)
+    except TypeError:
+        return False
+    return True

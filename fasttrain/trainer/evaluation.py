@@ -24,7 +24,7 @@ from fasttrain.trainer.utils import (EvalPrediction, PredictionOutput, denumpify
                                      samples_in, to_device)
 
 
-def run_evaluation(loader, n_examples: int, model, prediction_step, *, dist, device,
+def run_evaluation(loader, n_examples: Optional[int], model, prediction_step, *, dist, device,
                    want_predictions: bool, metric_key_prefix: str, compute_metrics=None,
                    preprocess_logits=None, observe_batch=None, on_step=None,
                    options: EvalOptions = EvalOptions()) -> PredictionOutput:
@@ -41,6 +41,7 @@ def run_evaluation(loader, n_examples: int, model, prediction_step, *, dist, dev
     gatherer = Gatherer(dist)
     has_loss = False
     n_batches = 0
+    seen = 0
     user = None
     batches = _batches_with_last_flag(loader, dist) if options.batch_metrics else ((b, False) for b in loader)
     for batch, is_last in batches:
@@ -48,6 +49,8 @@ def run_evaluation(loader, n_examples: int, model, prediction_step, *, dist, dev
             user = _batch_metrics(compute_metrics, gatherer, dict.fromkeys(kept), is_last, device) or user
             continue
         n_batches += 1
+        if n_examples is None:  # a stream: count what comes (this rank's share)
+            seen += samples_in(batch)
         batch = to_device(batch, device)
         if observe_batch is not None:
             observe_batch(batch)
@@ -94,6 +97,8 @@ def run_evaluation(loader, n_examples: int, model, prediction_step, *, dist, dev
             metrics[name] = value
     runtime = time.perf_counter() - start
     metrics[f"{metric_key_prefix}_runtime"] = runtime
+    if n_examples is None:
+        n_examples = seen * dist.world_size
     metrics[f"{metric_key_prefix}_samples_per_second"] = n_examples / max(runtime, 1e-9)
     metrics[f"{metric_key_prefix}_steps_per_second"] = n_batches / max(runtime, 1e-9)
     return PredictionOutput(predictions, labels_all, metrics)

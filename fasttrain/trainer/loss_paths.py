@@ -36,6 +36,9 @@ class LossPaths:
         self._reasons_logged: set = set()
         self.last_labels: Optional[list] = None  # the last step's label tensors (references)
         self.compute_loss_func = None  # the Trainer's compute_loss_func (HF's)
+        # label smoothing's epsilon: args.label_smoothing_factor unless the Trainer turned it off
+        # (a multi-label model, as HF does) or a script set trainer.label_smoother
+        self.label_smoothing = float(args.label_smoothing_factor or 0.0)
 
     # ------------------------------------------------------------------ labels and tokens
     def labels(self, inputs: dict):
@@ -78,7 +81,7 @@ class LossPaths:
         labels = self.labels(inputs)
         if labels is not None and self.compute_loss_func is not None:
             return self._given_loss(model, inputs, labels, return_outputs, num_items_in_batch)
-        if labels is not None and self.args.label_smoothing_factor:
+        if labels is not None and self.label_smoothing:
             return self._label_smoothed_loss(model, inputs, labels, return_outputs, num_items_in_batch)
         fused = self.fused_loss(model, inputs) if labels is not None and not return_outputs else None
         outputs = None
@@ -122,7 +125,7 @@ class LossPaths:
         logits = outputs["logits"] if isinstance(outputs, dict) else getattr(outputs, "logits", None)
         if logits is None:
             logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-        loss_sum, count = label_smoothed_sum(logits, labels, self.args.label_smoothing_factor,
+        loss_sum, count = label_smoothed_sum(logits, labels, self.label_smoothing,
                                              shift=self.label_shift)
         loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         return (loss, outputs) if return_outputs else loss

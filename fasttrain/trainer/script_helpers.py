@@ -12,7 +12,10 @@ import datetime
 import inspect
 import json
 import os
+import struct
 import time
+
+import torch
 
 from fasttrain.checkpoint.hf_layout import hf_trainer_state_json
 from fasttrain.optim.schedules import LRScheduler
@@ -177,7 +180,20 @@ def learning_rates(optimizer, scheduler=None) -> list:
     _need_optimizer(optimizer)
     if isinstance(scheduler, LRScheduler) and scheduler.optimizer is optimizer:
         return scheduler.get_last_lr()
-    return [float(g["lr"]) for g in optimizer.param_groups]  # sync: a device LR is read
+    return [_group_lr(g) for g in optimizer.param_groups]
+
+
+def _group_lr(group: dict) -> float:
+    """A group's LR as a float: a device LR still holding the float32 of its group's float
+    initial_lr (no schedule has moved it) is reported as that float, HF's number."""
+    lr = group["lr"]
+    if not isinstance(lr, torch.Tensor):
+        return float(lr)
+    value = float(lr)  # sync: a device LR is read
+    initial = group.get("initial_lr")
+    if isinstance(initial, float) and lr.dtype == torch.float32 and struct.unpack("f", struct.pack("f", initial))[0] == value:
+        return initial
+    return value
 
 
 def optimizer_group(optimizer, param=None):

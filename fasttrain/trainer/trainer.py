@@ -17,6 +17,7 @@ set-up and teardown of a train() call are lifecycle.py's, those of evaluate/pred
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -91,6 +92,11 @@ class Trainer:
         self._losses = LossPaths(self.args, label_shift=False)
         self.compute_loss_func = compute_loss_func
         self._set_model(model)
+        if self._losses.label_smoothing and getattr(getattr(self.model, "config", None), "problem_type",
+                                                      None) == "multi_label_classification":
+            warnings.warn("Label smoothing is not compatible with multi-label classification (its labels are "
+                          "float vectors, not class indices): label_smoothing_factor is ignored for this run")
+            self._losses.label_smoothing = 0.0
         self.scaler = None
         self._in_train = False
         self._accepts_loss_kwargs: Optional[bool] = None  # model_accepts_loss_kwargs when a script sets it
@@ -271,8 +277,18 @@ class Trainer:
     @property
     def label_smoother(self):
         """HF's LabelSmoother for label_smoothing_factor > 0 (built on fasttrain's op), else None."""
-        factor = self.args.label_smoothing_factor
+        factor = self._losses.label_smoothing
         return LabelSmoother(factor) if factor else None
+
+    @label_smoother.setter
+    def label_smoother(self, smoother) -> None:
+        """As HF's attribute: None turns smoothing off; a smoother with an `epsilon` (HF's
+        LabelSmoother or fasttrain's) sets it."""
+        if smoother is not None and not isinstance(getattr(smoother, "epsilon", None), (int, float)):
+            raise TypeError(f"trainer.label_smoother must be None or a LabelSmoother with an epsilon "
+                            f"(transformers.trainer_pt_utils.LabelSmoother or fasttrain's), got "
+                            f"{type(smoother).__name__}; for another loss override compute_loss")
+        self._losses.label_smoothing = 0.0 if smoother is None else float(smoother.epsilon)
 
     @property
     def is_fsdp_enabled(self) -> bool:
@@ -474,6 +490,9 @@ class Trainer:
         run's start (time.time()) and tokens counted (include_num_input_tokens_seen), the
         session's train_runtime and train_tokens_per_second are added, as HF adds them."""
         st = self.state
+        for key, value in logs.items():  # a 0-d tensor (a device LR a subclass logs) as the number it
+            if isinstance(value, torch.Tensor) and value.dim() == 0:  # holds now: the history is JSON
+                logs[key] = value.item()  # sync: logging only
         if start_time is not None and self.args.include_num_input_tokens_seen != "no":
             logs.update(script_helpers.session_speed(start_time, st.num_input_tokens_seen
                                                      - self._initial_num_input_tokens_seen))
