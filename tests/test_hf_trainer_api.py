@@ -565,3 +565,18 @@ def test_any_scheduler_whose_step_takes_a_metric_is_stepped_on_evaluations(tmp_p
     trainer.train()
     evals = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
     assert scheduler.seen == pytest.approx(evals) and len(evals) == 3
+
+
+def test_resuming_with_other_step_arguments_says_the_checkpoints_win(tmp_path, caplog):
+    """As HF's compare_trainer_and_checkpoint_args: logging/eval/save steps and the batch size
+    come from trainer_state.json on resume, and a difference from the arguments is warned."""
+    first = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path, max_steps=4, save_strategy="steps",
+                                                  save_steps=2, logging_steps=1), train_dataset=class_data(40))
+    first.train()
+    again = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path, max_steps=4, save_strategy="steps",
+                                                  save_steps=2, logging_steps=3), train_dataset=class_data(40))
+    with caplog.at_level("WARNING", logger="fasttrain"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "logging_steps: 3 (from args) != 1 (from trainer_state.json)" in caplog.text
+    assert "save_steps" not in caplog.text  # only what differs is named
+    assert again.state.logging_steps == 1

@@ -8,12 +8,16 @@ they use and read no Trainer attribute.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
 
+from fasttrain.callbacks import TrainerState
 from fasttrain.checkpoint import hf_layout
 from fasttrain.checkpoint.checkpointer import Checkpointer, RunComponents, save_model_files
 from fasttrain.data.streaming import resume_plan
+
+logger = logging.getLogger("fasttrain")
 
 
 def build_checkpointer(args, components: RunComponents, dist, sharded: bool) -> Checkpointer:
@@ -43,6 +47,7 @@ def resume_run(checkpointer: Checkpointer, resume_from_checkpoint, *, args, run,
         raise
     if built_optimizer:
         raise_if_other_optimizer(path, args.optim, None)
+    warn_if_arguments_differ(args, state, path)
     if hf_layout.looks_like_hf_checkpoint(path):  # HF's run: the position from its step count
         run.epoch, run.micro_batches_done = hf_layout.hf_resume_position(
             state.global_step, steps_per_epoch(), args.gradient_accumulation_steps)
@@ -51,6 +56,20 @@ def resume_run(checkpointer: Checkpointer, resume_from_checkpoint, *, args, run,
     elif stream is not None:
         stream.resume = _stream_resume_plan(run.resumed_from, dist, args)
     return path
+
+
+def warn_if_arguments_differ(args, state, path: str) -> None:
+    """As HF: a resumed run keeps the checkpoint's logging/eval/save steps and batch size
+    (trainer_state.json); when this run's arguments say otherwise, say which win."""
+    given = TrainerState()
+    given.compute_steps(args, state.max_steps)
+    given.train_batch_size = args.per_device_train_batch_size
+    differ = [f"{name}: {getattr(given, name)} (from args) != {getattr(state, name)} (from trainer_state.json)"
+              for name in ("logging_steps", "eval_steps", "save_steps", "train_batch_size")
+              if getattr(state, name) is not None and getattr(given, name) != getattr(state, name)]
+    if differ:
+        logger.warning("resuming from %s: these arguments differ from the checkpoint's, and the run "
+                       "continues with the checkpoint's values:\n\t%s", path, "\n\t".join(differ))
 
 
 def raise_if_other_optimizer(path: str, optim: str, error: Optional[BaseException]) -> None:
