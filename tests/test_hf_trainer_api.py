@@ -580,3 +580,13 @@ def test_resuming_with_other_step_arguments_says_the_checkpoints_win(tmp_path, c
     assert "logging_steps: 3 (from args) != 1 (from trainer_state.json)" in caplog.text
     assert "save_steps" not in caplog.text  # only what differs is named
     assert again.state.logging_steps == 1
+
+
+def test_persistent_workers_keep_one_eval_loader_per_dataset_as_hf(tmp_path):
+    data, other = class_data(8, seed=5), class_data(8, seed=6)
+    kept = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path / "kept", dataloader_num_workers=1,
+                                                 dataloader_persistent_workers=True), eval_dataset=data)
+    assert kept.get_eval_dataloader() is kept.get_eval_dataloader()
+    assert kept.get_eval_dataloader(other) is not kept.get_eval_dataloader()
+    fresh = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path / "fresh"), eval_dataset=data)
+    assert fresh.get_eval_dataloader() is not fresh.get_eval_dataloader()

@@ -100,6 +100,7 @@ class Trainer:
         self.scaler = None
         self._in_train = False
         self._accepts_loss_kwargs: Optional[bool] = None  # model_accepts_loss_kwargs when a script sets it
+        self._eval_loaders: dict = {}  # id(dataset) -> (dataset, loader) with persistent workers
         self.state = TrainerState(is_world_process_zero=self.dist.is_main,
                                   is_local_process_zero=self.dist.local_rank == 0)
         self.control = TrainerControl()
@@ -521,8 +522,16 @@ class Trainer:
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         """The evaluation DataLoader (HF's contract: a subclass may return its own).
         `eval_dataset` may be a dataset, or the name of one when Trainer(eval_dataset=...)
-        is a dict."""
-        return self._eval_loader(resolve_eval_dataset(eval_dataset, self.eval_dataset), "evaluation")
+        is a dict. With dataloader_persistent_workers (and workers), one loader per dataset is
+        kept, as HF keeps it: its worker pool lives across evaluations instead of being
+        started for each."""
+        dataset = resolve_eval_dataset(eval_dataset, self.eval_dataset)
+        if not (self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0):
+            return self._eval_loader(dataset, "evaluation")
+        cached = self._eval_loaders.get(id(dataset))
+        if cached is None or cached[0] is not dataset:
+            cached = self._eval_loaders[id(dataset)] = (dataset, self._eval_loader(dataset, "evaluation"))
+        return cached[1]
 
     def get_test_dataloader(self, test_dataset) -> DataLoader:
         """The DataLoader predict() reads `test_dataset` with."""
