@@ -590,3 +590,13 @@ def test_persistent_workers_keep_one_eval_loader_per_dataset_as_hf(tmp_path):
     assert kept.get_eval_dataloader(other) is not kept.get_eval_dataloader()
     fresh = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path / "fresh"), eval_dataset=data)
     assert fresh.get_eval_dataloader() is not fresh.get_eval_dataloader()
+
+
+def test_evaluation_keeps_every_example_under_dataloader_drop_last(tmp_path):
+    """dataloader_drop_last drops training batches only: an eval set smaller than a batch is
+    still evaluated whole (dropping it left 4-rank FSDP runs with no eval_loss at all)."""
+    trainer = fasttrain.Trainer(Classifier(), _args(fasttrain, tmp_path, dataloader_drop_last=True,
+                                                    per_device_eval_batch_size=5))
+    out = trainer.predict(class_data(7, seed=2))
+    assert out.predictions.shape == (7, 2) and "test_loss" in out.metrics
+    assert "eval_loss" in trainer.evaluate(class_data(3, seed=2))

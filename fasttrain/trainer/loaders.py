@@ -108,18 +108,19 @@ def train_loader(dataset, model, *, collate, args, dist, device, processing_clas
 
 def eval_loader(dataset, description: str, model, *, collate, args, dist, device) -> DataLoader:
     """An evaluation or test set, in order, each rank its unpadded shard (an iterable
-    dataset: its stream, split over ranks and workers as a training stream is). Like HF's,
-    it drops a last partial batch when dataloader_drop_last is set."""
+    dataset: its stream, split over ranks and workers as a training stream is). Every
+    example is evaluated: unlike HF's, dataloader_drop_last does not drop a last partial
+    batch here (with small shards over many ranks it would drop all of them)."""
     if is_iterable(dataset):
         dataset = drop_unused_columns(dataset, model, args, description)
         return DataLoader(StreamShard(dataset, dist.rank, dist.world_size), batch_size=args.per_device_eval_batch_size,
-                          drop_last=args.dataloader_drop_last, collate_fn=collate,
+                          drop_last=False, collate_fn=collate,
                           num_workers=args.dataloader_num_workers,
                           pin_memory=args.dataloader_pin_memory and device.type == "cuda",
                           generator=torch.Generator().manual_seed(args.seed))  # see loader()
     sampler = eval_sampler(dataset, description, dist)
     dataset = drop_unused_columns(dataset, model, args, description)
-    return loader(dataset, sampler, args.per_device_eval_batch_size, args.dataloader_drop_last,
+    return loader(dataset, sampler, args.per_device_eval_batch_size, False,
                   collate=collate, args=args, device=device)
 
 
