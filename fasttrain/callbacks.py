@@ -334,7 +334,7 @@ class ProgressCallback(TrainerCallback):
         self.current_step = state.global_step
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        if state.is_world_process_zero and eval_dataloader is not None and _has_length(eval_dataloader):
+        if state.is_world_process_zero and eval_dataloader is not None and has_length(eval_dataloader):
             if self.prediction_bar is None:
                 self.prediction_bar = _bar(total=len(eval_dataloader), leave=self.training_bar is None)
             self.prediction_bar.update(1)
@@ -432,8 +432,9 @@ class EarlyStoppingCallback(TrainerCallback, ExportableState):
         self.early_stopping_patience_counter = saved["early_stopping_patience_counter"]
 
 
-def _has_length(loader) -> bool:
-    """A DataLoader over a stream has __len__ but raises TypeError: no bar total then."""
+def has_length(loader) -> bool:
+    """Whether len(loader) works: a DataLoader over a stream has __len__ but raises TypeError
+    (no progress-bar total, examples counted as they come)."""
     try:
         len(loader)
     except TypeError:

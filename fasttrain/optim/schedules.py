@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import struct
 from typing import Optional
 
 import torch
@@ -44,8 +45,7 @@ class LRScheduler:
         self.device_mode = all(isinstance(g["lr"], torch.Tensor) for g in groups)
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in groups]  # sync: once, at build
         if learning_rate is not None:  # a float32 LR tensor holding the given LR: the given value
-            rounded = float(torch.tensor(learning_rate, dtype=torch.float32))
-            self.base_lrs = [learning_rate if base == rounded else base for base in self.base_lrs]
+            self.base_lrs = [learning_rate if base == float32_value(learning_rate) else base for base in self.base_lrs]
         for g, base in zip(groups, self.base_lrs):
             g["initial_lr"] = base
         device = groups[0]["lr"].device if self.device_mode else torch.device("cpu")
@@ -54,7 +54,7 @@ class LRScheduler:
         # the schedule in float64 on the host (what HF's LambdaLR computes): the LRs reported
         # (get_last_lr, the logged learning_rate) and a host-mode optimizer's; the device
         # table the LR tensors are written from is its float32 copy
-        self.host_table = [(mult * base).tolist() for base in self.base_lrs]  # (G, S+1) floats; sync: none, a CPU tensor
+        self.host_table = [(mult * base).tolist() for base in self.base_lrs]  # sync: none (CPU tensor); (G, S+1) floats
         self.table = torch.tensor(self.host_table, dtype=torch.float32, device=device)  # sync: one copy, at build
         self.skipped = torch.zeros(1, dtype=torch.float32, device=device)  # (1,): indexes as is
         self._host_step = 0  # steps taken, skipped ones included
@@ -187,6 +187,11 @@ def build_scheduler(args, optimizer, num_training_steps: int):
     mult = get_multiplier(args.lr_scheduler_type, args.get_warmup_steps(num_training_steps),
                           num_training_steps, lr_init=args.learning_rate, **kwargs)
     return LRScheduler(optimizer, mult, num_training_steps, learning_rate=args.learning_rate)
+
+
+def float32_value(x: float) -> float:
+    """`x` rounded to float32, as a float32 LR tensor made from it holds it (no tensor made)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 METRIC_DRIVEN = {"reduce_lr_on_plateau": torch.optim.lr_scheduler.ReduceLROnPlateau, "greedy": GreedyLR}

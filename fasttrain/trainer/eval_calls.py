@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+from fasttrain.callbacks import has_length
 from fasttrain.trainer import hf_options
 from fasttrain.trainer.batch_size_search import evaluation_oom_error, is_out_of_memory
 from fasttrain.trainer.eval_collect import EvalOptions
@@ -66,7 +67,7 @@ def evaluation_loop(trainer: Trainer, dataloader, description: str, prediction_l
     hf_options.cast_for_full_eval(trainer.model, trainer.args, in_train=trainer._in_train)
     instruments = trainer._instruments
     return run_evaluation(
-        dataloader, trainer.num_examples(dataloader) if _has_length(dataloader) else None, trainer.model,
+        dataloader, trainer.num_examples(dataloader) if has_length(dataloader) else None, trainer.model,
         trainer.prediction_step, dist=trainer.dist,
         device=trainer.device, want_predictions=not prediction_loss_only, metric_key_prefix=metric_key_prefix,
         compute_metrics=trainer.compute_metrics, preprocess_logits=trainer.preprocess_logits_for_metrics,
@@ -84,11 +85,3 @@ def prediction_step(trainer: Trainer, model, inputs: dict, prediction_loss_only:
                          forward_args=trainer._forward_args,
                          ignored_keys=ignored_output_keys(trainer.model, ignore_keys), user_loss=user_loss)
 
-
-def _has_length(dataloader) -> bool:
-    """A loader over a stream has no length: its examples are counted as they come."""
-    try:
-        len(dataloader)
-    except TypeError:
-        return False
-    return True

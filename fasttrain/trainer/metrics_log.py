@@ -18,8 +18,6 @@ LOG_FILE = "log_history.jsonl"
 
 
 def _jsonable(value):
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        value = value.item()  # a 0-d tensor or numpy scalar in a callback's logs (an LR tensor)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible instead of crashing
     return value

@@ -12,13 +12,12 @@ import datetime
 import inspect
 import json
 import os
-import struct
 import time
 
 import torch
 
 from fasttrain.checkpoint.hf_layout import hf_trainer_state_json
-from fasttrain.optim.schedules import LRScheduler
+from fasttrain.optim.schedules import LRScheduler, float32_value
 
 
 def call_model_init(model_init, trial=None):
@@ -191,7 +190,7 @@ def _group_lr(group: dict) -> float:
         return float(lr)
     value = float(lr)  # sync: a device LR is read
     initial = group.get("initial_lr")
-    if isinstance(initial, float) and lr.dtype == torch.float32 and struct.unpack("f", struct.pack("f", initial))[0] == value:
+    if isinstance(initial, float) and lr.dtype == torch.float32 and float32_value(initial) == value:
         return initial
     return value
 
